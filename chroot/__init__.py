@@ -1,0 +1,1 @@
+"""Reproducible chroot builds (`emerge -e world`) from a tag of the snapshot mirror."""

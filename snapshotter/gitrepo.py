@@ -1,0 +1,137 @@
+"""The bare git mirror: creation, date tags, and running git with argument lists only."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+from snapshotter.errors import SnapshotterError
+
+TAG_RE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})$")
+
+# Git must behave the same on every machine: no user or system config, fixed locale.
+_GIT_ENV = {
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_CONFIG_GLOBAL": os.devnull,
+    "GIT_TERMINAL_PROMPT": "0",
+    "LC_ALL": "C",
+    "TZ": "UTC",
+}
+
+
+def git_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env.update(_GIT_ENV)
+    if extra:
+        env.update(extra)
+    return env
+
+
+def git(repo: Path, *args: str, input: bytes | None = None, check: bool = True,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run `git --git-dir=REPO ARGS...` and capture its output; raise SnapshotterError on failure."""
+    cmd = ["git", f"--git-dir={repo}", *args]
+    proc = subprocess.run(cmd, input=input, capture_output=True, env=git_env(env))
+    if check and proc.returncode != 0:
+        msg = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise SnapshotterError(f"git {args[0]} failed: {msg[-1] if msg else 'exit ' + str(proc.returncode)}")
+    return proc
+
+
+def git_out(repo: Path, *args: str) -> str:
+    return git(repo, *args).stdout.decode().strip()
+
+
+def tag_date(name: str) -> date | None:
+    """The date a tag name stands for, or None for tags that are not `YYYY-MM-DD`."""
+    m = TAG_RE.match(name)
+    if not m:
+        return None
+    try:
+        return date(int(m[1]), int(m[2]), int(m[3]))
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class Tag:
+    name: str
+    day: date
+    commit: str
+
+
+class Mirror:
+    """A bare repository holding one commit and one annotated tag per imported snapshot."""
+
+    def __init__(self, path: Path, branch: str = "main") -> None:
+        self.path = Path(path)
+        self.branch = branch
+
+    @property
+    def branch_ref(self) -> str:
+        return f"refs/heads/{self.branch}"
+
+    def exists(self) -> bool:
+        return (self.path / "HEAD").is_file() and (self.path / "objects").is_dir()
+
+    def require(self) -> Mirror:
+        if not self.exists():
+            raise SnapshotterError(f"{self.path} is not a git mirror (no bare repository there); run `snapshotter sync` first")
+        return self
+
+    def create(self) -> Mirror:
+        """Create the bare repository if it does not exist (idempotent)."""
+        if self.exists():
+            return self
+        if self.path.exists() and any(self.path.iterdir()):
+            raise SnapshotterError(f"{self.path} exists, is not empty and is not a bare git repository")
+        self.path.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["git", "init", "--quiet", "--bare", f"--initial-branch={self.branch}", str(self.path)],
+                       check=True, capture_output=True, env=git_env())
+        # Objects must reach the disk before refs point at them (kill -9, power loss).
+        git(self.path, "config", "core.fsync", "objects,derived-metadata,reference")
+        git(self.path, "config", "core.fsyncMethod", "fsync")
+        return self
+
+    def tags(self) -> list[Tag]:
+        """Date tags, oldest first, with the commit each points at."""
+        if not self.exists():
+            return []
+        out = git(self.path, "for-each-ref", "--format=%(refname:strip=2) %(*objectname) %(objectname)",
+                  "refs/tags").stdout.decode()
+        tags = []
+        for line in out.splitlines():
+            name, peeled, obj = line.split(" ")
+            day = tag_date(name)
+            if day is not None:
+                tags.append(Tag(name, day, peeled or obj))
+        return sorted(tags, key=lambda t: t.day)
+
+    def newest_tag(self) -> Tag | None:
+        tags = self.tags()
+        return tags[-1] if tags else None
+
+    def find_tag(self, name: str) -> Tag:
+        if tag_date(name) is None:
+            raise SnapshotterError(f"{name!r} is not a snapshot tag (expected YYYY-MM-DD)")
+        for t in self.tags():
+            if t.name == name:
+                return t
+        raise SnapshotterError(f"no tag {name} in {self.path}")
+
+    def head(self) -> str | None:
+        proc = git(self.path, "rev-parse", "--verify", "--quiet", f"{self.branch_ref}^{{commit}}", check=False)
+        return proc.stdout.decode().strip() or None if proc.returncode == 0 else None
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path / "snapshotter.lock"
+
+    @property
+    def state_dir(self) -> Path:
+        """Snapshotter's own bookkeeping inside the bare repository (git ignores it)."""
+        return self.path / "snapshotter"

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import testlib  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def gpg_key(tmp_path_factory: pytest.TempPathFactory) -> testlib.Key:
+    """A throwaway signing key whose uid carries <infrastructure@gentoo.org> (what emerge-webrsync looks up)."""
+    return testlib.make_key(tmp_path_factory.mktemp("gpg") / "home")
+
+
+@pytest.fixture(scope="session")
+def other_key(tmp_path_factory: pytest.TempPathFactory) -> testlib.Key:
+    return testlib.make_key(tmp_path_factory.mktemp("gpg-other") / "home", uid="Mallory <infrastructure@gentoo.org>")
+
+
+@pytest.fixture
+def http_mirror(tmp_path: Path):
+    m = testlib.serve(tmp_path / "mirror")
+    yield m
+    m.server.shutdown()
+    m.server.server_close()

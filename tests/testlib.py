@@ -1,0 +1,163 @@
+"""Real parts for tests: throwaway OpenPGP keys, snapshot tarballs built with tar/xz/bzip2, and an
+HTTP mirror on 127.0.0.1. Shared by every test module (imported as `testlib`)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import os
+import shutil
+import subprocess
+import threading
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Key:
+    """A throwaway key pair in its own GNUPGHOME."""
+
+    home: Path
+    fingerprint: str
+    public: Path  # armored public key file
+
+    def sign(self, path: Path, out: Path | None = None) -> Path:
+        out = out or path.with_name(path.name + ".gpgsig")
+        subprocess.run(["gpg", "--homedir", str(self.home), "--batch", "--yes", "--armor", "--detach-sign",
+                        "--local-user", self.fingerprint, "--output", str(out), str(path)],
+                       check=True, capture_output=True)
+        return out
+
+
+def make_key(home: Path, uid: str = "Gentoo Test Snapshots <infrastructure@gentoo.org>",
+             expire: str = "never") -> Key:
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    gpg = ["gpg", "--homedir", str(home), "--batch", "--pinentry-mode", "loopback", "--passphrase", ""]
+    subprocess.run([*gpg, "--quick-gen-key", uid, "ed25519", "sign", expire], check=True, capture_output=True)
+    out = subprocess.run([*gpg, "--with-colons", "--list-secret-keys"], check=True, capture_output=True, text=True)
+    fpr = next(line.split(":")[9] for line in out.stdout.splitlines() if line.startswith("fpr:"))
+    public = home / "public.asc"
+    with open(public, "wb") as f:
+        subprocess.run([*gpg, "--armor", "--export", fpr], check=True, stdout=f)
+    return Key(home, fpr, public)
+
+
+def gpg(key: Key, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["gpg", "--homedir", str(key.home), "--batch", "--pinentry-mode", "loopback",
+                           "--passphrase", "", *args], check=True, capture_output=True, text=True)
+
+
+def snapshot_time(day: date) -> int:
+    """timestamp.x of Gentoo's snapshot named `day`: taken at 00:45 UTC on the following day."""
+    return int(datetime(day.year, day.month, day.day, 0, 45, tzinfo=UTC).timestamp()) + 86400
+
+
+def timestamp_line(ts: int) -> str:
+    return f"{ts} {datetime.fromtimestamp(ts, UTC):%a, %d %b %Y %H:%M:%S +0000}\n"
+
+
+def write_tree(root: Path, files: dict[str, str | bytes | tuple]) -> None:
+    """Create files: value is content (str/bytes), ("symlink", target) or ("exec", content)."""
+    for rel, value in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(value, tuple) and value[0] == "symlink":
+            p.symlink_to(value[1])
+        elif isinstance(value, tuple) and value[0] == "exec":
+            p.write_bytes(value[1].encode() if isinstance(value[1], str) else value[1])
+            p.chmod(0o755)
+        else:
+            p.write_bytes(value.encode() if isinstance(value, str) else value)
+            p.chmod(0o644)
+
+
+BASE_TREE: dict[str, str | bytes | tuple] = {
+    "profiles/repo_name": "gentoo\n",
+    "profiles/categories": "app-misc\nsys-apps\n",
+    "metadata/layout.conf": "masters =\nthin-manifests = true\n",
+    "app-misc/hello/hello-1.0.ebuild": "EAPI=8\nSLOT=0\nKEYWORDS=\"amd64\"\n",
+    "app-misc/hello/metadata.xml": "<pkgmetadata/>\n",
+    "sys-apps/tool/tool-2.ebuild": "EAPI=8\nSLOT=0\n",
+    "sys-apps/tool/files/run.sh": ("exec", "#!/bin/sh\necho run\n"),
+    "eclass/foo.eclass": "# foo\n",
+    "licenses/MIT": "MIT\n",
+}
+
+
+def build_snapshot(mirror_root: Path, day: date, files: dict[str, str | bytes | tuple] | None = None, *,
+                   key: Key | None, family: str = "gentoo", compression: str = "xz",
+                   timestamp: int | None = None, topdir: str | None = None) -> Path:
+    """Write `snapshots/<family>-YYYYMMDD.tar.<xz|bz2>` with .md5sum and (if key) .gpgsig, as Gentoo does.
+
+    The tree gets `metadata/timestamp.x` for `timestamp` (default: the real schedule for `day`).
+    """
+    files = dict(BASE_TREE if files is None else files)
+    ts = snapshot_time(day) if timestamp is None else timestamp
+    files.setdefault("metadata/timestamp.x", timestamp_line(ts))
+    snapdir = mirror_root / "snapshots"
+    snapdir.mkdir(parents=True, exist_ok=True)
+    name = f"{family}-{day:%Y%m%d}.tar.{compression}"
+    work = mirror_root.parent / f".build-{name}"
+    shutil.rmtree(work, ignore_errors=True)
+    top = topdir or family
+    write_tree(work / top, files)
+    tarball = snapdir / name
+    flag = {"xz": "-J", "bz2": "-j"}[compression]
+    subprocess.run(["tar", "-C", str(work), "--owner=portage:250", "--group=portage:250", "--sort=name",
+                    flag, "-cf", str(tarball), top], check=True)
+    shutil.rmtree(work)
+    write_side_files(tarball, key)
+    return tarball
+
+
+def write_side_files(tarball: Path, key: Key | None) -> None:
+    md5 = hashlib.md5(tarball.read_bytes()).hexdigest()
+    tarball.with_name(tarball.name + ".md5sum").write_text(f"{md5}  {tarball.name}\n")
+    if key is not None:
+        key.sign(tarball)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        self.server.requests.append(self.path)  # type: ignore[attr-defined]
+
+
+@dataclass
+class HttpMirror:
+    root: Path
+    url: str
+    server: http.server.ThreadingHTTPServer
+
+    @property
+    def requests(self) -> list[str]:
+        return self.server.requests  # type: ignore[attr-defined]
+
+
+def serve(root: Path) -> HttpMirror:
+    """Serve `root` on 127.0.0.1 (an ephemeral port) in a daemon thread; call .server.shutdown()."""
+    root.mkdir(parents=True, exist_ok=True)
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.requests = []  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return HttpMirror(root, f"http://127.0.0.1:{server.server_address[1]}", server)
+
+
+def yesterday_utc(now: datetime | None = None) -> date:
+    now = now or datetime.now(UTC)
+    return (now - timedelta(days=1)).date()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the installed `snapshotter` console script for real, in a subprocess."""
+    full_env = dict(os.environ)
+    full_env.pop("SNAPSHOTTER_CONFIG", None)
+    if env:
+        full_env.update(env)
+    return subprocess.run(["snapshotter", *args], capture_output=True, text=True, env=full_env,
+                          timeout=timeout, cwd=cwd)
