@@ -1,0 +1,258 @@
+"""Read the tree of a commit or tag straight out of the bare mirror, without a checkout.
+
+`tree_entries` + `read_blobs` stream what `git ls-tree -r` and `git cat-file --batch` say; `export_tree`
+materializes it into a directory and `publish` streams it into a tarball. Path names come from the
+repository, which may hold anything a crafted import put there, so every name is checked: no absolute
+paths, no `.`/`..`/empty components, nothing ever written through a symlink.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from snapshotter.errors import SnapshotError, SnapshotterError
+from snapshotter.gitrepo import git, git_env
+
+log = logging.getLogger(__name__)
+
+MODE_FILE = "100644"
+MODE_EXEC = "100755"
+MODE_SYMLINK = "120000"
+MODE_TREE = "040000"
+MODE_GITLINK = "160000"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One path of a git tree: kind is "file", "exec", "symlink" or "dir"."""
+
+    path: str  # relative, "/"-separated, validated
+    kind: str
+    oid: str
+
+
+def check_rev(rev: str) -> str:
+    """A revision name from outside must not look like an option or hold odd characters."""
+    if not rev or rev.startswith("-") or any(c.isspace() or c in "\0\\:~^?*[" for c in rev) or ".." in rev:
+        raise SnapshotterError(f"not a valid revision name: {rev!r}")
+    return rev
+
+
+def resolve(repo: Path, rev: str) -> tuple[str, int]:
+    """The commit `rev` (a tag or commit) names, and its committer time (unix seconds)."""
+    check_rev(rev)
+    proc = git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}", check=False)
+    if proc.returncode != 0:
+        raise SnapshotterError(f"{rev!r} is not a commit or tag in {repo}")
+    commit = proc.stdout.decode().strip()
+    when = int(git(repo, "show", "-s", "--format=%ct", commit).stdout.decode().strip())
+    return commit, when
+
+
+def check_path(path: str) -> str:
+    """Refuse paths that could escape the destination: absolute, `..`, `.`, empty parts, NUL."""
+    parts = path.split("/")
+    if not path or "\0" in path or any(p in ("", ".", "..") for p in parts):
+        raise SnapshotError(f"unsafe path in tree: {path!r}")
+    return path
+
+
+def check_symlink(path: str, target: str) -> None:
+    """A symlink must stay inside the tree: relative, and never climbing above the top directory."""
+    if not target or "\0" in target or target.startswith("/"):
+        raise SnapshotError(f"symlink {path!r} points outside the tree: {target!r}")
+    depth = path.count("/")  # directories above the link inside the tree
+    for part in target.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                raise SnapshotError(f"symlink {path!r} points outside the tree: {target!r}")
+        elif part not in ("", "."):
+            depth += 1
+
+
+def tree_entries(repo: Path, commit: str, *, dirs: bool = True) -> list[Entry]:
+    """Every path of the commit's tree in git's order (a directory comes before its contents)."""
+    args = ["ls-tree", "-r", "-z", "--full-tree"]
+    if dirs:
+        args.append("-t")
+    out = git(repo, *args, commit).stdout
+    entries = []
+    for record in out.split(b"\0"):
+        if not record:
+            continue
+        meta, _, raw_path = record.partition(b"\t")
+        mode, _type, oid = meta.decode().split(" ")
+        try:
+            path = raw_path.decode()
+        except UnicodeDecodeError:
+            raise SnapshotError(f"path in tree is not UTF-8: {raw_path!r}") from None
+        check_path(path)
+        kind = {MODE_FILE: "file", MODE_EXEC: "exec", MODE_SYMLINK: "symlink", MODE_TREE: "dir",
+                MODE_GITLINK: "dir"}.get(mode)
+        if kind is None:
+            raise SnapshotError(f"unsupported mode {mode} for {path!r}")
+        if kind == "dir" and not dirs and mode != MODE_GITLINK:
+            continue
+        entries.append(Entry(path, kind, oid))
+    return entries
+
+
+class BlobReader:
+    """Contents of blobs in a given order, streamed from one `git cat-file --batch`."""
+
+    def __init__(self, repo: Path, oids: Iterable[str]) -> None:
+        self._proc = subprocess.Popen(["git", f"--git-dir={repo}", "cat-file", "--batch"],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, env=git_env())
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._out: BinaryIO = self._proc.stdout  # type: ignore[assignment]
+        oid_list = list(oids)
+        self._feeder = threading.Thread(target=self._feed, args=(oid_list,), daemon=True)
+        self._feeder.start()
+
+    def _feed(self, oids: list[str]) -> None:
+        stdin = self._proc.stdin
+        assert stdin is not None
+        try:
+            for i in range(0, len(oids), 512):
+                stdin.write("".join(f"{o}\n" for o in oids[i:i + 512]).encode())
+            stdin.close()
+        except (BrokenPipeError, ValueError):
+            pass  # the reader gave up early (an error); close() reports it
+
+    def next_blob(self, oid: str) -> tuple[int, BinaryIO]:
+        """Header of the next blob: its size; then read exactly that many bytes + 1 (LF) from the stream."""
+        header = self._out.readline()
+        parts = header.split()
+        if len(parts) != 3 or parts[0].decode() != oid or parts[1] != b"blob":
+            raise SnapshotterError(f"git cat-file: unexpected answer for {oid}: {header[:100]!r}")
+        return int(parts[2]), self._out
+
+    def read_blob(self, oid: str) -> bytes:
+        size, stream = self.next_blob(oid)
+        data = stream.read(size + 1)
+        if len(data) != size + 1:
+            raise SnapshotterError(f"git cat-file: short read for {oid}")
+        return data[:-1]
+
+    def close(self) -> None:
+        try:
+            if self._proc.stdin and not self._proc.stdin.closed:
+                try:
+                    self._proc.stdin.close()
+                except BrokenPipeError:
+                    pass
+            self._proc.stdout.close()  # type: ignore[union-attr]
+            self._proc.wait()
+            self._feeder.join(timeout=5)
+        finally:
+            if self._proc.stderr:
+                self._proc.stderr.close()
+
+    def __enter__(self) -> BlobReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def copy_exact(src: BinaryIO, size: int, write: Callable[[bytes], object]) -> None:
+    """Copy `size` bytes from `src` to the callable `write`, then eat cat-file's trailing LF."""
+    remaining = size
+    while remaining:
+        chunk = src.read(min(remaining, 1 << 20))
+        if not chunk:
+            raise SnapshotterError("git cat-file: short read")
+        write(chunk)
+        remaining -= len(chunk)
+    if src.read(1) != b"\n":
+        raise SnapshotterError("git cat-file: malformed output")
+
+
+def export_tree(repo: Path, rev: str, dest: Path) -> None:
+    """Materialize the tree of `rev` (tag or commit) into `dest` (created if missing; must be empty).
+
+    Regular files keep their exec bit (0644/0755), symlinks stay symlinks, directories are 0755, and
+    everything gets the commit's time as mtime. Paths that are absolute, hold `..` or would pass through
+    a symlink are refused (SnapshotError), as are symlinks pointing outside `dest`; nothing is ever
+    written outside `dest`.
+    """
+    commit, when = resolve(repo, rev)
+    entries = tree_entries(repo, commit)
+    dest = Path(dest)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SnapshotterError(f"cannot create {dest}: {e.strerror}") from None
+    if not dest.is_dir() or dest.is_symlink():
+        raise SnapshotterError(f"{dest} is not a directory")
+    if any(dest.iterdir()):
+        raise SnapshotterError(f"{dest} is not empty")
+    log.debug("exporting %s (%d entries) into %s", commit, len(entries), dest)
+
+    root_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    dir_fds: dict[str, int] = {"": root_fd}
+    made_dirs: list[str] = []
+    times = (when, when)
+    try:
+        def parent_fd(path: str) -> tuple[int, str]:
+            parent, _, name = path.rpartition("/")
+            fd = dir_fds.get(parent)
+            if fd is None:
+                raise SnapshotError(f"{path!r}: its directory {parent!r} is not a directory of the tree")
+            return fd, name
+
+        blob_oids = [e.oid for e in entries if e.kind in ("file", "exec", "symlink")]
+        with BlobReader(repo, blob_oids) as blobs:
+            for e in entries:
+                fd, name = parent_fd(e.path)
+                if e.kind == "dir":
+                    try:
+                        os.mkdir(name, 0o755, dir_fd=fd)
+                        sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                      dir_fd=fd)
+                    except OSError as err:
+                        raise SnapshotError(f"cannot create directory {e.path!r}: {err.strerror}") from None
+                    os.fchmod(sub, 0o755)
+                    dir_fds[e.path] = sub
+                    made_dirs.append(e.path)
+                elif e.kind == "symlink":
+                    target_bytes = blobs.read_blob(e.oid)
+                    try:
+                        target = target_bytes.decode()
+                    except UnicodeDecodeError:
+                        raise SnapshotError(f"symlink {e.path!r}: target is not UTF-8") from None
+                    check_symlink(e.path, target)
+                    try:
+                        os.symlink(target, name, dir_fd=fd)
+                    except OSError as err:
+                        raise SnapshotError(f"cannot create symlink {e.path!r}: {err.strerror}") from None
+                    os.utime(name, times, dir_fd=fd, follow_symlinks=False)
+                else:
+                    size, stream = blobs.next_blob(e.oid)
+                    mode = 0o755 if e.kind == "exec" else 0o644
+                    try:
+                        out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                      mode, dir_fd=fd)
+                    except OSError as err:
+                        raise SnapshotError(f"cannot create {e.path!r}: {err.strerror}") from None
+                    try:
+                        with os.fdopen(out, "wb", closefd=False) as f:
+                            copy_exact(stream, size, f.write)
+                        os.fchmod(out, mode)
+                        os.utime(out, times)
+                    finally:
+                        os.close(out)
+        for path in reversed(made_dirs):
+            os.utime(dir_fds[path], times)
+    finally:
+        for fd in dir_fds.values():
+            os.close(fd)
