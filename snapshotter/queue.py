@@ -1,0 +1,327 @@
+"""The durable build queue: jobs `(profile, tag, overlay pins)`, deduplicated, leased to workers.
+
+Callers use only `BuildQueue` (the abstract interface), `Job`, `JobRecord` and `open_queue()`. The
+embedded backend is SQLite in the state directory (WAL, one short IMMEDIATE transaction per call,
+a busy timeout), so several workers and git hooks may use it at once; nothing about it leaks out,
+so a distributed engine can replace it behind the same interface.
+
+Semantics:
+- `enqueue` deduplicates among queued and running jobs: the same job queued twice runs once.
+- `claim` hands the oldest queued job to one worker with a lease; a running job whose lease has
+  expired (its worker died) is claimable again. A job is never held by two workers at once: only
+  the lease holder may `heartbeat` or `complete` it, and a worker that lost its lease is told so.
+- A failed job keeps its log path and detail and can be `retry`ed (queued again, same id).
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import logging
+import re
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from snapshotter.errors import SnapshotterError
+from snapshotter.gitrepo import tag_date
+
+if TYPE_CHECKING:
+    from snapshotter.config import Config
+
+log = logging.getLogger(__name__)
+
+QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
+STATES = (QUEUED, RUNNING, DONE, FAILED)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+COMMIT_RE = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
+WORKER_RE = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
+
+
+class QueueError(SnapshotterError):
+    """A bad job, an unknown job id, or an operation the job's state does not allow."""
+
+
+@dataclass(frozen=True, order=True)
+class Job:
+    """What to build. Equal jobs are the same build: the deduplication key."""
+
+    profile: str
+    tag: str
+    overlays: tuple[tuple[str, str], ...] = ()  # (overlay name, commit), sorted by name
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.profile, str) or not NAME_RE.match(self.profile):
+            raise QueueError(f"not a valid profile name: {self.profile!r}")
+        if not isinstance(self.tag, str) or tag_date(self.tag) is None:
+            raise QueueError(f"not a snapshot tag (YYYY-MM-DD): {self.tag!r}")
+        pins = tuple(sorted((str(n), str(c)) for n, c in dict(self.overlays).items()))
+        if len(pins) != len(self.overlays):
+            raise QueueError(f"an overlay is pinned twice: {self.overlays!r}")
+        for name, commit in pins:
+            if not NAME_RE.match(name):
+                raise QueueError(f"not a valid overlay name: {name!r}")
+            if not COMMIT_RE.match(commit):
+                raise QueueError(f"overlay {name}: not a full commit id: {commit!r}")
+        object.__setattr__(self, "overlays", pins)
+
+    @property
+    def key(self) -> str:
+        """A canonical string for the job (same job, same bytes)."""
+        return json.dumps([self.profile, self.tag, [list(p) for p in self.overlays]], separators=(",", ":"))
+
+    def describe(self) -> str:
+        pins = "".join(f" {n}@{c[:12]}" for n, c in self.overlays)
+        return f"{self.profile} at {self.tag}{pins}"
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job in the queue and what happened to it."""
+
+    id: int
+    job: Job
+    state: str
+    worker: str | None
+    lease_until: float | None
+    attempts: int
+    created: float
+    started: float | None
+    finished: float | None
+    log_path: str | None
+    detail: str | None
+    source: str | None  # who queued it (a hook, sync, a user)
+
+
+class LeaseLost(QueueError):
+    """The worker no longer holds the job's lease (it expired and another worker took the job)."""
+
+
+class BuildQueue(abc.ABC):
+    """The queue interface every backend implements; callers see nothing else."""
+
+    @abc.abstractmethod
+    def enqueue(self, job: Job, source: str | None = None) -> tuple[int, bool]:
+        """Queue `job` unless an equal job is queued or running; return (id, created)."""
+
+    @abc.abstractmethod
+    def claim(self, worker: str, lease_seconds: float) -> JobRecord | None:
+        """Give the oldest claimable job to `worker` for `lease_seconds`, or None if there is none."""
+
+    @abc.abstractmethod
+    def heartbeat(self, job_id: int, worker: str, lease_seconds: float) -> None:
+        """Extend the lease; raises LeaseLost if `worker` does not hold the job any more."""
+
+    @abc.abstractmethod
+    def complete(self, job_id: int, worker: str, ok: bool, log_path: str | None, detail: str | None) -> None:
+        """Record the outcome; raises LeaseLost if `worker` does not hold the job any more."""
+
+    @abc.abstractmethod
+    def retry(self, job_id: int) -> JobRecord:
+        """Queue a failed job again (same id); its previous log path stays until it runs."""
+
+    @abc.abstractmethod
+    def list(self, states: tuple[str, ...] | None = None, limit: int | None = None) -> list[JobRecord]:
+        """Jobs, oldest first, optionally only those in `states` (the newest `limit` of them)."""
+
+    @abc.abstractmethod
+    def get(self, job_id: int) -> JobRecord:
+        """One job; raises QueueError if there is no such job."""
+
+    def counts(self) -> dict[str, int]:
+        """Number of jobs per state (every state present)."""
+        out = dict.fromkeys(STATES, 0)
+        for rec in self.list():
+            out[rec.state] += 1
+        return out
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL,
+    profile TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    overlays TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'done', 'failed')),
+    worker TEXT,
+    lease_until REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    log_path TEXT,
+    detail TEXT,
+    source TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_active_key ON jobs(key) WHERE state IN ('queued', 'running');
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, id);
+"""
+
+
+class SqliteQueue(BuildQueue):
+    """The embedded backend: one SQLite database file, safe for several processes."""
+
+    def __init__(self, path: Path, busy_timeout: float = 30.0, clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self.busy_timeout = busy_timeout
+        self._clock = clock
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = self._connect()
+            try:
+                db.executescript(_SCHEMA)  # IF NOT EXISTS: safe when several processes start at once
+            finally:
+                db.close()
+        except sqlite3.Error as e:
+            raise QueueError(f"build queue {self.path}: {e}") from None
+        except OSError as e:
+            raise QueueError(f"build queue {self.path}: {e.strerror}") from None
+
+    def _now(self) -> float:
+        return float(self._clock())
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = FULL")  # a queued job survives a power loss
+        return db
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One IMMEDIATE transaction: committed on success, rolled back on any error."""
+        try:
+            db = self._connect()
+        except sqlite3.Error as e:
+            raise QueueError(f"build queue {self.path}: {e}") from None
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise QueueError(f"build queue {self.path}: {e}") from None
+        finally:
+            db.close()
+
+    @staticmethod
+    def _record(row: sqlite3.Row) -> JobRecord:
+        pins = tuple((n, c) for n, c in json.loads(row["overlays"]))
+        return JobRecord(id=row["id"], job=Job(row["profile"], row["tag"], pins), state=row["state"],
+                         worker=row["worker"], lease_until=row["lease_until"], attempts=row["attempts"],
+                         created=row["created"], started=row["started"], finished=row["finished"],
+                         log_path=row["log_path"], detail=row["detail"], source=row["source"])
+
+    def enqueue(self, job: Job, source: str | None = None) -> tuple[int, bool]:
+        with self._tx() as db:
+            row = db.execute("SELECT id FROM jobs WHERE key = ? AND state IN ('queued', 'running')",
+                             (job.key,)).fetchone()
+            if row is not None:
+                log.debug("job %s already queued as %d", job.describe(), row["id"])
+                return int(row["id"]), False
+            cur = db.execute(
+                "INSERT INTO jobs (key, profile, tag, overlays, state, created, source) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job.key, job.profile, job.tag, json.dumps([list(p) for p in job.overlays]), QUEUED,
+                 self._now(), source))
+            return int(cur.lastrowid or 0), True
+
+    def claim(self, worker: str, lease_seconds: float) -> JobRecord | None:
+        if not WORKER_RE.match(worker):
+            raise QueueError(f"not a valid worker id: {worker!r}")
+        with self._tx() as db:
+            now = self._now()
+            row = db.execute(
+                "SELECT * FROM jobs WHERE state = 'queued' OR (state = 'running' AND lease_until < ?) "
+                "ORDER BY id LIMIT 1", (now,)).fetchone()
+            if row is None:
+                return None
+            if row["state"] == RUNNING:
+                log.warning("job %d: lease of worker %s expired; taking it over", row["id"], row["worker"])
+            db.execute("UPDATE jobs SET state = 'running', worker = ?, lease_until = ?, started = ?, "
+                       "attempts = attempts + 1, finished = NULL WHERE id = ?",
+                       (worker, now + lease_seconds, now, row["id"]))
+            return self._record(db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
+
+    def _held(self, db: sqlite3.Connection, job_id: int, worker: str) -> None:
+        row = db.execute("SELECT state, worker FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise QueueError(f"no job {job_id}")
+        if row["state"] != RUNNING or row["worker"] != worker:
+            raise LeaseLost(f"job {job_id}: worker {worker} no longer holds it (now {row['state']}"
+                            f"{' by ' + row['worker'] if row['worker'] else ''})")
+
+    def heartbeat(self, job_id: int, worker: str, lease_seconds: float) -> None:
+        with self._tx() as db:
+            self._held(db, job_id, worker)
+            db.execute("UPDATE jobs SET lease_until = ? WHERE id = ?", (self._now() + lease_seconds, job_id))
+
+    def complete(self, job_id: int, worker: str, ok: bool, log_path: str | None, detail: str | None) -> None:
+        with self._tx() as db:
+            self._held(db, job_id, worker)
+            db.execute("UPDATE jobs SET state = ?, lease_until = NULL, finished = ?, log_path = ?, detail = ? "
+                       "WHERE id = ?", (DONE if ok else FAILED, self._now(), log_path, detail, job_id))
+
+    def retry(self, job_id: int) -> JobRecord:
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise QueueError(f"no job {job_id}")
+            if row["state"] != FAILED:
+                raise QueueError(f"job {job_id} is {row['state']}; only failed jobs can be retried")
+            other = db.execute("SELECT id FROM jobs WHERE key = ? AND state IN ('queued', 'running')",
+                               (row["key"],)).fetchone()
+            if other is not None:
+                raise QueueError(f"job {job_id}: the same build is already queued as job {other['id']}")
+            db.execute("UPDATE jobs SET state = 'queued', worker = NULL, lease_until = NULL WHERE id = ?",
+                       (job_id,))
+            return self._record(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+
+    def list(self, states: tuple[str, ...] | None = None, limit: int | None = None) -> list[JobRecord]:
+        for s in states or ():
+            if s not in STATES:
+                raise QueueError(f"unknown job state {s!r} (known: {', '.join(STATES)})")
+        sql, args = "SELECT * FROM jobs", []
+        if states:
+            sql += f" WHERE state IN ({', '.join('?' * len(states))})"
+            args.extend(states)
+        sql += " ORDER BY id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        with self._tx() as db:
+            rows = db.execute(sql, args).fetchall()
+        return [self._record(r) for r in reversed(rows)]
+
+    def get(self, job_id: int) -> JobRecord:
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise QueueError(f"no job {job_id}")
+        return self._record(row)
+
+    def counts(self) -> dict[str, int]:
+        out = dict.fromkeys(STATES, 0)
+        with self._tx() as db:
+            for row in db.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
+                out[row["state"]] = int(row["n"])
+        return out
+
+
+def queue_path(state_dir: Path) -> Path:
+    return Path(state_dir) / "queue.sqlite"
+
+
+def open_queue(cfg: Config) -> BuildQueue:
+    """The configured queue (today: the embedded SQLite backend under `cfg.state_dir`)."""
+    return SqliteQueue(queue_path(cfg.state_dir))

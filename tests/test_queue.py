@@ -1,0 +1,144 @@
+"""The durable build queue on its real SQLite backend: dedup, leases, retry, concurrent processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from snapshotter.queue import DONE, FAILED, QUEUED, RUNNING, Job, LeaseLost, QueueError, SqliteQueue
+
+C1 = "a" * 40
+C2 = "b" * 40
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_job_is_validated_and_canonical():
+    j1 = Job("basic", "2026-11-20", (("zeta", C1), ("alpha", C2)))
+    j2 = Job("basic", "2026-11-20", (("alpha", C2), ("zeta", C1)))
+    assert j1 == j2 and j1.key == j2.key
+    assert j1.overlays == (("alpha", C2), ("zeta", C1))
+    for bad in [("-x", "2026-11-20", ()), ("a b", "2026-11-20", ()), ("basic", "2026-13-01", ()),
+                ("basic", "main", ()), ("basic", "2026-11-20", (("o", "HEAD"),)),
+                ("basic", "2026-11-20", (("$(id)", C1),)), ("basic", "2026-11-20", (("o", C1), ("o", C2)))]:
+        with pytest.raises(QueueError):
+            Job(*bad)
+
+
+def test_enqueue_dedups_among_active_jobs(tmp_path: Path):
+    q = SqliteQueue(tmp_path / "q.sqlite")
+    job = Job("basic", "2026-11-20")
+    id1, created1 = q.enqueue(job, source="test")
+    id2, created2 = q.enqueue(Job("basic", "2026-11-20"))
+    assert created1 and (id2, created2) == (id1, False)
+    other, created = q.enqueue(Job("basic", "2026-11-20", (("ov", C1),)))
+    assert created and other != id1
+    rec = q.claim("w1", 60)
+    assert rec is not None and rec.id == id1 and rec.state == RUNNING
+    assert q.enqueue(job) == (id1, False)  # still running: same build, not queued again
+    q.complete(id1, "w1", True, "/logs/1.log", None)
+    id3, created3 = q.enqueue(job)  # finished: a new request is a new job
+    assert created3 and id3 not in (id1, other)
+    assert q.counts() == {QUEUED: 2, RUNNING: 0, DONE: 1, FAILED: 0}
+
+
+def test_lease_expiry_hands_job_to_next_worker_and_fences_the_old_one(tmp_path: Path):
+    clock = Clock()
+    q = SqliteQueue(tmp_path / "q.sqlite", clock=clock)
+    jid, _ = q.enqueue(Job("basic", "2026-11-20"))
+    assert q.claim("w1", 10).id == jid
+    assert q.claim("w2", 10) is None  # held: never two workers at once
+    clock.t += 5
+    q.heartbeat(jid, "w1", 10)  # renewed until t+15
+    clock.t += 9
+    assert q.claim("w2", 10) is None
+    clock.t += 7  # w1 stopped renewing (died)
+    rec = q.claim("w2", 10)
+    assert rec is not None and rec.id == jid and rec.worker == "w2" and rec.attempts == 2
+    with pytest.raises(LeaseLost):
+        q.heartbeat(jid, "w1", 10)
+    with pytest.raises(LeaseLost):
+        q.complete(jid, "w1", True, None, None)
+    q.complete(jid, "w2", True, "/l", "ok")
+    assert q.get(jid).state == DONE and q.claim("w3", 10) is None
+
+
+def test_failed_job_keeps_log_and_can_be_retried(tmp_path: Path):
+    q = SqliteQueue(tmp_path / "q.sqlite")
+    jid, _ = q.enqueue(Job("basic", "2026-11-20"))
+    with pytest.raises(QueueError, match="only failed"):
+        q.retry(jid)
+    q.claim("w1", 60)
+    q.complete(jid, "w1", False, "/logs/x.log", "emerge failed (exit 1)")
+    rec = q.get(jid)
+    assert (rec.state, rec.log_path, rec.detail) == (FAILED, "/logs/x.log", "emerge failed (exit 1)")
+    dup, created = q.enqueue(Job("basic", "2026-11-20"))
+    assert created
+    with pytest.raises(QueueError, match=f"already queued as job {dup}"):
+        q.retry(jid)
+    q.claim("w1", 60)
+    q.complete(dup, "w1", False, None, "x")
+    again = q.retry(jid)
+    assert again.id == jid and again.state == QUEUED and again.log_path == "/logs/x.log"
+    assert q.claim("w2", 60).id == jid
+    with pytest.raises(QueueError, match="no job 999"):
+        q.get(999)
+    with pytest.raises(QueueError, match="unknown job state"):
+        q.list(("bogus",))
+
+
+def test_queue_survives_reopen_and_rejects_a_corrupt_file(tmp_path: Path):
+    path = tmp_path / "state" / "q.sqlite"
+    jid, _ = SqliteQueue(path).enqueue(Job("basic", "2026-11-20"))
+    assert [r.id for r in SqliteQueue(path).list((QUEUED,))] == [jid]
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    bad = tmp_path / "bad.sqlite"
+    bad.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(QueueError, match="bad.sqlite"):
+        SqliteQueue(bad)
+
+
+def _claimer(path: str, worker: str, out: multiprocessing.Queue) -> None:
+    q = SqliteQueue(Path(path))
+    got = []
+    while (rec := q.claim(worker, 600)) is not None:
+        got.append(rec.id)
+    out.put(got)
+
+
+def _enqueuer(path: str, out: multiprocessing.Queue) -> None:
+    q = SqliteQueue(Path(path))
+    out.put([q.enqueue(Job("p", f"2026-01-{d:02d}")) for d in range(1, 21)])
+
+
+def test_concurrent_processes_never_share_a_job(tmp_path: Path):
+    path = str(tmp_path / "q.sqlite")
+    SqliteQueue(Path(path))
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    enq = [ctx.Process(target=_enqueuer, args=(path, out)) for _ in range(3)]
+    for p in enq:
+        p.start()
+    results = [out.get(timeout=60) for _ in enq]
+    for p in enq:
+        p.join()
+    ids = {jid for r in results for jid, _ in r}
+    assert len(ids) == 20  # three processes queued the same 20 jobs: 20 rows
+    assert sum(created for r in results for _, created in r) == 20
+    workers = [ctx.Process(target=_claimer, args=(path, f"w{i}", out)) for i in range(4)]
+    for p in workers:
+        p.start()
+    claimed = [jid for _ in workers for jid in out.get(timeout=60)]
+    for p in workers:
+        p.join()
+    assert sorted(claimed) == sorted(ids)  # every job claimed exactly once
