@@ -32,10 +32,19 @@ def git_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def git(repo: Path, *args: str, input: bytes | None = None, check: bool = True,
-        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
-    """Run `git --git-dir=REPO ARGS...` and capture its output; raise SnapshotterError on failure."""
+        env: dict[str, str] | None = None, hermetic: bool = True,
+        timeout: float | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run `git --git-dir=REPO ARGS...` and capture its output; raise SnapshotterError on failure.
+
+    `hermetic` ignores the user's and system's git config (for anything that writes objects); pushes
+    turn it off so that the operator's ssh/credential/insteadOf settings apply.
+    """
     cmd = ["git", f"--git-dir={repo}", *args]
-    proc = subprocess.run(cmd, input=input, capture_output=True, env=git_env(env))
+    run_env = git_env(env) if hermetic else {**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
+    try:
+        proc = subprocess.run(cmd, input=input, capture_output=True, env=run_env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise SnapshotterError(f"git {args[0]} timed out after {timeout:.0f} s") from None
     if check and proc.returncode != 0:
         msg = proc.stderr.decode(errors="replace").strip().splitlines()
         raise SnapshotterError(f"git {args[0]} failed: {msg[-1] if msg else 'exit ' + str(proc.returncode)}")
@@ -87,7 +96,7 @@ class Mirror:
         """Create the bare repository if it does not exist (idempotent)."""
         if self.exists():
             return self
-        if self.path.exists() and any(self.path.iterdir()):
+        if self.path.exists() and any(p.name != "snapshotter.lock" for p in self.path.iterdir()):
             raise SnapshotterError(f"{self.path} exists, is not empty and is not a bare git repository")
         self.path.mkdir(parents=True, exist_ok=True)
         subprocess.run(["git", "init", "--quiet", "--bare", f"--initial-branch={self.branch}", str(self.path)],

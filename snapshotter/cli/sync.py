@@ -1,7 +1,155 @@
-"""Placeholder: filled in by its issue."""
+"""`snapshotter sync` and `snapshotter tags`."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import sys
+from datetime import date, datetime
+from pathlib import Path
+
 import click
 
-COMMANDS: list[click.Command] = []
+from snapshotter.cli import State, pass_state
+from snapshotter.config import Config, validate
+from snapshotter.errors import EXIT_PUSH_FAILED, SnapshotterError
+from snapshotter.gitrepo import Mirror
+
+log = logging.getLogger("snapshotter")
+
+
+def parse_day(value: str | None) -> date | None:
+    if value is None:
+        return None
+    try:
+        return datetime.strptime(value, "%Y%m%d").date()
+    except ValueError:
+        raise click.BadParameter(f"expected YYYYMMDD, got {value!r}") from None
+
+
+class TerminalProgress:
+    """A progress bar on stderr when it is a terminal; nothing otherwise (cron, systemd, pipes)."""
+
+    def __init__(self) -> None:
+        self.enabled = sys.stderr.isatty()
+        self._label: str | None = None
+        self._bar = None
+
+    def __call__(self, label: str, done: int, total: int | None) -> None:
+        if not self.enabled:
+            return
+        if label != self._label:
+            self.close()
+            self._label = label
+            self._bar = click.progressbar(length=total or 0, label=label, file=sys.stderr, show_pos=False,
+                                          show_percent=bool(total), width=30)
+            self._bar.__enter__()
+            self._last = 0
+        assert self._bar is not None
+        self._bar.update(done - self._last)
+        self._last = done
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+            self._bar = None
+            self._label = None
+
+
+def apply_repo(cfg: Config, repo: Path | None) -> Config:
+    return dataclasses.replace(cfg, repo=repo.resolve()) if repo else cfg
+
+
+@click.command()
+@click.option("--repo", type=click.Path(file_okay=False, path_type=Path),
+              help="The bare git mirror (created if missing). Config: repo.")
+@click.option("--mirror", "mirrors", multiple=True, metavar="URL",
+              help="A Gentoo mirror (the directory holding snapshots/); repeat to try several in order. "
+                   "Config: sync.mirrors.")
+@click.option("--keyring", "keyrings", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="An armored public key file trusted for snapshot signatures; repeatable. Config: sync.keyring.")
+@click.option("--fingerprint", "fingerprints", multiple=True, metavar="FPR",
+              help="Only accept signatures by this key (40 hex digits); repeatable. Config: sync.fingerprints.")
+@click.option("--date", "day", metavar="YYYYMMDD", help="Import exactly the snapshot of this day.")
+@click.option("--no-push", is_flag=True, help="Import and tag locally only; do not push (config: git.push).")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where downloads (and resumable partial downloads) go. Config: sync.cache_dir.")
+@click.option("--max-catchup-days", type=click.IntRange(min=1),
+              help="Import at most this many missed days. Config: sync.max_catchup_days.")
+@pass_state
+def sync(state: State, repo: Path | None, mirrors: tuple[str, ...], keyrings: tuple[Path, ...],
+         fingerprints: tuple[str, ...], day: str | None, no_push: bool, cache_dir: Path | None,
+         max_catchup_days: int | None) -> None:
+    """Fetch, verify and import new daily portage snapshots; commit, tag and push them.
+
+    \b
+    Each snapshot becomes one commit "Update portage tree to YYYY-MM-DD" on the
+    mirror's branch and an annotated tag YYYY-MM-DD (the day of metadata/timestamp.x
+    minus 86400 s). The md5 and the OpenPGP signature (by a pinned fingerprint) are
+    checked before anything is imported.
+
+    \b
+    Without --date: every day newer than the newest tag, oldest first (at most
+    max_catchup_days), up to yesterday UTC; an empty repository gets the newest
+    snapshot the mirrors have. A day not on the mirrors yet is not an error.
+
+    \b
+    Examples:
+      snapshotter sync --repo /srv/git/gentoo.git --keyring gentoo-release.asc
+      snapshotter sync --date 20261101 --no-push
+    Prints one line per imported day: "YYYY-MM-DD <commit> <files changed>".
+    Exit status: 0 ok (or up to date), 1 error, 3 push failed (the import is kept
+    and pushed by the next run), 75 another sync holds the repository lock.
+    """
+    cfg = apply_repo(state.config, repo)
+    sync_cfg = cfg.sync
+    if mirrors:
+        sync_cfg = dataclasses.replace(sync_cfg, mirrors=list(mirrors))
+    if keyrings:
+        sync_cfg = dataclasses.replace(sync_cfg, keyring=[k.resolve() for k in keyrings])
+    if fingerprints:
+        sync_cfg = dataclasses.replace(sync_cfg, fingerprints=list(fingerprints))
+    if cache_dir:
+        sync_cfg = dataclasses.replace(sync_cfg, cache_dir=cache_dir.resolve())
+    if max_catchup_days:
+        sync_cfg = dataclasses.replace(sync_cfg, max_catchup_days=max_catchup_days)
+    cfg = dataclasses.replace(cfg, sync=sync_cfg)
+    try:
+        validate(cfg)
+    except SnapshotterError as e:
+        raise click.UsageError(str(e)) from None
+
+    from snapshotter.sync import run_sync
+
+    progress = TerminalProgress()
+    try:
+        report = run_sync(cfg, day=parse_day(day), push=not no_push, progress=progress)
+    finally:
+        progress.close()
+    for result in report.imported:
+        click.echo(f"{result.tag} {result.commit} {result.changed}")
+    if report.up_to_date:
+        newest = Mirror(cfg.repo, cfg.git.branch).newest_tag()
+        click.echo(f"already up to date (newest tag {newest.name})" if newest
+                   else "no snapshot found on the mirrors")
+    for remote in report.pushed:
+        log.info("pushed to %s", remote)
+    if report.push_failed:
+        for remote, reason in report.push_failed:
+            click.echo(f"snapshotter: error: push to {remote} failed: {reason} (import kept; the next run retries)",
+                       err=True)
+        sys.exit(EXIT_PUSH_FAILED)
+
+
+@click.command()
+@click.option("--repo", type=click.Path(file_okay=False, path_type=Path), help="The bare git mirror. Config: repo.")
+@pass_state
+def tags(state: State, repo: Path | None) -> None:
+    """List imported snapshots as "YYYY-MM-DD <commit>" lines, newest last."""
+    cfg = apply_repo(state.config, repo)
+    mirror = Mirror(cfg.repo, cfg.git.branch).require()
+    for tag in mirror.tags():
+        click.echo(f"{tag.name} {tag.commit}")
+
+
+COMMANDS: list[click.Command] = [sync, tags]

@@ -1,0 +1,244 @@
+"""`snapshotter sync`: find new daily snapshots on the mirrors, verify them, import, tag and push.
+
+Which days: from the day after the newest tag up to the newest snapshot that can exist (yesterday UTC;
+two days back before 01:00 UTC, since snapshots appear after 00:45 UTC), oldest first, at most
+`max_catchup_days` of them. An empty repository gets the newest snapshot the mirrors have (walking back
+up to 40 days, as emerge-webrsync does). A day that no mirror has yet is skipped, not an error.
+
+For each day, mirrors are tried in order and on each mirror the names emerge-webrsync asks for
+(gentoo-D.tar.xz, gentoo-D.tar.bz2, portage-D.tar.xz, portage-D.tar.bz2). A candidate that is missing or
+broken (404, HTML page, reset, md5 mismatch) makes us try the next one; a bad OpenPGP signature stops the
+whole run, since it may mean a keyring problem rather than a bad mirror.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+from snapshotter import syncstate
+from snapshotter.config import Config
+from snapshotter.errors import FetchError, SnapshotterError, VerificationError
+from snapshotter.gitrepo import Mirror, git_env
+from snapshotter.importer import Identity, ImportResult, import_tarball
+from snapshotter.lock import flocked
+from snapshotter.mirror import Downloader, NotFound, Unreachable
+from snapshotter.push import push_pending
+from snapshotter.verify import SignatureVerifier, check_md5
+
+log = logging.getLogger(__name__)
+
+NAMES = ("gentoo-{}.tar.xz", "gentoo-{}.tar.bz2", "portage-{}.tar.xz", "portage-{}.tar.bz2")
+FIRST_IMPORT_LOOKBACK = 40  # days, as emerge-webrsync
+
+# (label, done, total) — a download in bytes or an import in compressed bytes read.
+Progress = Callable[[str, int, int | None], None]
+
+
+@dataclass
+class SyncReport:
+    imported: list[ImportResult] = field(default_factory=list)
+    up_to_date: bool = False
+    push_failed: list[tuple[str, str]] = field(default_factory=list)
+    pushed: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def newest_possible_day(now: datetime) -> date:
+    """The newest snapshot that can exist at `now`: yesterday (UTC), or the day before before 01:00 UTC."""
+    now = now.astimezone(UTC)
+    day = now.date() - timedelta(days=1)
+    return day - timedelta(days=1) if now.hour < 1 else day
+
+
+def days_to_fetch(newest_tag: date | None, newest: date, max_catchup_days: int) -> list[date]:
+    """Days to try, oldest first (for a non-empty repository)."""
+    if newest_tag is None:
+        return []
+    first = max(newest_tag + timedelta(days=1), newest - timedelta(days=max_catchup_days - 1))
+    return [first + timedelta(days=i) for i in range((newest - first).days + 1)]
+
+
+def now_from_env() -> datetime:
+    """The current time; SNAPSHOTTER_NOW=<unix time> fixes it (for tests and dry runs)."""
+    fixed = os.environ.get("SNAPSHOTTER_NOW")
+    if fixed:
+        try:
+            return datetime.fromtimestamp(int(fixed), UTC)
+        except ValueError:
+            raise SnapshotterError(f"SNAPSHOTTER_NOW must be a unix time, got {fixed!r}") from None
+    return datetime.now(UTC)
+
+
+class _DayFetcher:
+    """Finds, downloads and verifies the snapshot of one day across mirrors and names."""
+
+    def __init__(self, cfg: Config, downloader: Downloader, verifier: SignatureVerifier,
+                 progress: Progress | None) -> None:
+        self.cfg, self.dl, self.verifier, self.progress = cfg, downloader, verifier, progress
+
+    def fetch(self, day: date, report: SyncReport) -> tuple[Path, list[Path]] | None:
+        """Return (verified tarball, files to delete after import), or None if no mirror has the day.
+
+        Raises VerificationError/FetchError when the day exists somewhere but no copy is good, and
+        SignatureError (stopping the run) on a bad signature.
+        """
+        stamp = f"{day:%Y%m%d}"
+        bad: list[str] = []  # copies that exist but are broken
+        unreachable: list[str] = []  # mirrors we could not talk to
+        for base in self.cfg.sync.mirrors:
+            base = base.rstrip("/")
+            for pattern in NAMES:
+                name = pattern.format(stamp)
+                url = f"{base}/snapshots/{name}"
+                try:
+                    md5sum = self.dl.fetch_small(url + ".md5sum")
+                except NotFound:
+                    continue
+                except Unreachable as e:
+                    unreachable.append(str(e))
+                    log.warning("%s; trying the next mirror", e)
+                    break
+                except FetchError as e:
+                    bad.append(str(e))
+                    log.warning("%s; trying the next candidate", e)
+                    continue
+                files: list[Path] = []
+                try:
+                    files.append(self.dl.fetch(url + ".gpgsig", name + ".gpgsig"))
+                    tick = (lambda done, total, n=name: self.progress(f"fetch {n}", done, total)) if self.progress else None
+                    files.append(self.dl.fetch(url, name, tick))
+                    check_md5(files[1], md5sum)
+                except (FetchError, VerificationError) as e:
+                    bad.append(str(e))
+                    log.warning("%s; trying the next candidate", e)
+                    _remove(files)
+                    continue
+                sig, tarball = files
+                try:
+                    signer = self.verifier.verify(tarball, sig)
+                except SnapshotterError:
+                    _remove(files)
+                    raise
+                log.debug("%s: md5 ok, good signature by %s", name, signer)
+                return tarball, files
+        if bad:
+            raise VerificationError(f"snapshot {stamp}: no good copy on any mirror ({len(bad)} tried); last: {bad[-1]}")
+        if len(unreachable) == len(self.cfg.sync.mirrors):
+            raise FetchError(f"snapshot {stamp}: no mirror could be reached; last: {unreachable[-1]}")
+        report.warnings.extend(unreachable)
+        return None
+
+
+def _remove(paths: list[Path]) -> None:
+    for p in paths:
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def run_sync(cfg: Config, *, day: date | None = None, push: bool = True, now: datetime | None = None,
+             progress: Progress | None = None) -> SyncReport:
+    """Import new snapshots into `cfg.repo` (see the module doc); push unless `push` is False.
+
+    Holds the repository's flock for the whole run (LockedError, exit 75, if another run holds it).
+    Raises SnapshotterError subclasses; days imported before an error stay imported.
+    """
+    mirror = Mirror(cfg.repo, cfg.git.branch)
+    with flocked(mirror.lock_path, f"repository {mirror.path}"):
+        mirror.create()
+        state = syncstate.load(mirror)
+        report = SyncReport()
+        try:
+            _import_days(cfg, mirror, day, now or now_from_env(), progress, report)
+        except SnapshotterError as e:
+            state.last_failure, state.last_failure_reason = syncstate.now_iso(), str(e)
+            if push and cfg.git.push and report.imported:
+                push_pending(mirror, cfg.git.push, state)
+            syncstate.save(mirror, state)
+            raise
+        if report.imported:
+            state.last_tag = report.imported[-1].tag
+            _gc_auto(mirror)
+        if push and cfg.git.push:
+            before = set(syncstate.pending_pushes(cfg.git.push, mirror, state))
+            report.push_failed = push_pending(mirror, cfg.git.push, state)
+            failed = {r for r, _ in report.push_failed}
+            report.pushed = [r for r in cfg.git.push if r in before and r not in failed]
+        state.last_success = syncstate.now_iso()
+        syncstate.save(mirror, state)
+        return report
+
+
+def _import_days(cfg: Config, mirror: Mirror, day: date | None, now: datetime, progress: Progress | None,
+                 report: SyncReport) -> None:
+    newest = mirror.newest_tag()
+    if day is not None:
+        if newest is not None and day <= newest.day:
+            raise SnapshotterError(f"snapshot {day:%Y-%m-%d} is not newer than the newest tag {newest.name}; "
+                                   "refusing to commit it on top")
+        days, stop_at_first = [day], False
+    elif newest is None:
+        last = newest_possible_day(now)
+        days = [last - timedelta(days=i) for i in range(FIRST_IMPORT_LOOKBACK)]
+        stop_at_first = True
+    else:
+        days = days_to_fetch(newest.day, newest_possible_day(now), cfg.sync.max_catchup_days)
+        stop_at_first = False
+    if not days:
+        report.up_to_date = True
+        return
+    identity = Identity(cfg.git.author_name, cfg.git.author_email)
+    sign_tag = _tag_signer(cfg) if cfg.git.sign_tags else None
+    downloader = Downloader(cfg.sync.cache_dir, cfg.sync.timeout, cfg.sync.retries)
+    try:
+        with SignatureVerifier(cfg.sync.keyring, cfg.sync.fingerprints) as verifier:
+            fetcher = _DayFetcher(cfg, downloader, verifier, progress)
+            for d in days:
+                found = fetcher.fetch(d, report)
+                if found is None:
+                    if day is not None:
+                        raise FetchError(f"no mirror has a snapshot for {d:%Y-%m-%d}")
+                    log.debug("no snapshot for %s on any mirror (yet)", d)
+                    continue
+                tarball, files = found
+                tick = (lambda done, total, n=tarball.name: progress(f"import {n}", done, total)) if progress else None
+                try:
+                    result = import_tarball(mirror, tarball, identity, file_day=d, sign_tag=sign_tag, progress=tick)
+                finally:
+                    _remove(files)
+                report.imported.append(result)
+                log.debug("imported %s: %s", result.tag, result.commit)
+                if stop_at_first:
+                    break
+    finally:
+        downloader.close()
+    if not report.imported:
+        report.up_to_date = True
+
+
+def _tag_signer(cfg: Config) -> Callable[[bytes], bytes]:
+    if not cfg.git.signing_key:
+        raise SnapshotterError("git.sign_tags is on but git.signing_key is not set")
+    from snapshotter.signing import detach_sign
+
+    def sign(body: bytes) -> bytes:
+        with tempfile.NamedTemporaryFile(prefix="snapshotter-tag-") as f:
+            f.write(body)
+            f.flush()
+            return detach_sign(Path(f.name), cfg.git.signing_key, cfg.git.gnupghome)
+
+    return sign
+
+
+def _gc_auto(mirror: Mirror) -> None:
+    """Each import adds a pack; let git consolidate them when it judges it worth it."""
+    subprocess.run(["git", f"--git-dir={mirror.path}", "gc", "--auto", "--quiet"], env=git_env(),
+                   capture_output=True)

@@ -1,0 +1,59 @@
+"""What the snapshotter remembers between runs, kept inside the bare repository (`snapshotter/state.json`):
+last success and failure (for `snapshotter status`) and what each push remote has received."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+
+from snapshotter.gitrepo import Mirror
+
+
+@dataclass
+class SyncState:
+    last_success: str | None = None  # ISO time, UTC
+    last_failure: str | None = None
+    last_failure_reason: str | None = None
+    last_tag: str | None = None
+    pushed: dict[str, str] = field(default_factory=dict)  # remote -> commit of main it has
+
+
+def _path(mirror: Mirror) -> os.PathLike[str]:
+    return mirror.state_dir / "state.json"
+
+
+def load(mirror: Mirror) -> SyncState:
+    try:
+        with open(_path(mirror)) as f:
+            data = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return SyncState()
+    known = SyncState.__dataclass_fields__
+    return SyncState(**{k: v for k, v in data.items() if k in known})
+
+
+def save(mirror: Mirror, state: SyncState) -> None:
+    """Write atomically (temp file, fsync, rename)."""
+    mirror.state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = mirror.state_dir / f".state.json.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(asdict(state), f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, _path(mirror))
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def pending_pushes(remotes: list[str], mirror: Mirror, state: SyncState | None = None) -> list[str]:
+    """Remotes that have not yet received the current `main`."""
+    head = mirror.head() if mirror.exists() else None
+    if head is None:
+        return []
+    state = state or load(mirror)
+    return [r for r in remotes if state.pushed.get(r) != head]
