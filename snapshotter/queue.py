@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
 STATES = (QUEUED, RUNNING, DONE, FAILED)
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$")  # profile and overlay names
 COMMIT_RE = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 WORKER_RE = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 
@@ -120,6 +120,10 @@ class BuildQueue(abc.ABC):
     @abc.abstractmethod
     def complete(self, job_id: int, worker: str, ok: bool, log_path: str | None, detail: str | None) -> None:
         """Record the outcome; raises LeaseLost if `worker` does not hold the job any more."""
+
+    @abc.abstractmethod
+    def release(self, job_id: int, worker: str) -> None:
+        """Give a running job back to the queue at once (its worker is shutting down)."""
 
     @abc.abstractmethod
     def retry(self, job_id: int) -> JobRecord:
@@ -271,6 +275,12 @@ class SqliteQueue(BuildQueue):
             self._held(db, job_id, worker)
             db.execute("UPDATE jobs SET state = ?, lease_until = NULL, finished = ?, log_path = ?, detail = ? "
                        "WHERE id = ?", (DONE if ok else FAILED, self._now(), log_path, detail, job_id))
+
+    def release(self, job_id: int, worker: str) -> None:
+        with self._tx() as db:
+            self._held(db, job_id, worker)
+            db.execute("UPDATE jobs SET state = 'queued', worker = NULL, lease_until = NULL WHERE id = ?",
+                       (job_id,))
 
     def retry(self, job_id: int) -> JobRecord:
         with self._tx() as db:

@@ -142,3 +142,14 @@ def test_concurrent_processes_never_share_a_job(tmp_path: Path):
     for p in workers:
         p.join()
     assert sorted(claimed) == sorted(ids)  # every job claimed exactly once
+
+
+def test_release_gives_the_job_back(tmp_path: Path):
+    q = SqliteQueue(tmp_path / "q.sqlite")
+    jid, _ = q.enqueue(Job("basic", "2026-11-20"))
+    q.claim("w1", 600)
+    with pytest.raises(LeaseLost):
+        q.release(jid, "w2")
+    q.release(jid, "w1")
+    assert q.get(jid).state == QUEUED
+    assert q.claim("w2", 600).id == jid

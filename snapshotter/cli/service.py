@@ -1,7 +1,175 @@
-"""Placeholder: filled in by its issue."""
+"""`snapshotter run`, `status`, `worker`, `queue ...` and `hooks ...`: the service side.
+
+Library modules are imported inside the commands so that the git hook (`hooks enqueue`) starts fast.
+"""
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
 import click
 
-COMMANDS: list[click.Command] = []
+from snapshotter.cli import State, pass_state
+
+
+def _stop_on_signals(stop: Any) -> None:
+    """SIGTERM and SIGINT call `stop()` (finish the current step, then exit 0)."""
+
+    def handler(signum: int, frame: object) -> None:
+        click.echo(f"snapshotter: {signal.Signals(signum).name} received; stopping after the current step",
+                   err=True)
+        stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _when(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+# ---- hooks -------------------------------------------------------------------------------------
+@click.group("hooks")
+def hooks_group() -> None:
+    """Git hooks that queue builds when tags or overlay commits are pushed."""
+
+
+@hooks_group.command("install")
+@click.argument("repo", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--executable", default=None, help="Absolute path of snapshotter to run (default: this one).")
+@click.option("--force", is_flag=True, help="Replace a post-receive hook that snapshotter did not install.")
+@pass_state
+def hooks_install(state: State, repo: Path, executable: str | None, force: bool) -> None:
+    """Install the post-receive hook into the bare repository REPO (the mirror or an overlay).
+
+    The hook runs `snapshotter [--config FILE] hooks enqueue` with this executable and the
+    configuration given with the global --config (or $SNAPSHOTTER_CONFIG) baked in.
+    """
+    from snapshotter import hooks
+
+    config = state.config_path
+    if config is None and os.environ.get("SNAPSHOTTER_CONFIG"):
+        config = Path(os.environ["SNAPSHOTTER_CONFIG"])
+    state.config  # noqa: B018  -- refuse to install a hook pointing at a broken configuration
+    target = hooks.install(repo, executable or hooks.find_executable(), config, force=force)
+    click.echo(f"installed {target}")
+
+
+@hooks_group.command("enqueue")
+@click.option("--repo", "repo", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The repository pushed to (default: $GIT_DIR, else the current directory).")
+@pass_state
+def hooks_enqueue(state: State, repo: Path | None) -> None:
+    """Read post-receive lines ("<old> <new> <ref>") on stdin and queue the builds they ask for."""
+    from snapshotter import triggers
+
+    if repo is None:
+        repo = Path(os.environ.get("GIT_DIR") or ".")
+    text = sys.stdin.read()
+    triggers.queue_push(state.config, repo.absolute(), text)
+
+
+# ---- queue -------------------------------------------------------------------------------------
+@click.group("queue", invoke_without_command=True)
+@click.option("--state", "states", multiple=True,
+              type=click.Choice(["queued", "running", "done", "failed"]), help="Only jobs in this state.")
+@click.option("-n", "--limit", type=click.IntRange(min=1), default=None, help="Only the newest N jobs.")
+@click.pass_context
+def queue_group(ctx: click.Context, states: tuple[str, ...], limit: int | None) -> None:
+    """List the build jobs (oldest first); subcommands act on one job."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from snapshotter.queue import open_queue
+
+    state = ctx.find_object(State)
+    assert state is not None
+    for rec in open_queue(state.config).list(states or None, limit):
+        who = f" worker={rec.worker}" if rec.state == "running" else ""
+        extra = f" log={rec.log_path}" if rec.log_path else ""
+        detail = f" ({rec.detail})" if rec.detail and rec.state == "failed" else ""
+        click.echo(f"{rec.id:>5} {rec.state:<7} {rec.job.describe()} queued={_when(rec.created)}"
+                   f" attempts={rec.attempts}{who}{extra}{detail}")
+
+
+@queue_group.command("retry")
+@click.argument("job_id", type=int)
+@pass_state
+def queue_retry(state: State, job_id: int) -> None:
+    """Queue the failed job JOB_ID again."""
+    from snapshotter.queue import open_queue
+
+    rec = open_queue(state.config).retry(job_id)
+    click.echo(f"job {rec.id} queued again: {rec.job.describe()}")
+
+
+@queue_group.command("show")
+@click.argument("job_id", type=int)
+@pass_state
+def queue_show(state: State, job_id: int) -> None:
+    """Everything about job JOB_ID."""
+    from snapshotter.queue import open_queue
+
+    rec = open_queue(state.config).get(job_id)
+    pins = " ".join(f"{n}={c}" for n, c in rec.job.overlays) or "-"
+    for key, value in [("id", rec.id), ("state", rec.state), ("profile", rec.job.profile), ("tag", rec.job.tag),
+                       ("overlays", pins), ("source", rec.source or "-"), ("queued", _when(rec.created)),
+                       ("started", _when(rec.started)), ("finished", _when(rec.finished)),
+                       ("attempts", rec.attempts), ("worker", rec.worker or "-"), ("log", rec.log_path or "-"),
+                       ("detail", rec.detail or "-")]:
+        click.echo(f"{key}: {value}")
+
+
+@queue_group.command("add")
+@click.option("--profile", "profiles", multiple=True, required=True, help="Profile to build (repeatable).")
+@click.option("--tag", default=None, help="Snapshot tag YYYY-MM-DD (default: the newest).")
+@click.option("--overlay", "overlays", multiple=True, metavar="NAME=COMMIT", help="Pin an overlay (repeatable).")
+@pass_state
+def queue_add(state: State, profiles: tuple[str, ...], tag: str | None, overlays: tuple[str, ...]) -> None:
+    """Queue builds by hand."""
+    from snapshotter.errors import SnapshotterError
+    from snapshotter.gitrepo import Mirror
+    from snapshotter.queue import Job, open_queue
+
+    cfg = state.config
+    if tag is None:
+        newest = Mirror(cfg.repo, cfg.git.branch).newest_tag()
+        if newest is None:
+            raise SnapshotterError(f"the mirror {cfg.repo} has no snapshot tag yet")
+        tag = newest.name
+    pins = []
+    for item in overlays:
+        name, sep, commit = item.partition("=")
+        if not sep:
+            raise SnapshotterError(f"--overlay {item!r}: expected NAME=COMMIT")
+        pins.append((name, commit))
+    q = open_queue(cfg)
+    for profile in profiles:
+        if cfg.profiles and profile not in cfg.profiles:
+            raise SnapshotterError(f"no profile {profile!r} (known: {', '.join(sorted(cfg.profiles))})")
+        jid, created = q.enqueue(Job(profile, tag, tuple(pins)), source="cli")
+        click.echo(f"{'queued' if created else 'already queued'}: job {jid}")
+
+
+# ---- worker ------------------------------------------------------------------------------------
+@click.command("worker")
+@click.option("--once", is_flag=True, help="Take at most one job, build it and exit (4 if it failed).")
+@click.option("--lease", "lease", type=click.FloatRange(min=0.5), default=None,
+              help="Job lease in seconds, renewed while building (default: service.lease_seconds).")
+@click.option("--poll", "poll", type=click.FloatRange(min=0.05), default=None,
+              help="Seconds between looks at an empty queue (default: service.poll_interval).")
+@pass_state
+def worker_cmd(state: State, once: bool, lease: float | None, poll: float | None) -> None:
+    """Build queued jobs one at a time. Several workers may run (here or on other hosts)."""
+    from snapshotter.worker import Worker
+
+    worker = Worker(state.config, state.config_path, lease_seconds=lease, poll_interval=poll)
+    _stop_on_signals(worker.stop)
+    sys.exit(worker.run(once=once))
+
+
+COMMANDS: list[click.Command] = [hooks_group, queue_group, worker_cmd]

@@ -1,0 +1,235 @@
+"""Which builds a ref update queues.
+
+- A new date tag (`YYYY-MM-DD`) on the snapshot mirror queues a build of every profile (or of those
+  listed in `service.build_profiles`), with the overlays at their configured refs.
+- A push to an overlay repository queues the profiles whose overlays use that repository (matched by
+  its path or URL path), with that overlay pinned at the pushed commit and the tree at the mirror's
+  newest tag. A branch push counts when the branch is the overlay's configured `ref`; a tag push
+  always counts (a new release of the overlay).
+
+Ref names and object ids come from outside (the pusher): they are checked against git's
+check-ref-format rules and a strict allow-list before anything else happens, and they are only ever
+passed to git as single arguments, never to a shell.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from snapshotter.errors import SnapshotterError
+from snapshotter.gitrepo import Mirror, git, git_env, tag_date
+from snapshotter.queue import BuildQueue, Job, open_queue
+
+if TYPE_CHECKING:
+    from snapshotter.config import Config
+
+log = logging.getLogger(__name__)
+
+ZERO_RE = re.compile(r"^0+$")
+OID_RE = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
+# The allow-list: branches and tags only, plain characters, no component starting with '.' or '-'.
+REF_RE = re.compile(r"^refs/(heads|tags)/([A-Za-z0-9_][A-Za-z0-9._+-]*(?:/[A-Za-z0-9_][A-Za-z0-9._+-]*)*)$")
+MAX_REF_LEN = 255
+
+
+class RefError(SnapshotterError):
+    """A pushed ref name or object id that is not acceptable."""
+
+
+@dataclass(frozen=True)
+class RefUpdate:
+    """One line a post-receive hook reads: `<old> <new> <ref>`."""
+
+    old: str
+    new: str
+    ref: str
+
+    @property
+    def kind(self) -> str:
+        """'heads' or 'tags' (valid updates only)."""
+        return REF_RE.match(self.ref)[1]  # type: ignore[index]
+
+    @property
+    def short(self) -> str:
+        return REF_RE.match(self.ref)[2]  # type: ignore[index]
+
+    @property
+    def deleted(self) -> bool:
+        return bool(ZERO_RE.match(self.new))
+
+
+def check_ref_name(ref: str) -> str:
+    """Return `ref` if it is an acceptable branch or tag name, else raise RefError (printable)."""
+    shown = ref.encode("unicode_escape", errors="replace").decode("ascii")[:100]
+    if (len(ref) > MAX_REF_LEN or not REF_RE.match(ref) or ".." in ref or ref.endswith((".lock", "."))
+            or "/." in ref or ".lock/" in ref):
+        raise RefError(f"rejected ref name {shown!r}: only refs/heads/* and refs/tags/* made of letters, "
+                       "digits and . _ + - / are accepted")
+    # And git's own rules, asked with the name as one argument (no shell anywhere).
+    proc = subprocess.run(["git", "check-ref-format", ref], capture_output=True, env=git_env())
+    if proc.returncode != 0:
+        raise RefError(f"rejected ref name {shown!r}: not a valid git ref name")
+    return ref
+
+
+def parse_updates(text: str) -> tuple[list[RefUpdate], list[str]]:
+    """Parse post-receive input: the acceptable updates, and one message per rejected line."""
+    updates, rejected = [], []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            parts = line.split(" ")
+            if len(parts) != 3:
+                raise RefError(f"line {n}: expected '<old> <new> <ref>'")
+            old, new, ref = parts
+            for oid in (old, new):
+                if not OID_RE.match(oid):
+                    raise RefError(f"line {n}: not an object id: {oid[:80]!r}")
+            updates.append(RefUpdate(old, new, check_ref_name(ref)))
+        except RefError as e:
+            rejected.append(str(e))
+    return updates, rejected
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:
+        return False
+
+
+def _url_path(url: str) -> Path | None:
+    """The repository path an overlay URL names (local path, file://, ssh://..., host:path)."""
+    if "://" in url:
+        path = urlsplit(url).path
+    elif ":" in url.split("/", 1)[0]:
+        path = url.split(":", 1)[1]
+    else:
+        path = url
+    return Path(path) if path.startswith("/") else None
+
+
+def repo_matches(url: str, repo: Path) -> bool:
+    """Does an overlay `url` name the repository at `repo`? (with or without a trailing .git)"""
+    path = _url_path(url)
+    if path is None:
+        return False
+    candidates = {path, path.with_name(path.name + ".git")}
+    if path.name.endswith(".git"):
+        candidates.add(path.with_name(path.name[:-4]))
+    return any(_same_path(c, repo) for c in candidates)
+
+
+def is_mirror(cfg: Config, repo: Path) -> bool:
+    return _same_path(Path(cfg.repo), Path(repo))
+
+
+def peel_commit(repo: Path, oid: str) -> str:
+    """The commit `oid` (a commit or an annotated tag) points at in `repo`."""
+    if not OID_RE.match(oid):
+        raise RefError(f"not an object id: {oid[:80]!r}")
+    proc = git(repo, "rev-parse", "--verify", "--quiet", f"{oid}^{{commit}}", check=False)
+    commit = proc.stdout.decode().strip()
+    if proc.returncode != 0 or not OID_RE.match(commit):
+        raise RefError(f"{oid} does not point at a commit in {repo}")
+    return commit
+
+
+def tag_profiles(cfg: Config) -> list[str]:
+    """Profiles built for each new snapshot tag: `service.build_profiles`, or every profile."""
+    return sorted(cfg.service.build_profiles or cfg.profiles)
+
+
+def tag_jobs(cfg: Config, tags: list[str]) -> list[Job]:
+    jobs = []
+    for tag in tags:
+        if tag_date(tag) is None:
+            raise RefError(f"not a snapshot tag (YYYY-MM-DD): {tag!r}")
+        jobs.extend(Job(profile, tag) for profile in tag_profiles(cfg))
+    return jobs
+
+
+def overlay_jobs(cfg: Config, repo: Path, update: RefUpdate) -> list[Job]:
+    """Jobs for a push to an overlay repository (none if no profile uses it for that ref)."""
+    users = []
+    for name in sorted(cfg.profiles):
+        for ov in getattr(cfg.profiles[name], "overlays", []):
+            if repo_matches(ov.url, repo) and (update.kind == "tags" or update.short == ov.ref):
+                users.append((name, ov.name))
+    if not users:
+        return []
+    newest = Mirror(cfg.repo, cfg.git.branch).newest_tag()
+    if newest is None:
+        raise SnapshotterError(f"the mirror {cfg.repo} has no snapshot tag yet; nothing to build against")
+    commit = peel_commit(repo, update.new)
+    return [Job(profile, newest.name, ((overlay, commit),)) for profile, overlay in users]
+
+
+def jobs_for_push(cfg: Config, repo: Path, updates: list[RefUpdate]) -> list[Job]:
+    """The jobs a push of `updates` into `repo` asks for, in a stable order, without duplicates."""
+    jobs: list[Job] = []
+    mirror = is_mirror(cfg, repo)
+    for up in updates:
+        if up.deleted:
+            log.info("%s deleted: nothing to build", up.ref)
+            continue
+        if mirror:
+            if up.kind == "tags" and tag_date(up.short) is not None:
+                if cfg.service.queue_builds:
+                    jobs.extend(tag_jobs(cfg, [up.short]))
+            else:
+                log.info("%s on the mirror is not a snapshot tag: nothing to build", up.ref)
+        else:
+            found = overlay_jobs(cfg, repo, up)
+            if not found:
+                log.info("%s: no profile builds it", up.ref)
+            jobs.extend(found)
+    return list(dict.fromkeys(jobs))
+
+
+def enqueue_all(queue: BuildQueue, jobs: list[Job], source: str) -> list[int]:
+    ids = []
+    for job in jobs:
+        jid, created = queue.enqueue(job, source=source)
+        if created:
+            log.info("queued build %d: %s", jid, job.describe())
+        else:
+            log.info("build %d already queued: %s", jid, job.describe())
+        ids.append(jid)
+    return ids
+
+
+def queue_builds_for_tags(cfg: Config, tags: list[str], queue: BuildQueue | None = None) -> list[int]:
+    """Queue the builds for newly imported snapshot tags (called by `sync`); returns the job ids.
+
+    Does nothing when `service.queue_builds` is off or no profile is configured.
+    """
+    if not cfg.service.queue_builds or not tags:
+        return []
+    jobs = tag_jobs(cfg, tags)
+    if not jobs:
+        return []
+    return enqueue_all(queue or open_queue(cfg), jobs, source="sync")
+
+
+def queue_push(cfg: Config, repo: Path, text: str, queue: BuildQueue | None = None) -> list[int]:
+    """Handle a post-receive hook's input for `repo`: validate, work out the jobs, enqueue them.
+
+    Rejected lines (hostile ref names, garbage) are logged and skipped; if there were any, RefError is
+    raised after the acceptable updates have been queued.
+    """
+    updates, rejected = parse_updates(text)
+    for msg in rejected:
+        log.error("%s", msg)
+    jobs = jobs_for_push(cfg, repo, updates)
+    ids = enqueue_all(queue or open_queue(cfg), jobs, source=f"push:{Path(repo).resolve()}") if jobs else []
+    if rejected:
+        raise RefError(f"{len(rejected)} pushed ref(s) rejected; nothing was queued for them")
+    return ids

@@ -1,0 +1,224 @@
+"""Build workers: take jobs from the queue one at a time and run the chroot build for each.
+
+Each build runs in a child process inside its own PID namespace
+(`unshare --pid --fork --kill-child`), started with PR_SET_PDEATHSIG: when the worker dies, even by
+kill -9, the kernel kills the whole build process tree, so a job whose lease expires and is taken by
+another worker is never built twice at the same time. While the build runs, a thread renews the
+lease; if the lease is lost (or cannot be renewed before it runs out) the build is killed and its
+result discarded. On SIGTERM/SIGINT the worker kills the current build and gives its job back to
+the queue at once.
+
+The child (`python -m snapshotter.worker --build-child SPEC RESULT`) calls chroot.builder.run_build
+and writes a small JSON result file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from snapshotter.errors import EXIT_BUILD_FAILED, SnapshotterError
+from snapshotter.queue import BuildQueue, JobRecord, LeaseLost, QueueError, open_queue
+
+if TYPE_CHECKING:
+    from snapshotter.config import Config
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    log_path: str | None
+    detail: str
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _die_with_parent(parent: int) -> None:  # runs in the forked child, before exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl: do not outlive it
+        os._exit(1)
+
+
+class Worker:
+    """Takes jobs one at a time; several workers (processes or hosts) may share one queue."""
+
+    def __init__(self, cfg: Config, config_path: Path | None, queue: BuildQueue | None = None, *,
+                 lease_seconds: float | None = None, poll_interval: float | None = None,
+                 ident: str | None = None) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.queue = queue or open_queue(cfg)
+        self.lease = float(lease_seconds or cfg.service.lease_seconds)
+        self.poll = float(poll_interval or cfg.service.poll_interval)
+        self.ident = ident or worker_id()
+        self.stopping = threading.Event()
+        self.log_dir = Path(cfg.state_dir) / "worker-logs"
+        self._child: subprocess.Popen[bytes] | None = None
+
+    def stop(self) -> None:
+        """Ask the worker to stop: the current build is killed and its job handed back."""
+        self.stopping.set()
+        child = self._child
+        if child is not None and child.poll() is None:
+            child.kill()  # unshare --kill-child takes the whole build tree with it
+
+    # -- one job -------------------------------------------------------------------------------
+    def run_one(self) -> JobRecord | None:
+        """Claim one job and build it; returns its final record, or None when the queue had none."""
+        rec = self.queue.claim(self.ident, self.lease)
+        if rec is None:
+            return None
+        log.info("job %d: building %s (attempt %d, worker %s)", rec.id, rec.job.describe(), rec.attempts,
+                 self.ident)
+        lost = threading.Event()
+        done = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(rec.id, lost, done), daemon=True)
+        started = time.monotonic()
+        try:
+            beat.start()
+            outcome = self._build(rec)
+        finally:
+            done.set()
+            beat.join()
+        if lost.is_set():
+            log.error("job %d: lease lost; result discarded (another worker has the job)", rec.id)
+            return self.queue.get(rec.id)
+        if self.stopping.is_set() and not outcome.ok:
+            try:
+                self.queue.release(rec.id, self.ident)
+                log.info("job %d: stopped; handed back to the queue", rec.id)
+            except LeaseLost:
+                pass
+            return self.queue.get(rec.id)
+        try:
+            self.queue.complete(rec.id, self.ident, outcome.ok, outcome.log_path, outcome.detail)
+        except LeaseLost as e:
+            log.error("job %d: %s; result discarded", rec.id, e)
+        log.info("job %d: %s in %.1f s: %s (log %s)", rec.id, "done" if outcome.ok else "FAILED",
+                 time.monotonic() - started, outcome.detail, outcome.log_path)
+        return self.queue.get(rec.id)
+
+    def _heartbeat(self, job_id: int, lost: threading.Event, done: threading.Event) -> None:
+        interval = max(0.2, self.lease / 4)
+        expires = time.monotonic() + self.lease
+        while not done.wait(interval):
+            try:
+                self.queue.heartbeat(job_id, self.ident, self.lease)
+                expires = time.monotonic() + self.lease
+                continue
+            except LeaseLost as e:
+                log.error("%s", e)
+            except QueueError as e:
+                if time.monotonic() + interval < expires:
+                    log.warning("job %d: cannot renew the lease yet: %s", job_id, e)
+                    continue
+                log.error("job %d: lease ran out without renewal: %s", job_id, e)
+            lost.set()
+            child = self._child
+            if child is not None and child.poll() is None:
+                child.kill()
+            return
+
+    def _build(self, rec: JobRecord) -> Outcome:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        capture = self.log_dir / f"job-{rec.id}-{rec.attempts}.log"
+        result = self.log_dir / f"job-{rec.id}-{rec.attempts}.result.json"
+        result.unlink(missing_ok=True)
+        spec = json.dumps({"config": str(self.config_path) if self.config_path else None,
+                           "profile": rec.job.profile, "tag": rec.job.tag,
+                           "overlays": dict(rec.job.overlays), "job": rec.id})
+        cmd = ["unshare", "--pid", "--fork", "--kill-child", "--",
+               sys.executable, "-m", "snapshotter.worker", "--build-child", spec, str(result)]
+        parent = os.getpid()
+        with open(capture, "wb") as out:
+            self._child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                           preexec_fn=lambda: _die_with_parent(parent))
+            try:
+                status = self._child.wait()
+            finally:
+                self._child = None
+        try:
+            data = json.loads(result.read_text())
+        except (OSError, ValueError):
+            data = {}
+        log_path = data.get("log") or str(capture)
+        if status == 0 and data.get("ok"):
+            return Outcome(True, log_path, data.get("detail") or "ok")
+        if status < 0:
+            detail = f"build killed by signal {-status}"
+        elif status == 137 and not data:
+            detail = "build killed"
+        else:
+            detail = data.get("detail") or f"build exited with status {status}"
+        return Outcome(False, log_path, detail)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self, once: bool = False) -> int:
+        """Work until stopped (or, with `once`, take at most one job). Exit status: 0, or 4 if the
+        `once` job failed."""
+        log.info("worker %s: watching the build queue (lease %.0f s)", self.ident, self.lease)
+        while not self.stopping.is_set():
+            rec = self.run_one()
+            if once:
+                if rec is None:
+                    log.info("no job in the queue")
+                return EXIT_BUILD_FAILED if rec is not None and rec.state == "failed" else 0
+            if rec is None:
+                self.stopping.wait(self.poll)
+        log.info("worker %s: stopped", self.ident)
+        return 0
+
+
+def _build_child(spec_json: str, result_path: str) -> int:
+    """In the build's PID namespace: run the real build, write the result file."""
+    from snapshotter import config as configmod
+    from snapshotter.cli import setup_logging
+
+    setup_logging(0, False)
+    spec = json.loads(spec_json)
+    result: dict[str, object] = {"ok": False}
+    status = 1
+    try:
+        from chroot.builder import BuildRequest, run_build
+
+        cfg = configmod.load(Path(spec["config"]) if spec["config"] else None)
+        req = BuildRequest(profile=spec["profile"], tag=spec["tag"], overlay_refs=dict(spec["overlays"]))
+        res = run_build(cfg, req)
+        result = {"ok": bool(res.ok), "log": str(res.log), "output": str(res.output_dir),
+                  "detail": "ok" if res.ok else f"build failed (exit {res.exit_status})"}
+        status = 0 if res.ok else EXIT_BUILD_FAILED
+    except SnapshotterError as e:
+        result["detail"] = str(e)
+        log.error("snapshotter: error: %s", e)
+        status = e.exit_code
+    except Exception as e:  # a bug: keep the traceback in the job's log
+        log.exception("build crashed")
+        result["detail"] = f"internal error: {type(e).__name__}: {e}"
+    tmp = Path(result_path + ".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, result_path)
+    return status
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--build-child":
+        sys.exit(_build_child(sys.argv[2], sys.argv[3]))
+    sys.exit("usage: python -m snapshotter.worker --build-child SPEC RESULT (internal)")
