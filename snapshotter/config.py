@@ -74,8 +74,9 @@ class PublishSettings:
 class BuildSettings:
     """[build]: where chroot builds work and where their results go."""
 
-    work_dir: Path = Path("/var/tmp/snapshotter/builds")
-    output: Path = Path("/var/cache/snapshotter/packages")
+    work_dir: Path = Path("/var/tmp/snapshotter/builds")  # one root per build, removed afterwards
+    output: Path = Path("/var/cache/snapshotter/packages")  # OUTPUT/<profile>/<tag>/
+    cache_dir: Path = Path("/var/cache/snapshotter/build")  # downloaded stages, overlay clones
 
 
 @dataclass
@@ -88,6 +89,8 @@ class ServiceSettings:
     publish: bool = False  # publish after each successful sync ([publish].out must be set)
     queue_builds: bool = True  # queue builds of every profile for each new tag
     lease_seconds: int = 3600  # a worker's job lease; renewed while it runs
+    build_profiles: list[str] = field(default_factory=list)  # profiles built for a new tag; empty: all
+    poll_interval: float = 10.0  # seconds an idle worker waits between looks at the queue
 
 
 @dataclass
@@ -202,9 +205,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"publish.xz_level: must be 0..9, got {cfg.publish.xz_level}")
     if not _TIME_RE.match(cfg.service.sync_time):
         raise ConfigError(f"service.sync_time: expected HH:MM (UTC), got {cfg.service.sync_time!r}")
-    for key in ("retry_interval", "retry_deadline", "lease_seconds"):
+    for key in ("retry_interval", "retry_deadline", "lease_seconds", "poll_interval"):
         if getattr(cfg.service, key) <= 0:
             raise ConfigError(f"service.{key}: must be positive, got {getattr(cfg.service, key)}")
+    for i, name in enumerate(cfg.service.build_profiles):
+        if cfg.profiles and name not in cfg.profiles:
+            raise ConfigError(f"service.build_profiles[{i}]: no profile {name!r} (known: {', '.join(sorted(cfg.profiles))})")
     return cfg
 
 

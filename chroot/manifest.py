@@ -1,0 +1,78 @@
+"""build.json: everything needed to know what a build used and produced, and to redo it."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chroot.stage import sha256_file
+
+FORMAT = 1
+
+
+@dataclass
+class Manifest:
+    profile: str
+    tag: str
+    commit: str
+    repo: str
+    stage: dict[str, Any]  # {"source", "sha256"}
+    overlays: list[dict[str, str]]  # [{"name", "url", "ref", "commit"}]
+    portage_profile: str | None
+    make_conf: dict[str, Any]  # {"content", "sha256"}: the root's whole make.conf as built
+    portage_confdir: dict[str, Any] | None  # {"path", "sha256"}
+    repos_conf: str
+    world: list[str] | None
+    emerge_command: list[str]  # argv run inside the root
+    started: str = ""
+    finished: str = ""
+    duration_seconds: float = 0.0
+    exit_status: int | None = None
+    ok: bool = False
+    packages: list[dict[str, Any]] = field(default_factory=list)  # [{"path", "sha256", "size"}]
+    packages_index: dict[str, Any] | None = None  # the `Packages` file: {"sha256", "size"}
+    snapshotter_version: str = ""
+    format: int = FORMAT
+
+    def to_json(self) -> str:
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def list_packages(pkgdir: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Every file below `pkgdir` except the `Packages` index, sorted by path, with sha256 and size."""
+    pkgs = []
+    index = None
+    for dirpath, dirnames, filenames in os.walk(pkgdir):
+        dirnames.sort()
+        for name in sorted(filenames):
+            full = Path(dirpath) / name
+            rel = full.relative_to(pkgdir).as_posix()
+            if full.is_symlink():
+                continue
+            entry = {"path": rel, "sha256": sha256_file(full), "size": full.stat().st_size}
+            if rel == "Packages":
+                index = {"sha256": entry["sha256"], "size": entry["size"]}
+            else:
+                pkgs.append(entry)
+    pkgs.sort(key=lambda e: e["path"])
+    return pkgs, index
+
+
+def write(manifest: Manifest, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(manifest.to_json())
+    os.replace(tmp, path)
+
+
+def load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def sha256_text(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
