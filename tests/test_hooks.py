@@ -1,0 +1,228 @@
+"""The post-receive hook for real: `snapshotter hooks install`, then `git push` into the bare repositories.
+
+Helpers here (make_config, Repos, git_run) are reused by the other service tests.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import testlib
+
+from snapshotter import hooks
+from snapshotter.queue import SqliteQueue, queue_path
+
+GIT_ENV = {"GIT_AUTHOR_NAME": "T", "GIT_AUTHOR_EMAIL": "t@example.org", "GIT_COMMITTER_NAME": "T",
+           "GIT_COMMITTER_EMAIL": "t@example.org", "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull}
+
+
+def git_run(cwd: Path, *args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env.update(GIT_ENV)
+    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise AssertionError(f"git {' '.join(args)}: {proc.stderr}")
+    return proc.stdout + proc.stderr
+
+
+@dataclass
+class Repos:
+    root: Path
+    mirror: Path  # bare, with date tags
+    mirror_work: Path
+    overlay: Path  # bare overlay repository
+    overlay_work: Path
+
+    def commit(self, work: Path, name: str, content: str) -> str:
+        (work / name).write_text(content)
+        git_run(work, "add", name)
+        git_run(work, "commit", "-q", "-m", f"change {name}")
+        return git_run(work, "rev-parse", "HEAD").strip()
+
+    def date_tag(self, day: str) -> str:
+        commit = self.commit(self.mirror_work, "metadata-timestamp", day)
+        git_run(self.mirror_work, "tag", "-a", "-m", f"Snapshot {day}", day)
+        return commit
+
+
+def make_repos(root: Path, first_tag: str | None = "2026-11-19") -> Repos:
+    r = Repos(root, root / "gentoo.git", root / "gentoo-work", root / "overlay.git", root / "overlay-work")
+    for bare, work in ((r.mirror, r.mirror_work), (r.overlay, r.overlay_work)):
+        subprocess.run(["git", "init", "-q", "--bare", "--initial-branch=main", str(bare)], check=True)
+        subprocess.run(["git", "init", "-q", "--initial-branch=main", str(work)], check=True)
+        git_run(work, "remote", "add", "origin", str(bare))
+    r.commit(r.overlay_work, "README", "overlay\n")
+    git_run(r.overlay_work, "push", "-q", "origin", "main")
+    if first_tag:
+        r.date_tag(first_tag)
+        git_run(r.mirror_work, "push", "-q", "origin", "main", first_tag)
+    return r
+
+
+def make_config(root: Path, repo: Path, profiles: dict[str, list[dict[str, str]]] | None = None,
+                extra: str = "", stage: Path | None = None) -> Path:
+    """A config with `profiles` (name -> overlays); the stage is a placeholder file unless given."""
+    if stage is None:
+        stage = root / "stage.tar.xz"
+        stage.touch()
+    lines = [f'repo = "{repo}"', f'state_dir = "{root / "state"}"', extra]
+    for name, overlays in (profiles or {}).items():
+        lines.append(f'[profiles.{name}]\nstage = "{stage}"')
+        for ov in overlays:
+            lines.append(f"[[profiles.{name}.overlays]]\n" + "\n".join(f'{k} = "{v}"' for k, v in ov.items()))
+    path = root / "snapshotter.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def jobs(root: Path) -> list[tuple[str, str, tuple]]:
+    q = SqliteQueue(queue_path(root / "state"))
+    return [(r.job.profile, r.job.tag, r.job.overlays) for r in q.list()]
+
+
+@pytest.fixture
+def setup(tmp_path: Path):
+    repos = make_repos(tmp_path)
+    cfg = make_config(tmp_path, repos.mirror, {
+        "basic": [],
+        "desktop": [{"name": "myov", "url": str(repos.overlay), "ref": "main"}],
+        "server": [{"name": "myov", "url": f"file://{repos.overlay}", "ref": "stable"}],
+    })
+    for bare in (repos.mirror, repos.overlay):
+        out = testlib.run_cli("--config", str(cfg), "hooks", "install", str(bare))
+        assert out.returncode == 0, out.stderr
+    return repos, cfg
+
+
+def wait_for_jobs(root: Path, n: int, timeout: float = 5.0) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if len(jobs(root)) >= n:
+            return time.monotonic() - start
+        time.sleep(0.01)
+    raise AssertionError(f"expected {n} jobs, have {jobs(root)}")
+
+
+def test_installed_hook_bakes_in_quoted_paths(setup, tmp_path: Path):
+    repos, cfg = setup
+    hook = repos.mirror / "hooks" / "post-receive"
+    text = hook.read_text()
+    assert os.access(hook, os.X_OK) and hooks.MARKER in text
+    assert f"CONFIG_FILE={cfg}" in text and "SNAPSHOTTER=/" in text
+    # The file in the source tree is the same template with the defaults.
+    assert (testlib.REPO_ROOT / "hooks" / "post-receive").read_text() == hooks.render("snapshotter", None)
+    # A path with a quote and a space stays one word for sh.
+    weird = tmp_path / "it's a config.toml"
+    weird.write_text(cfg.read_text())
+    hooks.install(repos.overlay, "/bin/echo", weird)
+    out = subprocess.run([str(repos.overlay / "hooks" / "post-receive")], capture_output=True, text=True,
+                         stdin=subprocess.DEVNULL)
+    assert out.stdout == f"--config {weird} hooks enqueue\n"
+
+
+def test_install_refuses_foreign_hook_and_non_bare_repo(setup, tmp_path: Path):
+    repos, cfg = setup
+    foreign = repos.overlay / "hooks" / "post-receive"
+    foreign.write_text("#!/bin/sh\necho mine\n")
+    out = testlib.run_cli("--config", str(cfg), "hooks", "install", str(repos.overlay))
+    assert out.returncode == 1 and "was not installed by snapshotter" in out.stderr
+    assert foreign.read_text() == "#!/bin/sh\necho mine\n"
+    out = testlib.run_cli("--config", str(cfg), "hooks", "install", str(repos.overlay), "--force")
+    assert out.returncode == 0 and hooks.MARKER in foreign.read_text()
+    out = testlib.run_cli("--config", str(cfg), "hooks", "install", str(repos.mirror_work))
+    assert out.returncode == 1 and "not a bare git repository" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_push_of_a_new_date_tag_queues_every_profile_within_a_second(setup, tmp_path: Path):
+    repos, _ = setup
+    repos.date_tag("2026-11-20")
+    start = time.monotonic()
+    out = git_run(repos.mirror_work, "push", "origin", "main", "2026-11-20")
+    push_time = time.monotonic() - start
+    wait_for_jobs(tmp_path, 3)
+    print(f"push of a date tag incl. hook: {push_time:.3f} s")
+    assert push_time < 1.0
+    assert sorted(jobs(tmp_path)) == [("basic", "2026-11-20", ()), ("desktop", "2026-11-20", ()),
+                                      ("server", "2026-11-20", ())]
+    assert "queued build" in out  # the pusher sees what was queued ("remote: ...")
+    # The same tag pushed again (e.g. to a second mirror) does not queue the builds twice.
+    git_run(repos.mirror_work, "push", "-f", "origin", "2026-11-20:refs/tags/2026-11-20")
+    # A branch push and a non-date tag on the mirror queue nothing.
+    repos.commit(repos.mirror_work, "x", "y")
+    git_run(repos.mirror_work, "tag", "release-1")
+    git_run(repos.mirror_work, "push", "origin", "main", "release-1")
+    assert len(jobs(tmp_path)) == 3
+
+
+def test_overlay_push_pins_the_overlay_for_profiles_using_it(setup, tmp_path: Path):
+    repos, _ = setup
+    commit = repos.commit(repos.overlay_work, "NEWS", "1\n")
+    start = time.monotonic()
+    git_run(repos.overlay_work, "push", "origin", "main")
+    push_time = time.monotonic() - start
+    print(f"push of an overlay commit incl. hook: {push_time:.3f} s")
+    assert push_time < 1.0
+    # desktop follows main; server follows "stable" (no build for a push to main)
+    assert jobs(tmp_path) == [("desktop", "2026-11-19", (("myov", commit),))]
+    # A push to the branch server follows; then a tag (an annotated tag is peeled to its commit).
+    c2 = repos.commit(repos.overlay_work, "NEWS", "2\n")
+    git_run(repos.overlay_work, "push", "origin", "main:stable")
+    git_run(repos.overlay_work, "tag", "-a", "-m", "v1", "v1")
+    git_run(repos.overlay_work, "push", "origin", "v1")
+    assert jobs(tmp_path)[1:] == [("server", "2026-11-19", (("myov", c2),)),
+                                  ("desktop", "2026-11-19", (("myov", c2),))]
+    # The tree is the mirror's newest tag at the time of the push.
+    repos.date_tag("2026-11-21")
+    git_run(repos.mirror_work, "push", "origin", "main", "2026-11-21")
+    c3 = repos.commit(repos.overlay_work, "NEWS", "3\n")
+    git_run(repos.overlay_work, "push", "origin", "main")
+    assert jobs(tmp_path)[-1] == ("desktop", "2026-11-21", (("myov", c3),))
+
+
+@pytest.mark.parametrize("ref", ["refs/heads/x$(touch${IFS}PWNED)", "refs/tags/a;touch${IFS}PWNED",
+                                 "refs/heads/`touch${IFS}PWNED`", "refs/heads/-rf"])
+def test_hostile_ref_names_are_rejected_without_running_anything(setup, tmp_path: Path, ref: str):
+    repos, _ = setup
+    repos.commit(repos.overlay_work, "NEWS", "x\n")
+    proc = subprocess.run(["git", "push", "origin", f"HEAD:{ref}"], cwd=repos.overlay_work, capture_output=True,
+                          text=True, env={**os.environ, **GIT_ENV})
+    assert proc.returncode == 0, proc.stderr  # post-receive cannot refuse; it only declines to act
+    assert "rejected ref name" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert jobs(tmp_path) == []
+    assert not list(tmp_path.rglob("PWNED")) and not list(Path.cwd().glob("PWNED"))
+
+
+def test_enqueue_checks_every_input_line(setup, tmp_path: Path):
+    repos, cfg = setup
+    good_old = "0" * 40
+    head = git_run(repos.overlay, "rev-parse", "main").strip()
+    lines = [f"{good_old} {head} refs/heads/main", f"{good_old} {head} refs/heads/../../etc",
+             f"{good_old} $(id) refs/heads/main", "garbage", f"{good_old} {head} refs/notes/x",
+             f"{head} {good_old} refs/heads/main"]  # the last one is a deletion
+    env = dict(os.environ, GIT_DIR=str(repos.overlay))
+    proc = subprocess.run(["snapshotter", "--config", str(cfg), "hooks", "enqueue"], input="\n".join(lines),
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 1
+    assert proc.stderr.count("rejected ref name") == 2 and "not an object id" in proc.stderr
+    assert "expected '<old> <new> <ref>'" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("snapshotter: error: 4 pushed ref(s) rejected")
+    assert jobs(tmp_path) == [("desktop", "2026-11-19", (("myov", head),))]
+
+
+def test_queue_database_is_shared_by_hook_and_cli(setup, tmp_path: Path):
+    repos, cfg = setup
+    repos.date_tag("2026-11-20")
+    git_run(repos.mirror_work, "push", "origin", "main", "2026-11-20")
+    out = testlib.run_cli("--config", str(cfg), "queue")
+    assert out.returncode == 0 and out.stdout.count("queued ") == 3 and "desktop at 2026-11-20" in out.stdout
+    with sqlite3.connect(queue_path(tmp_path / "state")) as db:
+        sources = {s for (s,) in db.execute("SELECT source FROM jobs")}
+    assert sources == {f"push:{repos.mirror.resolve()}"}
