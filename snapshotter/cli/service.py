@@ -172,4 +172,41 @@ def worker_cmd(state: State, once: bool, lease: float | None, poll: float | None
     sys.exit(worker.run(once=once))
 
 
-COMMANDS: list[click.Command] = [hooks_group, queue_group, worker_cmd]
+# ---- run / status ------------------------------------------------------------------------------
+@click.command("run")
+@click.option("--once", is_flag=True, help="Run one cycle (sync, push, publish, queue builds) and exit.")
+@pass_state
+def run_cmd(state: State, once: bool) -> None:
+    """The daily loop: sync at service.sync_time UTC, retry until the deadline, push, publish, queue builds.
+
+    \b
+    Without --once: runs a catch-up cycle at start, then daily; SIGTERM/SIGINT finish the current
+    step and exit 0. With --once (cron, a systemd timer): one cycle, no retries.
+    Exit status with --once: 0 ok (also when the day's snapshot is not out yet), 1 sync or publish
+    failed, 3 a push failed (the import is kept).
+    """
+    from snapshotter.service import Service, run_cycle
+
+    cfg = state.config
+    if cfg.service.publish and cfg.publish.out is None:
+        from snapshotter.errors import ConfigError
+
+        raise ConfigError("service.publish is on but publish.out is not set")
+    service = Service(cfg)
+    _stop_on_signals(service.stop)
+    if once:
+        sys.exit(run_cycle(cfg, service.stop_event).exit_status)
+    sys.exit(service.run_forever())
+
+
+@click.command("status")
+@pass_state
+def status_cmd(state: State) -> None:
+    """Newest tag, last sync success and failure, pending pushes, queued/running/failed builds."""
+    from snapshotter import status
+
+    for line in status.render(status.collect(state.config)):
+        click.echo(line)
+
+
+COMMANDS: list[click.Command] = [run_cmd, status_cmd, hooks_group, queue_group, worker_cmd]

@@ -1,0 +1,74 @@
+"""`snapshotter status`: what the mirror and the build queue look like, as plain lines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from snapshotter import syncstate
+from snapshotter.gitrepo import Mirror
+from snapshotter.queue import FAILED, QUEUED, RUNNING, STATES, JobRecord, open_queue
+
+if TYPE_CHECKING:
+    from snapshotter.config import Config
+
+
+@dataclass
+class Status:
+    repo: str
+    newest_tag: str | None
+    newest_commit: str | None
+    tag_count: int
+    last_success: str | None
+    last_failure: str | None
+    last_failure_reason: str | None
+    pending_pushes: list[str]
+    counts: dict[str, int]
+    running: list[JobRecord] = field(default_factory=list)
+    queued: list[JobRecord] = field(default_factory=list)
+    failed: list[JobRecord] = field(default_factory=list)
+
+
+def collect(cfg: Config, show: int = 10) -> Status:
+    mirror = Mirror(cfg.repo, cfg.git.branch)
+    tags = mirror.tags()
+    state = syncstate.load(mirror) if mirror.exists() else syncstate.SyncState()
+    pending = syncstate.pending_pushes(cfg.git.push, mirror, state) if mirror.exists() else []
+    queue = open_queue(cfg)
+    return Status(repo=str(cfg.repo), newest_tag=tags[-1].name if tags else None,
+                  newest_commit=tags[-1].commit if tags else None, tag_count=len(tags),
+                  last_success=state.last_success, last_failure=state.last_failure,
+                  last_failure_reason=state.last_failure_reason, pending_pushes=pending, counts=queue.counts(),
+                  running=queue.list((RUNNING,)), queued=queue.list((QUEUED,), show),
+                  failed=queue.list((FAILED,), show))
+
+
+def _lease(rec: JobRecord) -> str:
+    if rec.lease_until is None:
+        return ""
+    left = rec.lease_until - datetime.now(UTC).timestamp()
+    return f", lease {'expired' if left < 0 else f'{left:.0f} s left'}"
+
+
+def render(st: Status) -> list[str]:
+    lines = [f"repository: {st.repo}"]
+    if st.newest_tag:
+        lines.append(f"newest tag: {st.newest_tag} {st.newest_commit} ({st.tag_count} tags)")
+    else:
+        lines.append("newest tag: none (no snapshot imported yet)")
+    lines.append(f"last success: {st.last_success or 'never'}")
+    if st.last_failure:
+        lines.append(f"last failure: {st.last_failure}: {st.last_failure_reason or 'unknown reason'}")
+    else:
+        lines.append("last failure: never")
+    lines.append(f"pending pushes: {', '.join(st.pending_pushes) if st.pending_pushes else 'none'}")
+    lines.append("builds: " + ", ".join(f"{st.counts[s]} {s}" for s in STATES))
+    for rec in st.running:
+        lines.append(f"  running job {rec.id}: {rec.job.describe()} on {rec.worker}{_lease(rec)}")
+    for rec in st.queued:
+        lines.append(f"  queued  job {rec.id}: {rec.job.describe()}")
+    for rec in st.failed:
+        lines.append(f"  failed  job {rec.id}: {rec.job.describe()}: {rec.detail or '?'} (log {rec.log_path or '-'});"
+                     f" retry: snapshotter queue retry {rec.id}")
+    return lines
