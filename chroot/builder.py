@@ -235,13 +235,19 @@ def run_build(cfg: Config, req: BuildRequest, *, console: bool = False) -> Build
     with _sigterm_raises(), flocked(work / f"{profile.name}.lock", f"build profile {profile.name}"):
         clean_stale(work / profile.name)
         out_base.mkdir(parents=True, exist_ok=True)
-        for d in out_base.glob(".*.partial-*"):
+        for d in [*out_base.glob(".*.partial-*"), *out_base.glob(".*.old-*")]:  # left by a crashed run
             safe_rmtree(d)
         return _build_locked(cfg, req, profile, mirror, tag.name, tag.commit, out_base, console)
 
 
 def _build_locked(cfg: Config, req: BuildRequest, profile: Profile, mirror: Mirror, tag: str, commit: str,
                   out_base: Path, console: bool) -> BuildResult:
+    # Everything that can be checked without a root is checked first: nothing is created on failure.
+    overlays = [tree.fetch_overlay(o, cfg.build.cache_dir) for o in profile.overlays]
+    stage_file = stage.fetch_stage(profile.stage, cfg.build.cache_dir / "stages", profile.stage_sha256,
+                                   timeout=cfg.sync.timeout)
+    stage_sha = stage.verify_stage(stage_file, profile.stage_sha256)
+
     stamp = _utc_now().strftime("%Y%m%dT%H%M%SZ")
     build_dir = cfg.build.work_dir / profile.name / f"{tag}-{stamp}-{os.getpid()}"
     build_dir.mkdir(parents=True)
@@ -254,10 +260,6 @@ def _build_locked(cfg: Config, req: BuildRequest, profile: Profile, mirror: Mirr
     log_path = staging / "build.log"
     ok = False
     try:
-        overlays = [tree.fetch_overlay(o, cfg.build.cache_dir) for o in profile.overlays]
-        stage_file = stage.fetch_stage(profile.stage, cfg.build.cache_dir / "stages", profile.stage_sha256,
-                                       timeout=cfg.sync.timeout)
-        stage_sha = stage.verify_stage(stage_file, profile.stage_sha256)
         log.info("build %s at %s (%s): extracting %s", profile.name, tag, commit[:12], stage_file.name)
         stage.extract_stage(stage_file, root)
         tree.place_gentoo(root, mirror.path, commit)

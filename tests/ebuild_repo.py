@@ -1,0 +1,125 @@
+"""A tiny EAPI 8 ebuild repository for real `emerge` runs, and git repositories holding it with date tags.
+
+The main tree ("gentoo") has a profile `default` and:
+  sys-apps/base      in @system (the profile's `packages`)
+  dev-libs/libfoo    a library ...
+  app-misc/hello     ... that hello depends on (DEPEND + RDEPEND)
+  app-misc/trouble   version 1 sleeps in src_compile (for kill -9 tests), version 2 fails
+Versions change between tags (`tree_files(hello="1.1")`). The overlay ("extra", masters = gentoo) holds
+app-misc/extra, one version per overlay tag.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import testlib
+
+MAKE_DEFAULTS = """\
+ARCH="amd64"
+ACCEPT_KEYWORDS="amd64"
+CHOST="x86_64-pc-linux-gnu"
+ELIBC="glibc"
+KERNEL="linux"
+USERLAND="GNU"
+ACCEPT_LICENSE="*"
+IUSE_IMPLICIT="prefix prefix-guest prefix-stack"
+USE_EXPAND="ELIBC KERNEL USERLAND"
+USE_EXPAND_HIDDEN="ELIBC KERNEL USERLAND"
+USE_EXPAND_IMPLICIT="ARCH ELIBC KERNEL USERLAND"
+USE_EXPAND_UNPREFIXED="ARCH"
+USE_EXPAND_VALUES_ARCH="amd64"
+USE_EXPAND_VALUES_ELIBC="glibc"
+USE_EXPAND_VALUES_KERNEL="linux"
+USE_EXPAND_VALUES_USERLAND="GNU"
+"""
+
+EBUILD_HEAD = 'EAPI=8\nDESCRIPTION="{desc}"\nHOMEPAGE="https://example.org"\nLICENSE="MIT"\nSLOT="0"\n' \
+              'KEYWORDS="amd64"\nS="${{WORKDIR}}"\n'
+
+SLOW_MARKER = "TROUBLE-SLEEPING"
+FAIL_MARKER = "TROUBLE-FAILS-ON-PURPOSE"
+
+
+def _ebuild(desc: str, body: str, deps: str = "") -> str:
+    dep = f'DEPEND="{deps}"\nRDEPEND="{deps}"\n' if deps else ""
+    return EBUILD_HEAD.format(desc=desc) + dep + body
+
+
+def _installs(path: str, text: str) -> str:
+    d, name = path.rsplit("/", 1)
+    return f'src_install() {{\n\tinsinto {d}\n\tnewins - {name} <<< "{text}"\n}}\n'
+
+
+def tree_files(hello: str = "1.0", trouble: str = "1") -> dict[str, str | bytes | tuple]:
+    files: dict[str, str | bytes | tuple] = {
+        "profiles/repo_name": "gentoo\n",
+        "profiles/categories": "app-misc\ndev-libs\nsys-apps\n",
+        "profiles/arch.list": "amd64\n",
+        "profiles/profiles.desc": "amd64 default stable\n",
+        "profiles/license_groups": "FREE MIT\n",
+        "profiles/default/eapi": "8\n",
+        "profiles/default/make.defaults": MAKE_DEFAULTS,
+        "profiles/default/packages": "*sys-apps/base\n",
+        "licenses/MIT": "MIT License\n",
+        "metadata/layout.conf": "masters =\nthin-manifests = true\n",
+        "sys-apps/base/base-1.ebuild": _ebuild("base system", _installs("/usr/share/base/version", "base 1")),
+        "dev-libs/libfoo/libfoo-1.0.ebuild": _ebuild("a library", _installs("/usr/lib/libfoo.txt", "libfoo 1.0")),
+        f"app-misc/hello/hello-{hello}.ebuild": _ebuild(
+            "says hello", f'src_install() {{\n\texeinto /usr/bin\n\tnewexe - hello <<< $\'#!/bin/sh\\necho hello {hello}\'\n}}\n',
+            deps="dev-libs/libfoo"),
+    }
+    if trouble == "1":
+        body = f'src_compile() {{\n\techo "{SLOW_MARKER}"\n\tsleep 300\n}}\n'
+    else:
+        body = f'src_compile() {{\n\tdie "{FAIL_MARKER}"\n}}\n'
+    files[f"app-misc/trouble/trouble-{trouble}.ebuild"] = _ebuild("trouble", body + _installs("/usr/share/trouble", "t"))
+    return files
+
+
+def overlay_files(version: str) -> dict[str, str | bytes | tuple]:
+    return {
+        "profiles/repo_name": "extra\n",
+        "metadata/layout.conf": "masters = gentoo\nthin-manifests = true\n",
+        f"app-misc/extra/extra-{version}.ebuild": _ebuild(
+            "from the overlay", _installs("/usr/share/extra/version", f"extra {version}")),
+    }
+
+
+def _git(work: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    full = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1",
+            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost", "GIT_COMMITTER_NAME": "t",
+            "GIT_COMMITTER_EMAIL": "t@localhost", **(env or {})}
+    return subprocess.run(["git", "-C", str(work), *args], check=True, capture_output=True, text=True,
+                          env=full).stdout.strip()
+
+
+def git_repo_with_tags(path: Path, versions: list[tuple[str, dict[str, str | bytes | tuple]]],
+                       bare: bool = True) -> dict[str, str]:
+    """A git repository whose successive commits hold the given trees, each tagged (annotated).
+
+    Returns tag -> commit. With bare=True `path` is a bare repository (like the snapshot mirror).
+    """
+    work = path.with_name(path.name + ".work")
+    work.mkdir(parents=True)
+    _git(work, "init", "-q", "-b", "main")
+    tags = {}
+    for i, (tag, files) in enumerate(versions):
+        for p in sorted(work.iterdir()):
+            if p.name != ".git":
+                subprocess.run(["rm", "-rf", "--one-file-system", str(p)], check=True)
+        testlib.write_tree(work, files)
+        _git(work, "add", "-A")
+        when = f"{1767225600 + i * 86400} +0000"
+        env = {"GIT_AUTHOR_DATE": when, "GIT_COMMITTER_DATE": when}
+        _git(work, "commit", "-q", "-m", f"Update portage tree to {tag}", env=env)
+        _git(work, "tag", "-a", "-m", f"Tagging {tag}", tag, env=env)
+        tags[tag] = _git(work, "rev-parse", "HEAD")
+    if bare:
+        subprocess.run(["git", "clone", "-q", "--bare", str(work), str(path)], check=True, capture_output=True)
+        subprocess.run(["rm", "-rf", "--one-file-system", str(work)], check=True)
+    else:
+        work.rename(path)
+    return tags
