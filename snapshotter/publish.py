@@ -1,0 +1,552 @@
+"""Publish date tags as signed emerge-webrsync snapshots (`DIR/snapshots/gentoo-YYYYMMDD.tar.xz`).
+
+The tree of a tag is streamed from the bare mirror (`git ls-tree` + `git cat-file --batch`) through a
+small deterministic tar writer into `xz`, with no temporary tree on disk. The tar bytes depend on the
+tree and the commit time only: one top-level directory `gentoo-YYYYMMDD/`, owner/group portage:portage
+(250) numeric and by name, git's sorted order, every mtime the commit's, modes 0644/0755/0777, no pax
+global header. xz always runs in multi-threaded mode with a fixed block size, whose output does not
+depend on the number of threads, so the `.tar.xz` is byte-identical on any machine with the same xz.
+
+Publication is atomic: the tarball is written under a temporary name in the same directory and
+fsynced, signed, then its `.md5sum` and `.gpgsig` are renamed into place and only then the tarball
+itself; a failure at any step removes the temporary files and leaves what was published untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+from snapshotter.config import Config
+from snapshotter.errors import SnapshotterError
+from snapshotter.export import BlobReader, check_symlink, copy_exact, resolve, tree_entries
+from snapshotter.gitrepo import Mirror, Tag, tag_date
+from snapshotter.lock import flocked
+from snapshotter.signing import SigningError, detach_sign, normalize_fingerprint
+
+log = logging.getLogger(__name__)
+
+FAMILY = "gentoo"
+XZ_BLOCK_SIZE = "16MiB"  # fixed: multi-threaded xz output depends on it, never on the thread count
+LATEST = f"{FAMILY}-latest.tar.xz"
+SIDE_SUFFIXES = (".md5sum", ".gpgsig")
+LOCK_NAME = ".snapshotter-publish.lock"
+
+
+# ---- deterministic tar stream ------------------------------------------------------------------------
+
+BLOCK = 512
+RECORD = 20 * BLOCK  # GNU tar's default blocking factor
+
+PORTAGE_ID = 250
+PORTAGE_NAME = b"portage"
+
+TYPE_FILE = b"0"
+TYPE_SYMLINK = b"2"
+TYPE_DIR = b"5"
+TYPE_PAX = b"x"
+
+_MAX_OCTAL_SIZE = 8**11 - 1
+
+
+def _octal(value: int, width: int) -> bytes:
+    """A NUL-terminated, zero-padded octal field of `width` bytes."""
+    digits = f"{value:o}".encode()
+    if len(digits) > width - 1:
+        raise ValueError(f"{value} does not fit a {width}-byte tar field")
+    return digits.rjust(width - 1, b"0") + b"\0"
+
+
+def _field(value: bytes, width: int) -> bytes:
+    return value.ljust(width, b"\0")
+
+
+def _split_ustar(name: bytes) -> tuple[bytes, bytes] | None:
+    """(prefix, name) fitting ustar's 155 + 100 bytes, split at a slash; None when impossible."""
+    if len(name) <= 100:
+        return b"", name
+    for i in range(len(name) - 1, 0, -1):
+        if name[i:i + 1] == b"/" and i <= 155 and len(name) - i - 1 <= 100 and len(name) - i - 1 > 0:
+            return name[:i], name[i + 1:]
+    return None
+
+
+def header(name: bytes, *, mode: int, size: int, mtime: int, typeflag: bytes, linkname: bytes = b"",
+           prefix: bytes = b"") -> bytes:
+    """One 512-byte ustar header block with its checksum."""
+    parts = [
+        _field(name, 100),
+        _octal(mode, 8),
+        _octal(PORTAGE_ID, 8),
+        _octal(PORTAGE_ID, 8),
+        _octal(size, 12),
+        _octal(mtime, 12),
+        b" " * 8,  # checksum placeholder
+        typeflag,
+        _field(linkname, 100),
+        b"ustar\0", b"00",
+        _field(PORTAGE_NAME, 32),
+        _field(PORTAGE_NAME, 32),
+        _octal(0, 8),
+        _octal(0, 8),
+        _field(prefix, 155),
+        b"\0" * 12,
+    ]
+    block = b"".join(parts)
+    assert len(block) == BLOCK
+    checksum = sum(block)
+    return block[:148] + f"{checksum:06o}".encode() + b"\0 " + block[156:]
+
+
+def _pax_record(key: str, value: bytes) -> bytes:
+    body = b" " + key.encode() + b"=" + value + b"\n"
+    length = len(body) + 1
+    while len(str(length).encode()) + len(body) != length:
+        length = len(str(length).encode()) + len(body)
+    return str(length).encode() + body
+
+
+def padding(size: int) -> bytes:
+    return b"\0" * (-size % BLOCK)
+
+
+class TarWriter:
+    """Writes tar members to `write` (a callable taking bytes); call `close()` for the end blocks."""
+
+    def __init__(self, write: Callable[[bytes], object], mtime: int) -> None:
+        self._write = write
+        self.mtime = mtime
+        self.written = 0
+
+    def _emit(self, data: bytes) -> None:
+        self._write(data)
+        self.written += len(data)
+
+    def _member_header(self, name: bytes, *, mode: int, size: int, typeflag: bytes,
+                       linkname: bytes = b"") -> None:
+        pax: list[bytes] = []
+        split = _split_ustar(name)
+        if split is None:
+            pax.append(_pax_record("path", name))
+            short = name.rstrip(b"/").rsplit(b"/", 1)[-1][:99]
+            split = (b"", short + (b"/" if name.endswith(b"/") else b""))
+        if len(linkname) > 100:
+            pax.append(_pax_record("linkpath", linkname))
+            linkname = linkname[:100]
+        ustar_size = size
+        if size > _MAX_OCTAL_SIZE:
+            pax.append(_pax_record("size", str(size).encode()))
+            ustar_size = 0
+        if pax:
+            records = b"".join(pax)
+            pax_name = b"PaxHeaders/" + split[1].rstrip(b"/")[:80]
+            self._emit(header(pax_name, mode=0o644, size=len(records), mtime=self.mtime, typeflag=TYPE_PAX))
+            self._emit(records + padding(len(records)))
+        prefix, short = split
+        self._emit(header(short, mode=mode, size=ustar_size, mtime=self.mtime, typeflag=typeflag,
+                          linkname=linkname, prefix=prefix))
+
+    def add_dir(self, name: str) -> None:
+        self._member_header(name.rstrip("/").encode() + b"/", mode=0o755, size=0, typeflag=TYPE_DIR)
+
+    def add_symlink(self, name: str, target: bytes) -> None:
+        self._member_header(name.encode(), mode=0o777, size=0, typeflag=TYPE_SYMLINK, linkname=target)
+
+    def begin_file(self, name: str, size: int, executable: bool) -> None:
+        """Header of a regular file; then send exactly `size` bytes with `data()` and call `end_file`."""
+        self._member_header(name.encode(), mode=0o755 if executable else 0o644, size=size, typeflag=TYPE_FILE)
+
+    def data(self, chunk: bytes) -> None:
+        self._emit(chunk)
+
+    def end_file(self, size: int) -> None:
+        self._emit(padding(size))
+
+    def close(self) -> None:
+        self._emit(b"\0" * (2 * BLOCK))
+        self._emit(b"\0" * (-self.written % RECORD))
+
+
+# ---- tree -> tar -> xz -------------------------------------------------------------------------------
+class _Buffered:
+    """Collects small writes into ~1 MiB chunks for the pipe to xz."""
+
+    def __init__(self, write: Callable[[bytes], object], size: int = 1 << 20) -> None:
+        self._write = write
+        self._size = size
+        self._buf = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self._buf += data
+        if len(self._buf) >= self._size:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buf:
+            self._write(bytes(self._buf))
+            self._buf.clear()
+
+
+def write_tar(repo: Path, commit: str, mtime: int, topdir: str, write: Callable[[bytes], object]) -> int:
+    """Stream the tree of `commit` as a tar (under `topdir/`) into `write`; returns the bytes written."""
+    entries = tree_entries(repo, commit)
+    tar = TarWriter(write, mtime)
+    tar.add_dir(topdir)
+    with BlobReader(repo, [e.oid for e in entries if e.kind != "dir"]) as blobs:
+        for e in entries:
+            name = f"{topdir}/{e.path}"
+            if e.kind == "dir":
+                tar.add_dir(name)
+            elif e.kind == "symlink":
+                target = blobs.read_blob(e.oid)
+                check_symlink(e.path, target.decode(errors="replace"))
+                tar.add_symlink(name, target)
+            else:
+                size, stream = blobs.next_blob(e.oid)
+                tar.begin_file(name, size, e.kind == "exec")
+                copy_exact(stream, size, tar.data)
+                tar.end_file(size)
+    tar.close()
+    return tar.written
+
+
+def xz_command(level: int, threads: int) -> list[str]:
+    """xz in multi-threaded mode (`-T+N` even for one thread) with a fixed block size: reproducible."""
+    n = threads if threads > 0 else (os.cpu_count() or 1)
+    return ["xz", "--compress", "--stdout", "--format=xz", "--check=crc64", f"-{level}",
+            f"--threads=+{n}" if n == 1 else f"--threads={n}", f"--block-size={XZ_BLOCK_SIZE}",
+            "--no-adjust", "--quiet"]
+
+
+def write_tarball(repo: Path, commit: str, mtime: int, topdir: str, out_fd: int, *,
+                  xz_level: int = 9, xz_threads: int = 0) -> int:
+    """Compress the tar of `commit` with xz into the open file `out_fd`; returns the uncompressed size."""
+    if shutil.which("xz") is None:
+        raise SnapshotterError("xz is not installed (needed to publish snapshots)")
+    proc = subprocess.Popen(xz_command(xz_level, xz_threads), stdin=subprocess.PIPE, stdout=out_fd,
+                            stderr=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stderr is not None
+    errors: list[bytes] = []
+    drain = threading.Thread(target=lambda: errors.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
+    drain.start()
+    size = 0
+    try:
+        buf = _Buffered(proc.stdin.write)
+        size = write_tar(repo, commit, mtime, topdir, buf.write)
+        buf.flush()
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass  # xz died: its status and message below say why
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        if not proc.stdin.closed:
+            try:
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
+    rc = proc.wait()
+    drain.join()
+    if rc != 0:
+        msg = b"".join(errors).decode(errors="replace").strip().splitlines()
+        raise SnapshotterError(f"xz failed: {msg[-1] if msg else 'exit ' + str(rc)}")
+    return size
+
+
+# ---- atomic files ------------------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temp_name(directory: Path, name: str) -> Path:
+    return directory / f".{name}.tmp.{os.getpid()}"
+
+
+def _write_temp(directory: Path, name: str, data: bytes) -> Path:
+    tmp = _temp_name(directory, name)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fchmod(fd, 0o644)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return tmp
+
+
+def md5_file(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---- publication -------------------------------------------------------------------------------------
+def snapshot_name(day: date) -> str:
+    return f"{FAMILY}-{day:%Y%m%d}.tar.xz"
+
+
+def topdir_name(day: date) -> str:
+    return f"{FAMILY}-{day:%Y%m%d}"
+
+
+def _day_of(name: str) -> date | None:
+    """The day of a published `gentoo-YYYYMMDD.tar.xz` name, else None."""
+    stem = name.removeprefix(f"{FAMILY}-").removesuffix(".tar.xz")
+    if len(stem) != 8 or not stem.isdigit() or not name.startswith(f"{FAMILY}-") or not name.endswith(".tar.xz"):
+        return None
+    return tag_date(f"{stem[:4]}-{stem[4:6]}-{stem[6:]}")
+
+
+def published_days(snapdir: Path) -> list[date]:
+    """Days whose tarball and both side files are in `snapdir`, oldest first."""
+    days = []
+    if snapdir.is_dir():
+        for p in snapdir.iterdir():
+            day = _day_of(p.name)
+            if day is not None and all(p.with_name(p.name + s).is_file() for s in SIDE_SUFFIXES):
+                days.append(day)
+    return sorted(days)
+
+
+@dataclass
+class Published:
+    tag: str
+    path: Path
+    md5: str
+    size: int  # compressed bytes
+    tar_size: int  # uncompressed bytes
+
+
+@dataclass
+class PublishReport:
+    published: list[Published] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # tags already published (no --force)
+    pruned: list[str] = field(default_factory=list)  # file names removed by --keep
+    latest: str | None = None  # the tag gentoo-latest.tar.xz stands for
+
+
+@dataclass
+class PublishOptions:
+    out: Path
+    signing_key: str
+    gnupghome: Path | None = None
+    keep: int = 0
+    xz_level: int = 9
+    xz_threads: int = 0
+
+
+def publish_tag(repo: Path, tag: Tag, opts: PublishOptions) -> Published:
+    """Write, sign and atomically publish the snapshot of one tag."""
+    snapdir = opts.out / "snapshots"
+    name = snapshot_name(tag.day)
+    commit, mtime = resolve(repo, tag.commit)
+    tmp = _temp_name(snapdir, name)
+    temps = [tmp]
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            tar_size = write_tarball(repo, commit, mtime, topdir_name(tag.day), fd,
+                                     xz_level=opts.xz_level, xz_threads=opts.xz_threads)
+            os.fchmod(fd, 0o644)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        md5 = md5_file(tmp)
+        signature = detach_sign(tmp, opts.signing_key, opts.gnupghome)
+        side = {
+            ".md5sum": f"{md5}  {name}\n".encode(),
+            ".gpgsig": signature,
+        }
+        for suffix, data in side.items():
+            temps.append(_write_temp(snapdir, name + suffix, data))
+        # Side files first: a client never sees a tarball without its checksum and signature.
+        for suffix in side:
+            os.rename(_temp_name(snapdir, name + suffix), snapdir / (name + suffix))
+        os.rename(tmp, snapdir / name)
+        _fsync_dir(snapdir)
+    finally:
+        for t in temps:
+            t.unlink(missing_ok=True)
+    size = (snapdir / name).stat().st_size
+    log.info("published %s (%s, %d bytes, md5 %s)", name, tag.name, size, md5)
+    return Published(tag.name, snapdir / name, md5, size, tar_size)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def latest_day(snapdir: Path) -> date | None:
+    """The day gentoo-latest.tar.xz currently stands for (same inode, else same md5), or None."""
+    latest = snapdir / LATEST
+    if not latest.exists():
+        return None
+    md5_line = (snapdir / (LATEST + ".md5sum"))
+    latest_md5 = md5_line.read_text().split()[0] if md5_line.is_file() else None
+    for day in published_days(snapdir):
+        p = snapdir / snapshot_name(day)
+        if _same_file(p, latest):
+            return day
+        side = p.with_name(p.name + ".md5sum")
+        if latest_md5 and side.read_text().split()[:1] == [latest_md5]:
+            return day
+    return None
+
+
+def update_latest(snapdir: Path, day: date) -> None:
+    """Point gentoo-latest.tar.xz (+ side files) at the snapshot of `day`, side files first."""
+    src = snapdir / snapshot_name(day)
+    latest = snapdir / LATEST
+    if _same_file(src, latest):
+        return
+    md5 = (src.with_name(src.name + ".md5sum")).read_text().split()[0]
+    temps = [_write_temp(snapdir, LATEST + ".md5sum", f"{md5}  {LATEST}\n".encode()),
+             _write_temp(snapdir, LATEST + ".gpgsig", src.with_name(src.name + ".gpgsig").read_bytes())]
+    tmp = _temp_name(snapdir, LATEST)
+    temps.append(tmp)
+    try:
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        for suffix in SIDE_SUFFIXES:
+            os.rename(_temp_name(snapdir, LATEST + suffix), snapdir / (LATEST + suffix))
+        os.rename(tmp, latest)
+        _fsync_dir(snapdir)
+    finally:
+        for t in temps:
+            t.unlink(missing_ok=True)
+
+
+def prune(snapdir: Path, keep: int) -> list[str]:
+    """Remove all but the newest `keep` published days (never the one latest stands for)."""
+    if keep <= 0:
+        return []
+    days = published_days(snapdir)
+    protected = latest_day(snapdir)
+    removed = []
+    for day in days[:-keep]:
+        if day == protected:
+            continue
+        name = snapshot_name(day)
+        # The tarball goes first, so a client never finds it without its side files.
+        for suffix in ("", *SIDE_SUFFIXES):
+            p = snapdir / (name + suffix)
+            if p.exists():
+                p.unlink()
+                removed.append(p.name)
+        log.info("pruned %s", name)
+    if removed:
+        _fsync_dir(snapdir)
+    return removed
+
+
+def _clean_stale_temps(snapdir: Path) -> None:
+    """Remove temporary files left by a publisher that died (we hold the lock: nobody else writes)."""
+    for p in snapdir.iterdir():
+        if p.name.startswith(".") and ".tmp." in p.name and p.is_file():
+            log.debug("removing stale %s", p)
+            p.unlink(missing_ok=True)
+
+
+def select_tags(mirror: Mirror, names: list[str], *, all_tags: bool, published: set[date],
+                keep: int, force: bool) -> tuple[list[Tag], list[str]]:
+    """(tags to publish, tags skipped as already published)."""
+    tags = mirror.tags()
+    if not tags:
+        raise SnapshotterError(f"no snapshot tags in {mirror.path}; run `snapshotter sync` first")
+    if names and all_tags:
+        raise SnapshotterError("give tags or --all, not both")
+    if names:
+        wanted = []
+        for n in names:
+            t = mirror.find_tag(n)
+            if t not in wanted:
+                wanted.append(t)
+    elif all_tags:
+        wanted = list(tags)
+        if keep > 0:  # only what survives pruning is worth compressing
+            survivors = sorted({t.day for t in tags} | published)[-keep:]
+            wanted = [t for t in tags if t.day in survivors]
+    else:
+        wanted = [tags[-1]]
+    todo = [t for t in wanted if force or t.day not in published]
+    skipped = [t.name for t in wanted if t not in todo]
+    return sorted(todo, key=lambda t: t.day), skipped
+
+
+def publish(repo: Path, opts: PublishOptions, tags: list[str] | None = None, *, all_tags: bool = False,
+            force: bool = False, lock_wait: float = 0.0) -> PublishReport:
+    """Publish `tags` (default: the newest; `all_tags`: every one not yet published) into `opts.out`.
+
+    Read-only on the repository: tags are resolved once, and refs move atomically in the importer, so a
+    concurrent sync never shows a partial tree. Only one publisher works on an output directory at a
+    time (flock; LockedError when busy).
+    """
+    if not opts.signing_key:
+        raise SigningError("no signing key: set publish.signing_key or pass --signing-key FPR")
+    opts.signing_key = normalize_fingerprint(opts.signing_key)
+    if not 0 <= opts.xz_level <= 9:
+        raise SnapshotterError(f"xz level must be 0..9, got {opts.xz_level}")
+    if opts.keep < 0 or opts.xz_threads < 0:
+        raise SnapshotterError("keep and xz threads must not be negative")
+    mirror = Mirror(repo).require()
+    snapdir = opts.out / "snapshots"
+    try:
+        snapdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SnapshotterError(f"cannot create {snapdir}: {e.strerror}") from None
+    report = PublishReport()
+    with flocked(opts.out / LOCK_NAME, f"publishing into {opts.out}", wait=lock_wait):
+        _clean_stale_temps(snapdir)
+        todo, report.skipped = select_tags(mirror, list(tags or []), all_tags=all_tags,
+                                           published=set(published_days(snapdir)), keep=opts.keep, force=force)
+        for tag in todo:
+            report.published.append(publish_tag(repo, tag, opts))
+        days = published_days(snapdir)
+        if days:
+            update_latest(snapdir, days[-1])
+            report.latest = f"{days[-1]:%Y-%m-%d}"
+        report.pruned = prune(snapdir, opts.keep)
+    return report
+
+
+def options_from_config(cfg: Config, **overrides: object) -> PublishOptions:
+    """PublishOptions from `[publish]`, with non-None `overrides` (command-line flags) winning."""
+    p = cfg.publish
+    values: dict[str, object] = {
+        "out": p.out, "signing_key": p.signing_key, "gnupghome": p.gnupghome, "keep": p.keep,
+        "xz_level": p.xz_level, "xz_threads": p.xz_threads,
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if values["out"] is None:
+        raise SnapshotterError("no output directory: set publish.out or pass --out DIR")
+    return PublishOptions(**values)  # type: ignore[arg-type]
+
+
+def run_publish(cfg: Config, tags: list[str] | None = None, *, all_tags: bool = False, force: bool = False,
+                **overrides: object) -> PublishReport:
+    """Publish with the configuration's repository and [publish] settings (used by the service)."""
+    return publish(cfg.repo, options_from_config(cfg, **overrides), tags, all_tags=all_tags, force=force)
