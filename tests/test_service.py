@@ -1,0 +1,175 @@
+"""`snapshotter run` and `status` for real: a loopback HTTP mirror, real gpg, real git, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import pytest
+import testlib
+from test_hooks import jobs
+
+from snapshotter.config import load
+from snapshotter.service import retry_delay, window_start
+
+NOW = datetime(2026, 11, 21, 2, 0, tzinfo=UTC)  # newest possible snapshot: 2026-11-20
+D19, D20, D21 = date(2026, 11, 19), date(2026, 11, 20), date(2026, 11, 21)
+
+
+def write_config(tmp: Path, mirror: testlib.HttpMirror, key: testlib.Key, service: str = "",
+                 extra: str = "") -> Path:
+    stage = tmp / "stage.tar.xz"
+    stage.touch()
+    cfg = tmp / "snapshotter.toml"
+    cfg.write_text(f"""
+repo = "{tmp / 'gentoo.git'}"
+state_dir = "{tmp / 'state'}"
+{extra}
+[sync]
+mirrors = ["{mirror.url}"]
+keyring = ["{key.public}"]
+fingerprints = ["{key.fingerprint}"]
+cache_dir = "{tmp / 'cache'}"
+timeout = 5.0
+retries = 0
+[service]
+{service}
+[profiles.basic]
+stage = "{stage}"
+[profiles.server]
+stage = "{stage}"
+""")
+    return cfg
+
+
+def now_env(now: datetime = NOW) -> dict[str, str]:
+    return {"SNAPSHOTTER_NOW": str(int(now.timestamp()))}
+
+
+def test_retry_schedule_backs_off_until_the_deadline(tmp_path: Path):
+    cfg_path = tmp_path / "c.toml"
+    cfg_path.write_text('[service]\nsync_time = "01:15"\nretry_interval = 600\nretry_deadline = 3600\n')
+    cfg = load(cfg_path)
+    assert window_start("01:15", NOW) == datetime(2026, 11, 21, 1, 15, tzinfo=UTC)
+    assert window_start("03:00", NOW) == datetime(2026, 11, 20, 3, 0, tzinfo=UTC)
+    at = datetime(2026, 11, 21, 1, 16, tzinfo=UTC)
+    assert [retry_delay(cfg, n, at) for n in (1, 2, 3, 4)] == [600, 1200, 2400, 3540]  # capped by the deadline
+    assert retry_delay(cfg, 1, datetime(2026, 11, 21, 2, 16, tzinfo=UTC)) is None
+
+
+def test_run_once_imports_queues_and_status_reports(tmp_path: Path, http_mirror, gpg_key):
+    testlib.build_snapshot(http_mirror.root, D20, key=gpg_key)
+    cfg = write_config(tmp_path, http_mirror, gpg_key)
+    proc = testlib.run_cli("--config", str(cfg), "run", "--once", env=now_env())
+    assert proc.returncode == 0, proc.stderr
+    assert "sync: imported 2026-11-20" in proc.stderr
+    assert "queued 2 build(s) for 2026-11-20" in proc.stderr
+    assert sorted(jobs(tmp_path)) == [("basic", "2026-11-20", ()), ("server", "2026-11-20", ())]
+    # Again: nothing new, nothing queued twice, and it says the next day is not out yet.
+    later = datetime(2026, 11, 22, 2, 0, tzinfo=UTC)
+    proc = testlib.run_cli("--config", str(cfg), "run", "--once", env=now_env(later))
+    assert proc.returncode == 0, proc.stderr
+    assert "up to date (newest tag 2026-11-20); the snapshot of 2026-11-21 is not on the mirrors yet" in proc.stderr
+    assert len(jobs(tmp_path)) == 2
+    st = testlib.run_cli("--config", str(cfg), "status")
+    assert st.returncode == 0, st.stderr
+    assert "newest tag: 2026-11-20 " in st.stdout
+    assert "last failure: never" in st.stdout and "pending pushes: none" in st.stdout
+    assert "builds: 2 queued, 0 running, 0 done, 0 failed" in st.stdout
+    assert "queued  job 1: basic at 2026-11-20" in st.stdout
+
+
+def test_run_once_reports_a_bad_signature_and_status_shows_it(tmp_path: Path, http_mirror, gpg_key, other_key):
+    testlib.build_snapshot(http_mirror.root, D20, key=other_key)
+    cfg = write_config(tmp_path, http_mirror, gpg_key)
+    proc = testlib.run_cli("--config", str(cfg), "run", "--once", env=now_env())
+    assert proc.returncode == 1 and "sync failed:" in proc.stderr and "Traceback" not in proc.stderr
+    assert jobs(tmp_path) == []
+    st = testlib.run_cli("--config", str(cfg), "status")
+    assert "newest tag: none" in st.stdout
+    assert "last failure: 20" in st.stdout and "signature" in st.stdout.lower()
+
+
+def _reader(proc: subprocess.Popen[str], lines: list[str]) -> None:
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        lines.append(line)
+
+
+def wait_line(lines: list[str], text: str, timeout: float = 30.0) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if any(text in line for line in lines):
+            return time.monotonic() - start
+        time.sleep(0.05)
+    raise AssertionError(f"no {text!r} in:\n{''.join(lines)}")
+
+
+def start_run(cfg: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], list[str]]:
+    full = dict(os.environ, **env)
+    full.pop("SNAPSHOTTER_CONFIG", None)
+    proc = subprocess.Popen(["snapshotter", "--config", str(cfg), "run"], stderr=subprocess.PIPE, text=True,
+                            env=full, stdin=subprocess.DEVNULL)
+    lines: list[str] = []
+    threading.Thread(target=_reader, args=(proc, lines), daemon=True).start()
+    return proc, lines
+
+
+@pytest.mark.slow
+def test_run_loop_retries_until_the_snapshot_appears_then_stops_on_sigterm(tmp_path: Path, http_mirror, gpg_key):
+    testlib.build_snapshot(http_mirror.root, D19, key=gpg_key)
+    cfg = write_config(tmp_path, http_mirror, gpg_key,
+                       service='sync_time = "01:15"\nretry_interval = 1\nretry_deadline = 21600')
+    proc, lines = start_run(cfg, now_env())
+    try:
+        wait_line(lines, "sync: imported 2026-11-19")
+        wait_line(lines, "retry 1 in 1 s")  # 2026-11-20 is due but not out yet
+        wait_line(lines, "retry 2 in 2 s")  # backoff doubles
+        testlib.build_snapshot(http_mirror.root, D20, key=gpg_key)  # Gentoo publishes it late
+        wait_line(lines, "sync: imported 2026-11-20", timeout=30)
+        assert sorted(jobs(tmp_path)[-2:]) == [("basic", "2026-11-20", ()), ("server", "2026-11-20", ())]
+        time.sleep(0.5)
+        n = len(lines)
+        time.sleep(1.5)
+        assert not any("retry" in line for line in lines[n:]), "no retries once the day is imported"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        print(f"SIGTERM to exit while idle: {time.monotonic() - t0:.2f} s")
+        assert time.monotonic() - t0 < 2
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = "".join(lines)
+    assert "SIGTERM received" in text and "snapshotter run: stopped" in text and "Traceback" not in text
+
+
+def test_sigterm_during_a_sync_finishes_the_step_and_exits_0(tmp_path: Path, http_mirror, gpg_key):
+    # A big enough snapshot that the sync is still running when the signal arrives.
+    files = dict(testlib.BASE_TREE)
+    files.update({f"app-misc/p{i}/p{i}-1.ebuild": os.urandom(512).hex() for i in range(400)})
+    testlib.build_snapshot(http_mirror.root, D20, files, key=gpg_key)
+    cfg = write_config(tmp_path, http_mirror, gpg_key)
+    proc, lines = start_run(cfg, now_env())
+    try:
+        wait_line(lines, "starting with a catch-up cycle")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = "".join(lines)
+    assert "SIGINT received" in text and "Traceback" not in text
+    assert text.index("SIGINT received") < text.index("sync: imported")  # it arrived mid-step
+    # The step was finished, not torn: the day is imported and its builds are queued.
+    assert "sync: imported 2026-11-20" in text
+    assert len(jobs(tmp_path)) == 2
+    tags = testlib.run_cli("--config", str(cfg), "tags")
+    assert tags.stdout.startswith("2026-11-20 ")
