@@ -127,12 +127,14 @@ def step_sync(cfg: Config, result: CycleResult) -> None:
 
 
 def step_publish(cfg: Config, result: CycleResult) -> None:
-    from snapshotter import publish
+    from snapshotter.publish import run_publish
 
     try:
-        published = publish.publish_pending(cfg)
+        report = run_publish(cfg, all_tags=True)  # every tag not yet published (within publish.keep)
         result.published = True
-        log.info("publish: %s", f"published {', '.join(published)}" if published else "nothing new")
+        done = [p.tag for p in report.published]
+        log.info("publish: %s (latest %s)", f"published {', '.join(done)}" if done else "nothing new",
+                 report.latest)
     except SnapshotterError as e:
         result.publish_error = str(e)
         log.error("publish failed: %s", e)

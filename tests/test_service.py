@@ -62,20 +62,30 @@ def test_retry_schedule_backs_off_until_the_deadline(tmp_path: Path):
     assert retry_delay(cfg, 1, datetime(2026, 11, 21, 2, 16, tzinfo=UTC)) is None
 
 
-def test_run_once_imports_queues_and_status_reports(tmp_path: Path, http_mirror, gpg_key):
+def test_run_once_imports_publishes_queues_and_status_reports(tmp_path: Path, http_mirror, gpg_key):
     testlib.build_snapshot(http_mirror.root, D20, key=gpg_key)
-    cfg = write_config(tmp_path, http_mirror, gpg_key)
+    www = tmp_path / "www"
+    cfg = write_config(tmp_path, http_mirror, gpg_key, service="publish = true",
+                       extra=f'[publish]\nout = "{www}"\nsigning_key = "{gpg_key.fingerprint}"\n'
+                             f'gnupghome = "{gpg_key.home}"\nxz_level = 1\n')
     proc = testlib.run_cli("--config", str(cfg), "run", "--once", env=now_env())
     assert proc.returncode == 0, proc.stderr
     assert "sync: imported 2026-11-20" in proc.stderr
     assert "queued 2 build(s) for 2026-11-20" in proc.stderr
+    assert "publish: published 2026-11-20 (latest 2026-11-20)" in proc.stderr
     assert sorted(jobs(tmp_path)) == [("basic", "2026-11-20", ()), ("server", "2026-11-20", ())]
+    # What was published is the imported tree, signed by the publishing key.
+    tarball = www / "snapshots" / "gentoo-20261120.tar.xz"
+    testlib.gpg(gpg_key, "--verify", str(tarball) + ".gpgsig", str(tarball))
+    listing = subprocess.run(["tar", "-tJf", str(tarball)], check=True, capture_output=True, text=True).stdout
+    assert "gentoo-20261120/app-misc/hello/hello-1.0.ebuild" in listing.splitlines()
     # Again: nothing new, nothing queued twice, and it says the next day is not out yet.
     later = datetime(2026, 11, 22, 2, 0, tzinfo=UTC)
     proc = testlib.run_cli("--config", str(cfg), "run", "--once", env=now_env(later))
     assert proc.returncode == 0, proc.stderr
     assert "up to date (newest tag 2026-11-20); the snapshot of 2026-11-21 is not on the mirrors yet" in proc.stderr
     assert len(jobs(tmp_path)) == 2
+    assert "publish: nothing new (latest 2026-11-20)" in proc.stderr
     st = testlib.run_cli("--config", str(cfg), "status")
     assert st.returncode == 0, st.stderr
     assert "newest tag: 2026-11-20 " in st.stdout
