@@ -1,0 +1,140 @@
+"""export_tree / `snapshotter export`: a tag's tree into a directory, with real git and hostile trees."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import testlib
+
+from snapshotter.errors import SnapshotError, SnapshotterError
+from snapshotter.export import export_tree
+
+
+def git(repo: Path, *args: str, input: bytes | None = None) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "GIT_COMMITTER_DATE": "1700000000 +0000",
+           "GIT_AUTHOR_DATE": "1700000000 +0000", "GIT_CONFIG_GLOBAL": os.devnull}
+    return subprocess.run(["git", f"--git-dir={repo}", *args], input=input, check=True, capture_output=True,
+                          env=env).stdout.decode().strip()
+
+
+def bare_repo_from(tmp: Path, files: dict, tag: str = "2026-01-01") -> Path:
+    """A bare repository whose one commit (tagged `tag`) holds `files` (testlib.write_tree format)."""
+    work = tmp / "work"
+    testlib.write_tree(work, files)
+    repo = tmp / "repo.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(repo)], check=True)
+    env_tree = {"GIT_WORK_TREE": str(work), "GIT_INDEX_FILE": str(tmp / "index")}
+    subprocess.run(["git", f"--git-dir={repo}", "add", "-A", "."], check=True, cwd=work,
+                   env={**os.environ, **env_tree})
+    tree = subprocess.run(["git", f"--git-dir={repo}", "write-tree"], check=True, capture_output=True,
+                          env={**os.environ, **env_tree}).stdout.decode().strip()
+    commit_tag(repo, tree, tag)
+    return repo
+
+
+def commit_tag(repo: Path, tree: str, tag: str) -> str:
+    commit = git(repo, "commit-tree", tree, "-m", f"Update portage tree to {tag}")
+    git(repo, "tag", "-a", tag, "-m", tag, commit)
+    return commit
+
+
+def raw_tree(repo: Path, entries: list[tuple[str, str, str]]) -> str:
+    """A tree object written byte for byte (no name checks): (mode, name, hex oid) in the given order."""
+    body = b"".join(mode.encode() + b" " + name.encode() + b"\0" + bytes.fromhex(oid) for mode, name, oid in entries)
+    return git(repo, "hash-object", "-t", "tree", "-w", "--literally", "--stdin", input=body)
+
+
+def blob(repo: Path, data: bytes) -> str:
+    return git(repo, "hash-object", "-w", "--stdin", input=data)
+
+
+FILES = {
+    **testlib.BASE_TREE,
+    "metadata/timestamp.x": "1767228300 Thu, 01 Jan 2026 00:45:00 +0000\n",
+    "profiles/link": ("symlink", "repo_name"),
+    "scripts/up": ("symlink", "../sys-apps/tool/files/run.sh"),
+    "a/" + "long-directory-name-" * 6 + "/" + "f" * 120 + ".ebuild": "long\n",
+    "bin/data.bin": bytes(range(256)) * 40,
+    "empty": "",
+}
+
+
+def test_export_matches_tag(tmp_path: Path) -> None:
+    repo = bare_repo_from(tmp_path, FILES)
+    dest = tmp_path / "out" / "tree"
+    export_tree(repo, "2026-01-01", dest)
+    for rel, value in FILES.items():
+        p = dest / rel
+        if isinstance(value, tuple) and value[0] == "symlink":
+            assert p.is_symlink() and os.readlink(p) == value[1]
+            continue
+        content = value[1] if isinstance(value, tuple) else value
+        assert p.read_bytes() == (content.encode() if isinstance(content, str) else content)
+        expected = 0o755 if isinstance(value, tuple) and value[0] == "exec" else 0o644
+        assert p.stat().st_mode & 0o7777 == expected, rel
+    # Nothing else, and every mtime is the commit's.
+    found = {str(p.relative_to(dest)) for p in dest.rglob("*") if not p.is_dir()}
+    assert found == set(FILES)
+    assert {p.lstat().st_mtime for p in dest.rglob("*")} == {1700000000}
+    assert (dest / "sys-apps").stat().st_mode & 0o7777 == 0o755
+
+
+def test_export_refuses_non_empty_and_bad_names(tmp_path: Path) -> None:
+    repo = bare_repo_from(tmp_path, {"a": "x\n"})
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "keep").write_text("mine")
+    with pytest.raises(SnapshotterError, match="not empty"):
+        export_tree(repo, "2026-01-01", dest)
+    assert (dest / "keep").read_text() == "mine"
+    for rev in ("--output=/tmp/x", "2026-01-01..HEAD", "no-such-tag"):
+        with pytest.raises(SnapshotterError):
+            export_tree(repo, rev, tmp_path / "fresh")
+
+
+@pytest.mark.parametrize("case", ["dotdot", "symlink-dir-then-file", "absolute-symlink", "climbing-symlink",
+                                  "slash-in-name"])
+def test_export_refuses_escapes(tmp_path: Path, case: str) -> None:
+    """Crafted trees (written with --literally, as a hostile import could) never write outside DEST."""
+    repo = tmp_path / "repo.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(repo)], check=True)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    f = blob(repo, b"pwned\n")
+    if case == "dotdot":
+        inner = raw_tree(repo, [("100644", "x", f)])
+        tree = raw_tree(repo, [("40000", "..", inner)])
+    elif case == "symlink-dir-then-file":
+        inner = raw_tree(repo, [("100644", "x", f)])  # a symlink "a" -> "b", then a directory "a"
+        tree = raw_tree(repo, [("120000", "a", blob(repo, b"b")), ("40000", "a", inner), ("40000", "b", inner)])
+    elif case == "absolute-symlink":
+        tree = raw_tree(repo, [("120000", "a", blob(repo, b"/etc/passwd"))])
+    elif case == "climbing-symlink":
+        inner = raw_tree(repo, [("120000", "l", blob(repo, b"../../victim"))])
+        tree = raw_tree(repo, [("40000", "d", inner)])
+    else:
+        tree = raw_tree(repo, [("100644", "../victim/x", f)])
+    commit_tag(repo, tree, "2026-01-01")
+    dest = tmp_path / "dest"
+    with pytest.raises(SnapshotError, match="unsafe path|outside the tree|not a directory of the tree|cannot create"):
+        export_tree(repo, "2026-01-01", dest)
+    assert list(victim.iterdir()) == []
+    assert not (tmp_path / "x").exists()
+    assert not any(p.name == "x" and p.parent.name == "b" for p in dest.rglob("x"))
+
+
+def test_export_cli(tmp_path: Path) -> None:
+    repo = bare_repo_from(tmp_path, FILES)
+    r = testlib.run_cli("export", "--repo", str(repo), "2026-01-01", str(tmp_path / "t"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "t/metadata/timestamp.x").read_text() == FILES["metadata/timestamp.x"]
+    for bad, msg in (("2026-02-30", "not a snapshot tag"), ("2025-12-31", "no tag 2025-12-31"),
+                     ("$(id)", "not a snapshot tag")):
+        r = testlib.run_cli("export", "--repo", str(repo), bad, str(tmp_path / "u"))
+        assert r.returncode == 1
+        assert r.stderr.startswith("snapshotter: error: ") and msg in r.stderr and "Traceback" not in r.stderr
+        assert not (tmp_path / "u").exists()
