@@ -65,7 +65,9 @@ def tree_files(hello: str = "1.0", trouble: str = "1") -> dict[str, str | bytes 
         "profiles/default/packages": "*sys-apps/base\n",
         "licenses/MIT": "MIT License\n",
         "metadata/layout.conf": "masters =\nthin-manifests = true\n",
-        "sys-apps/base/base-1.ebuild": _ebuild("base system", _installs("/usr/share/base/version", "base 1")),
+        # The canary shows whether the builder's environment reached the build (it must not: env -i).
+        "sys-apps/base/base-1.ebuild": _ebuild("base system", _installs(
+            "/usr/share/base/canary", "canary ${SNAPSHOTTER_LEAK_CANARY:-absent}")),
         "dev-libs/libfoo/libfoo-1.0.ebuild": _ebuild("a library", _installs("/usr/lib/libfoo.txt", "libfoo 1.0")),
         f"app-misc/hello/hello-{hello}.ebuild": _ebuild(
             "says hello", f'src_install() {{\n\texeinto /usr/bin\n\tnewexe - hello <<< $\'#!/bin/sh\\necho hello {hello}\'\n}}\n',

@@ -1,0 +1,272 @@
+"""Real chroot builds with the real Portage in the stand-in stage (tests/stage.py), for real:
+mounts in private namespaces, emerge -e world, .gpkg.tar packages, kill -9, failures, round trip.
+
+One stage, one mirror and one overlay are shared by the module; each scenario builds once and checks
+many things. Every test ends by checking the host's /proc/self/mountinfo for leaks (autouse fixture).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import ebuild_repo
+import pytest
+import stage as test_stage
+import testlib
+
+from chroot import builder, portageconf, tree
+from chroot.mounts import mounts_under, safe_rmtree
+from chroot.profile import Overlay, parse_profile
+from chroot.stage import extract_stage
+
+pytestmark = pytest.mark.portage
+
+TAG1, TAG2 = "2026-01-01", "2026-01-02"
+
+
+def _mountinfo_under(path: Path) -> list[str]:
+    return mounts_under(path)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("chroot builds need root")
+    base = tmp_path_factory.mktemp("build").resolve()
+    stage_file = test_stage.ensure_stage()
+    sha = hashlib.sha256(stage_file.read_bytes()).hexdigest()
+    tags = ebuild_repo.git_repo_with_tags(base / "mirror.git", [
+        (TAG1, ebuild_repo.tree_files(hello="1.0", trouble="1")),
+        (TAG2, ebuild_repo.tree_files(hello="1.1", trouble="2")),
+    ])
+    ov_tags = ebuild_repo.git_repo_with_tags(base / "overlay", [
+        ("v1", ebuild_repo.overlay_files("1.0")), ("v2", ebuild_repo.overlay_files("2.0"))], bare=False)
+    cfg = base / "snapshotter.toml"
+    cfg.write_text(f"""
+repo = "{base}/mirror.git"
+[build]
+work_dir = "{base}/work"
+output = "{base}/out"
+cache_dir = "{base}/cache"
+
+[profiles.basic]
+stage = "{stage_file}"
+stage_sha256 = "{sha}"
+portage_profile = "default"
+world = ["app-misc/hello", "app-misc/extra"]
+overlays = [{{ name = "extra", url = "{base}/overlay", ref = "v1" }}]
+make_conf = {{ MAKEOPTS = "-j2", USE = "-doc" }}
+
+[profiles.trouble]
+stage = "{stage_file}"
+stage_sha256 = "{sha}"
+portage_profile = "default"
+world = ["app-misc/trouble"]
+""")
+    yield {"base": base, "cfg": cfg, "tags": tags, "ov_tags": ov_tags, "stage": stage_file, "sha": sha}
+    assert _mountinfo_under(base) == [], "a mount leaked: refusing to let pytest delete the tmp dir"
+
+
+@pytest.fixture(autouse=True)
+def no_leak(env):
+    dev_before = sorted(os.listdir("/dev"))
+    yield
+    assert _mountinfo_under(env["base"]) == []
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    assert sorted(os.listdir("/dev")) == dev_before
+
+
+def build(env, *args: str, timeout: float = 300):
+    # The canary variable must not reach the build (checked in the round trip via sys-apps/base).
+    return testlib.run_cli("--config", str(env["cfg"]), *args, timeout=timeout,
+                           env={"SNAPSHOTTER_LEAK_CANARY": "leaked"})
+
+
+def sha256(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def packages_index_cpvs(index: Path) -> set[str]:
+    return {line.split(": ", 1)[1] for line in index.read_text().splitlines() if line.startswith("CPV: ")}
+
+
+def check_manifest(out: Path) -> dict:
+    """build.json lists exactly the files of packages/ with matching hashes; returns it."""
+    man = json.loads((out / "build.json").read_text())
+    pkgdir = out / "packages"
+    listed = {p["path"]: p for p in man["packages"]}
+    on_disk = {p.relative_to(pkgdir).as_posix() for p in pkgdir.rglob("*") if p.is_file()} - {"Packages"}
+    assert set(listed) == on_disk
+    for rel, entry in listed.items():
+        assert sha256(pkgdir / rel) == entry["sha256"], rel
+        assert (pkgdir / rel).stat().st_size == entry["size"]
+    assert man["packages_index"]["sha256"] == sha256(pkgdir / "Packages")
+    return man
+
+
+def test_build_world_with_pinned_overlay(env):
+    """Tag 1 with the overlay pinned at v1 (v2 exists): real gpkg packages of all of @world + index."""
+    t0 = time.monotonic()
+    r = build(env, "-v", "build", "--profile", "basic", "--tag", TAG1)
+    took = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = env["base"] / "out" / "basic" / TAG1
+    assert r.stdout.strip() == str(out)
+    assert ">>> Emerging (1 of 4)" in r.stderr  # -v streams emerge's output live
+    assert "Traceback" not in r.stderr
+
+    pkgdir = out / "packages"
+    gpkgs = sorted(p.relative_to(pkgdir).as_posix() for p in pkgdir.rglob("*.gpkg.tar"))
+    assert gpkgs == ["app-misc/extra/extra-1.0-1.gpkg.tar", "app-misc/hello/hello-1.0-1.gpkg.tar",
+                     "dev-libs/libfoo/libfoo-1.0-1.gpkg.tar", "sys-apps/base/base-1-1.gpkg.tar"]
+    # A real gpkg: an uncompressed tar holding the metadata and image archives and the gpkg-1 marker.
+    with tarfile.open(pkgdir / "app-misc/hello/hello-1.0-1.gpkg.tar") as t:
+        names = t.getnames()
+    assert "hello-1.0-1/gpkg-1" in names
+    assert any(n.startswith("hello-1.0-1/image.tar") for n in names)
+    assert packages_index_cpvs(pkgdir / "Packages") == {
+        "app-misc/extra-1.0", "app-misc/hello-1.0", "dev-libs/libfoo-1.0", "sys-apps/base-1"}
+
+    man = check_manifest(out)
+    assert man["ok"] is True and man["exit_status"] == 0
+    assert man["profile"] == "basic" and man["tag"] == TAG1 and man["commit"] == env["tags"][TAG1]
+    assert man["overlays"] == [{"name": "extra", "url": str(env["base"] / "overlay"), "ref": "v1",
+                                "commit": env["ov_tags"]["v1"]}]
+    assert man["stage"]["sha256"] == env["sha"]
+    mc = man["make_conf"]["content"]
+    assert hashlib.sha256(mc.encode()).hexdigest() == man["make_conf"]["sha256"]
+    assert 'FEATURES="buildpkg cgroup ipc-sandbox network-sandbox parallel-fetch"' in mc
+    assert 'MAKEOPTS="-j2"' in mc and 'PKGDIR="/var/cache/binpkgs"' in mc
+    assert man["emerge_command"] == ["emerge", "--emptytree", "@world"]
+    assert man["started"] <= man["finished"]
+    log_text = (out / "build.log").read_text()
+    assert "Creating binpkg" in log_text
+    # The root is gone, nothing stale left, nothing mounted.
+    assert list((env["base"] / "work" / "basic").iterdir()) == []
+    print(f"\nbuild of 4 packages took {took:.1f}s (stage extraction + emerge + cleanup)")
+
+
+def test_second_tag_builds_new_version(env):
+    """Tag 2 changed hello to 1.1; the overlay pinned to v2 for this build gives extra-2.0."""
+    r = build(env, "build", "--profile", "basic", "--tag", TAG2, "--overlay-ref", "extra=v2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = env["base"] / "out" / "basic" / TAG2
+    assert packages_index_cpvs(out / "packages" / "Packages") == {
+        "app-misc/extra-2.0", "app-misc/hello-1.1", "dev-libs/libfoo-1.0", "sys-apps/base-1"}
+    man = check_manifest(out)
+    assert man["commit"] == env["tags"][TAG2]
+    assert man["overlays"][0]["ref"] == "v2" and man["overlays"][0]["commit"] == env["ov_tags"]["v2"]
+    # The older tag's result is untouched.
+    assert (env["base"] / "out" / "basic" / TAG1 / "packages/app-misc/hello/hello-1.0-1.gpkg.tar").exists()
+
+
+def _processes_in(root: Path) -> list[int]:
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if os.readlink(p / "root").startswith(str(root)):
+                    pids.append(int(p.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_kill_9_mid_emerge_leaves_no_mount_then_failure_cleans_stale_root(env):
+    """kill -9 of `snapshotter build` while emerge runs: no mount, no process, host /dev intact.
+    The next build of the profile removes the stale root; its failing ebuild gives exit 4 with the tail."""
+    work = env["base"] / "work" / "trouble"
+    full_env = dict(os.environ, SNAPSHOTTER_CONFIG=str(env["cfg"]))
+    proc = subprocess.Popen(["snapshotter", "build", "--profile", "trouble", "--tag", TAG1],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=full_env)
+    try:
+        deadline = time.monotonic() + 240
+        log_file = None
+        while time.monotonic() < deadline:
+            logs = list((env["base"] / "out" / "trouble").glob(f".{TAG1}.partial-*/build.log"))
+            if logs and ebuild_repo.SLOW_MARKER in logs[0].read_text(errors="replace"):
+                log_file = logs[0]
+                break
+            assert proc.poll() is None, "the build ended before the slow ebuild started"
+            time.sleep(0.5)
+        assert log_file is not None, "the slow ebuild never started"
+        (build_dir,) = work.iterdir()
+        root = build_dir / "root"
+        assert _processes_in(root), "emerge should be running inside the root"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    deadline = time.monotonic() + 15
+    while _processes_in(root) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_in(root) == []  # the PID namespace died with the builder: no orphan emerge or sleep
+    assert mounts_under(env["base"]) == []  # mounts only ever existed in the dead namespace
+    assert (root / "usr/bin/emerge").exists()  # the crashed root is still there, stale
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+    # Tag 2's trouble-2 dies in src_compile: exit 4, the log tail with the reason, no traceback.
+    r = build(env, "build", "--profile", "trouble", "--tag", TAG2)
+    assert r.returncode == 4, r.stderr[-3000:]
+    assert ebuild_repo.FAIL_MARKER in r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("snapshotter: error: build of profile trouble failed")
+    assert not build_dir.exists()  # the stale root was removed safely
+    assert list(work.iterdir()) == []
+    failed = env["base"] / "out" / "trouble" / f"{TAG2}.failed"
+    man = json.loads((failed / "build.json").read_text())
+    assert man["ok"] is False and man["exit_status"] != 0
+    assert ebuild_repo.FAIL_MARKER in (failed / "build.log").read_text()
+    assert not (env["base"] / "out" / "trouble" / TAG2).exists()
+    assert list((env["base"] / "out" / "trouble").glob(".*")) == []  # the killed run's partial output is gone
+
+
+def test_packages_install_with_usepkgonly_into_fresh_root(env):
+    """Round trip: the packages of the tag-1 build install into a fresh root with emerge --usepkgonly."""
+    src = env["base"] / "out" / "basic" / TAG1 / "packages"
+    if not (src / "Packages").exists():
+        pytest.skip("needs the tag-1 build")
+    rt = env["base"] / "roundtrip"
+    pkgdir = rt / "packages"
+    shutil.copytree(src, pkgdir)
+    root = rt / "root"
+    prof = parse_profile("rt", {"stage": str(env["stage"]), "portage_profile": "default",
+                                "world": ["app-misc/hello", "app-misc/extra"],
+                                "emerge_args": ["--usepkgonly", "--emptytree", "@world"]}, rt)
+    extract_stage(env["stage"], root)
+    ov = tree.fetch_overlay(Overlay("extra", str(env["base"] / "overlay"), "v1"), rt / "cache")
+    tree.place_gentoo(root, env["base"] / "mirror.git", env["tags"][TAG1])
+    tree.place_overlay(root, ov)
+    portageconf.write_make_conf(root, prof)
+    portageconf.write_repos_conf(root, ["extra"])
+    portageconf.set_make_profile(root, "default")
+    portageconf.write_world(root, prof.world)
+    for d in ("proc", "dev", "sys", "var/cache/binpkgs"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    with open(rt / "install.log", "wb") as logf:
+        rc = builder.run_in_namespace(root.resolve(), pkgdir.resolve(), builder.emerge_argv(root.resolve(), prof),
+                                      rt / "spec.json", logf, console=False)
+    log_text = (rt / "install.log").read_text()
+    assert rc == 0, log_text[-3000:]
+    assert ">>> Emerging binary (1 of 4)" in log_text
+    assert "Creating binpkg" not in log_text  # nothing was compiled
+    for cpv in ("app-misc/hello-1.0", "app-misc/extra-1.0", "dev-libs/libfoo-1.0", "sys-apps/base-1"):
+        assert (root / "var/db/pkg" / cpv).is_dir(), cpv
+    out = subprocess.run(["chroot", str(root), "/bin/sh", "/usr/bin/hello"], capture_output=True, text=True)
+    assert out.stdout.strip() == "hello 1.0"
+    assert (root / "usr/share/extra/version").read_text().strip() == "extra 1.0"
+    # Built by `snapshotter build` with SNAPSHOTTER_LEAK_CANARY=leaked in its environment: env -i kept it out.
+    assert (root / "usr/share/base/canary").read_text().strip() == "canary absent"
+    assert mounts_under(rt) == []
+    safe_rmtree(rt)
