@@ -368,7 +368,7 @@ def publish_tag(repo: Path, tag: Tag, opts: PublishOptions) -> Published:
         finally:
             os.close(fd)
         md5 = md5_file(tmp)
-        signature = detach_sign(tmp, opts.signing_key, opts.gnupghome)
+        signature = detach_sign(tmp, opts.signing_key, opts.gnupghome, name=name)
         side = {
             ".md5sum": f"{md5}  {name}\n".encode(),
             ".gpgsig": signature,

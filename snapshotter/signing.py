@@ -44,11 +44,11 @@ def _secret_key(gpg: gnupg.GPG, fpr: str, gnupghome: Path | None) -> dict:
     raise SigningError(f"no secret key {fpr}{where}")
 
 
-def detach_sign(path: Path, key: str, gnupghome: Path | None) -> bytes:
+def detach_sign(path: Path, key: str, gnupghome: Path | None, *, name: str | None = None) -> bytes:
     """An armored detached signature of the file `path` by `key` (a fingerprint) from `gnupghome`.
 
     Raises SigningError (one clear line) when the key is missing, expired, revoked, needs a passphrase
-    that is not available, or gpg fails.
+    that is not available, or gpg fails. `name` is how the file is called in messages.
     """
     fpr = normalize_fingerprint(key)
     gpg = _gpg(gnupghome)
@@ -65,7 +65,9 @@ def detach_sign(path: Path, key: str, gnupghome: Path | None) -> bytes:
         detail = [line for line in (result.stderr or "").splitlines()
                   if line.startswith("gpg:")]
         msg = reason or (detail[-1].removeprefix("gpg: ") if detail else "gpg failed")
-        raise SigningError(f"signing {path.name} with {fpr} failed: {msg}")
+        if msg.startswith("invalid signer"):
+            msg = "the key is expired, revoked or cannot sign"
+        raise SigningError(f"signing {name or path.name} with {fpr} failed: {msg}")
     log.debug("signed %s with %s (signing subkey %s)", path, fpr, getattr(result, "fingerprint", "?"))
     return data
 

@@ -1,0 +1,345 @@
+"""`snapshotter publish`: reproducible, signed, atomic webrsync snapshots from a mirror built by the real
+`snapshotter sync` (real git, gpg, tar, xz, HTTP on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import tarfile
+import threading
+import time
+from datetime import date
+from pathlib import Path
+
+import pytest
+import testlib
+
+from snapshotter import publish as pub
+from snapshotter.export import export_tree
+from snapshotter.lock import flocked
+
+LONG_DIR = "dev-python/" + "a-very-long-package-name-" * 4 + "x"
+DAYS: dict[date, dict] = {
+    date(2026, 1, 10): {
+        **testlib.BASE_TREE,
+        "profiles/link": ("symlink", "repo_name"),
+        "scripts/run": ("symlink", "../sys-apps/tool/files/run.sh"),
+        f"{LONG_DIR}/" + "n" * 110 + "-1.0.ebuild": "EAPI=8\n",
+        "files/" + "deep/" * 40 + "leaf": "deep\n",
+        "bin/blob.dat": bytes(range(256)) * 64,
+    },
+}
+DAYS[date(2026, 1, 11)] = {
+    **{k: v for k, v in DAYS[date(2026, 1, 10)].items() if k != "licenses/MIT"},
+    "app-misc/hello/hello-1.1.ebuild": "EAPI=8\nSLOT=0\nKEYWORDS=\"~amd64\"\n",
+    "sys-apps/tool/files/run.sh": "#!/bin/sh\necho no longer executable\n",
+    "licenses/GPL-2": "GPL\n",
+}
+DAYS[date(2026, 1, 12)] = {
+    **DAYS[date(2026, 1, 11)],
+    "eclass/foo.eclass": "# foo, changed\n",
+    "profiles/link": ("symlink", "categories"),
+}
+NOW = str(testlib.snapshot_time(date(2026, 1, 12)) + 3600)
+
+
+def tag_of(day: date) -> str:
+    return f"{day:%Y-%m-%d}"
+
+
+def sync_days(repo: Path, upstream: testlib.HttpMirror, key: testlib.Key, days: list[date]) -> None:
+    """Import `days` into `repo` with the real `snapshotter sync` from an HTTP mirror on 127.0.0.1."""
+    for day in days:
+        testlib.build_snapshot(upstream.root, day, DAYS[day], key=key)
+        r = testlib.run_cli("sync", "--repo", str(repo), "--mirror", upstream.url, "--keyring", str(key.public),
+                            "--fingerprint", key.fingerprint, "--date", f"{day:%Y%m%d}", "--no-push",
+                            "--cache-dir", str(repo.parent / "cache"), env={"SNAPSHOTTER_NOW": NOW})
+        assert r.returncode == 0, r.stderr
+
+
+@pytest.fixture(scope="module")
+def synced(tmp_path_factory: pytest.TempPathFactory, gpg_key: testlib.Key) -> Path:
+    """A bare mirror holding three days imported by the real sync."""
+    base = tmp_path_factory.mktemp("synced")
+    upstream = testlib.serve(base / "upstream")
+    try:
+        repo = base / "gentoo.git"
+        sync_days(repo, upstream, gpg_key, sorted(DAYS))
+    finally:
+        upstream.server.shutdown()
+        upstream.server.server_close()
+    return repo
+
+
+def run_publish(repo: Path, out: Path, key: testlib.Key, *args: str, env: dict | None = None):
+    return testlib.run_cli("publish", "--repo", str(repo), "--out", str(out), "--signing-key", key.fingerprint,
+                           "--gnupghome", str(key.home), *args, env=env)
+
+
+def snapdir_listing(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / "snapshots").iterdir()) if p.is_file()}
+
+
+def tar_members(path: Path) -> list[tarfile.TarInfo]:
+    with tarfile.open(path, "r:xz") as tf:
+        return tf.getmembers()
+
+
+def test_publish_all_content_headers_and_side_files(synced: Path, gpg_key: testlib.Key, tmp_path: Path) -> None:
+    out = tmp_path / "www"
+    r = run_publish(synced, out, gpg_key, "--all")
+    assert r.returncode == 0, r.stderr
+    snap = out / "snapshots"
+    names = sorted(p.name for p in snap.iterdir())
+    expected = []
+    for stem in ["gentoo-20260110", "gentoo-20260111", "gentoo-20260112", "gentoo-latest"]:
+        expected += [f"{stem}.tar.xz", f"{stem}.tar.xz.gpgsig", f"{stem}.tar.xz.md5sum"]
+    assert names == expected  # no temporary files left behind either
+    assert (snap / "gentoo-latest.tar.xz").read_bytes() == (snap / "gentoo-20260112.tar.xz").read_bytes()
+    for day in DAYS:
+        name = pub.snapshot_name(day)
+        tarball = snap / name
+        data = tarball.read_bytes()
+        assert (snap / f"{name}.md5sum").read_text() == f"{hashlib.md5(data).hexdigest()}  {name}\n"
+        testlib.gpg(gpg_key, "--verify", str(snap / f"{name}.gpgsig"), str(tarball))
+        commit_time = int(subprocess.run(["git", f"--git-dir={synced}", "log", "-1", "--format=%ct",
+                                          tag_of(day)], capture_output=True, text=True, check=True).stdout)
+        members = tar_members(tarball)
+        top = f"gentoo-{day:%Y%m%d}"
+        assert members[0].name == top and members[0].isdir()
+        assert all(m.name == top or m.name.startswith(top + "/") for m in members)
+        assert {(m.uid, m.gid, m.uname, m.gname) for m in members} == {(250, 250, "portage", "portage")}
+        assert {m.mtime for m in members} == {commit_time}
+        files = [m.name for m in members if not m.isdir()]
+        assert len(files) == len(set(files))
+        # Extract with GNU tar (what emerge-webrsync uses) and compare with the tag's own tree.
+        extracted, exported = tmp_path / f"x-{day}", tmp_path / f"e-{day}"
+        extracted.mkdir()
+        subprocess.run(["tar", "--strip-components=1", "-C", str(extracted), "-xJf", str(tarball)], check=True)
+        export_tree(synced, tag_of(day), exported)
+        assert tree_listing(extracted) == tree_listing(exported)
+        assert (extracted / "metadata/timestamp.x").read_text() == testlib.timestamp_line(testlib.snapshot_time(day))
+        assert tree_listing(extracted) == expected_listing(DAYS[day], day)
+
+
+def tree_listing(root: Path) -> dict[str, tuple]:
+    """path -> ("dir", mode) | ("link", target) | ("file", mode, sha256)."""
+    out: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            st = p.lstat()
+            if p.is_symlink():
+                out[rel] = ("link", os.readlink(p))
+            elif p.is_dir():
+                out[rel] = ("dir", st.st_mode & 0o7777)
+            else:
+                out[rel] = ("file", st.st_mode & 0o7777, hashlib.sha256(p.read_bytes()).hexdigest())
+    return out
+
+
+def expected_listing(files: dict, day: date) -> dict[str, tuple]:
+    """What a tree built from `files` (testlib.write_tree format, plus timestamp.x) must look like."""
+    files = {**files, "metadata/timestamp.x": testlib.timestamp_line(testlib.snapshot_time(day))}
+    out: dict[str, tuple] = {}
+    for rel, value in files.items():
+        parts = rel.split("/")
+        for i in range(1, len(parts)):
+            out["/".join(parts[:i])] = ("dir", 0o755)
+        if isinstance(value, tuple) and value[0] == "symlink":
+            out[rel] = ("link", value[1])
+        else:
+            content = value[1] if isinstance(value, tuple) else value
+            content = content.encode() if isinstance(content, str) else content
+            mode = 0o755 if isinstance(value, tuple) and value[0] == "exec" else 0o644
+            out[rel] = ("file", mode, hashlib.sha256(content).hexdigest())
+    return out
+
+
+def test_reproducible_bytes_any_thread_count(synced: Path, gpg_key: testlib.Key, tmp_path: Path) -> None:
+    """Same tag -> byte-identical .tar.xz: another run, another output dir, other xz thread counts."""
+    outs = []
+    for i, threads in enumerate(["1", "2", "3"]):
+        out = tmp_path / f"www{i}"
+        r = run_publish(synced, out, gpg_key, "2026-01-11", "--xz-threads", threads)
+        assert r.returncode == 0, r.stderr
+        outs.append((out / "snapshots/gentoo-20260111.tar.xz").read_bytes())
+    # --force publishes the same tag again in place: still the same bytes.
+    r = run_publish(synced, tmp_path / "www0", gpg_key, "2026-01-11", "--force")
+    assert r.returncode == 0, r.stderr
+    outs.append((tmp_path / "www0/snapshots/gentoo-20260111.tar.xz").read_bytes())
+    assert len(set(outs)) == 1
+    # Another level gives other bytes (the comparison above can fail).
+    r = run_publish(synced, tmp_path / "www9", gpg_key, "2026-01-11", "--xz-level", "1")
+    assert (tmp_path / "www9/snapshots/gentoo-20260111.tar.xz").read_bytes() != outs[0]
+
+
+def test_default_newest_skip_keep_and_latest(synced: Path, gpg_key: testlib.Key, tmp_path: Path) -> None:
+    out = tmp_path / "www"
+    r = run_publish(synced, out, gpg_key)
+    assert r.returncode == 0, r.stderr
+    assert sorted(pub.published_days(out / "snapshots")) == [date(2026, 1, 12)]
+    r = run_publish(synced, out, gpg_key)
+    assert r.returncode == 0 and "already published 2026-01-12" in r.stdout
+    # An older day published explicitly does not move latest.
+    r = run_publish(synced, out, gpg_key, "2026-01-10", "2026-01-11")
+    assert r.returncode == 0, r.stderr
+    snap = out / "snapshots"
+    assert pub.latest_day(snap) == date(2026, 1, 12)
+    assert "latest 2026-01-12" in r.stdout
+    # --keep 1 prunes the two older days (tarballs and side files), never latest's.
+    r = run_publish(synced, out, gpg_key, "--keep", "1")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in snap.iterdir()) == sorted(
+        f"{stem}.tar.xz{s}" for stem in ("gentoo-20260112", "gentoo-latest") for s in ("", ".md5sum", ".gpgsig"))
+    assert "pruned gentoo-20260110.tar.xz" in r.stdout
+
+
+def test_keep_never_prunes_latest(synced: Path, gpg_key: testlib.Key, tmp_path: Path) -> None:
+    snap = tmp_path / "www/snapshots"
+    opts = pub.PublishOptions(out=tmp_path / "www", signing_key=gpg_key.fingerprint, gnupghome=gpg_key.home,
+                              xz_level=1)
+    pub.publish(synced, opts, ["2026-01-10", "2026-01-11"])
+    assert pub.latest_day(snap) == date(2026, 1, 11)
+    # A newer day appears without latest moving (e.g. copied in by hand): pruning to 1 keeps latest's day.
+    pub.publish(synced, pub.PublishOptions(out=tmp_path / "other", signing_key=gpg_key.fingerprint,
+                                           gnupghome=gpg_key.home, xz_level=1), ["2026-01-12"])
+    for s in ("", ".md5sum", ".gpgsig"):
+        (snap / f"gentoo-20260112.tar.xz{s}").write_bytes((tmp_path / f"other/snapshots/gentoo-20260112.tar.xz{s}").read_bytes())
+    removed = pub.prune(snap, 1)
+    assert removed == ["gentoo-20260110.tar.xz", "gentoo-20260110.tar.xz.md5sum", "gentoo-20260110.tar.xz.gpgsig"]
+    assert pub.published_days(snap) == [date(2026, 1, 11), date(2026, 1, 12)]
+
+
+def test_errors_are_one_line_and_leave_nothing(synced: Path, gpg_key: testlib.Key, other_key: testlib.Key,
+                                               tmp_path: Path) -> None:
+    out = tmp_path / "www"
+    assert run_publish(synced, out, gpg_key, "2026-01-10").returncode == 0
+    before = snapdir_listing(out)
+    cases = [
+        (["2026-01-09"], "no tag 2026-01-09"),
+        (["20260110"], "not a snapshot tag"),
+        (["--all", "2026-01-10"], "tags or --all"),
+        (["--repo", str(tmp_path / "nope"), "2026-01-11"], "not a git mirror"),
+    ]
+    for args, msg in cases:
+        r = run_publish(synced, out, gpg_key, *args)
+        assert r.returncode == 1, (args, r.stdout)
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("snapshotter: error: ") and msg in r.stderr
+    # Signing fails (a key whose secret is not in that GNUPGHOME; a bad fingerprint): nothing new appears.
+    for key_args, msg in (([ "--signing-key", other_key.fingerprint], "no secret key"),
+                          (["--signing-key", "1234"], "40-hex-digit")):
+        r = testlib.run_cli("publish", "--repo", str(synced), "--out", str(out), "--gnupghome", str(gpg_key.home),
+                            *key_args, "2026-01-11")
+        assert r.returncode == 1 and msg in r.stderr and "Traceback" not in r.stderr
+    assert snapdir_listing(out) == before
+
+
+def test_failed_signing_after_compression_leaves_nothing(synced: Path, gpg_key: testlib.Key,
+                                                         tmp_path: Path) -> None:
+    """The key is there but gpg refuses to sign with it (expired) after the tarball is compressed."""
+    home = tmp_path / "gnupg"
+    key = testlib.make_key(home)
+    out = tmp_path / "www"
+    opts = pub.PublishOptions(out=out, signing_key=key.fingerprint, gnupghome=home, xz_level=1)
+    pub.publish(synced, opts, ["2026-01-10"])
+    before = snapdir_listing(out)
+    # Let the key expire: gpg refuses to sign, after the tarball has been written.
+    testlib.gpg(key, "--quick-set-expire", key.fingerprint, "seconds=1")
+    time.sleep(2)
+    with pytest.raises(pub.SnapshotterError, match="signing gentoo-20260111.tar.xz with .* failed: the key is expired"):
+        pub.publish(synced, opts, ["2026-01-11"])
+    assert snapdir_listing(out) == before
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == sorted(before)
+
+
+def test_publish_during_sync_reads_a_consistent_tag(synced: Path, gpg_key: testlib.Key, tmp_path: Path,
+                                                    http_mirror: testlib.HttpMirror) -> None:
+    """While the real sync imports a new day (holding the repository lock), publish keeps working on the
+    tags that exist and never sees a half-imported one; the new day publishes once the sync is done."""
+    repo = tmp_path / "gentoo.git"
+    subprocess.run(["git", "clone", "-q", "--mirror", str(synced), str(repo)], check=True)
+    new_day = date(2026, 1, 13)
+    big = {**DAYS[date(2026, 1, 12)], **{f"big/f{i:05d}": f"{i}\n" * 50 for i in range(4000)}}
+    DAYS[new_day] = big
+    try:
+        testlib.build_snapshot(http_mirror.root, new_day, big, key=gpg_key)
+        env = {"SNAPSHOTTER_NOW": str(testlib.snapshot_time(new_day) + 3600)}
+        out = tmp_path / "www"
+        sync_proc = subprocess.Popen(
+            ["snapshotter", "sync", "--repo", str(repo), "--mirror", http_mirror.url, "--keyring", str(gpg_key.public),
+             "--fingerprint", gpg_key.fingerprint, "--date", "20260113", "--no-push",
+             "--cache-dir", str(tmp_path / "cache")], env={**os.environ, **env},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        results = []
+        while sync_proc.poll() is None:
+            r = run_publish(repo, out, gpg_key, "--xz-level", "0")
+            results.append(r)
+            assert r.returncode == 0, r.stderr
+        assert sync_proc.returncode == 0, sync_proc.stderr.read()  # type: ignore[union-attr]
+        r = run_publish(repo, out, gpg_key, "--xz-level", "0")
+        assert r.returncode == 0, r.stderr
+        assert results, "the sync finished before publish could run"
+        for day in pub.published_days(out / "snapshots"):
+            extracted = tmp_path / f"x-{day}"
+            extracted.mkdir()
+            subprocess.run(["tar", "--strip-components=1", "-C", str(extracted), "-xJf",
+                            str(out / "snapshots" / pub.snapshot_name(day))], check=True)
+            assert tree_listing(extracted) == expected_listing(DAYS[day], day)
+        assert date(2026, 1, 13) in pub.published_days(out / "snapshots")
+    finally:
+        DAYS.pop(new_day)
+
+
+def test_publish_waits_for_out_lock(synced: Path, gpg_key: testlib.Key, tmp_path: Path) -> None:
+    """Two publishers on one output directory: the second exits 75 at once, or waits with --wait."""
+    out = tmp_path / "www"
+    out.mkdir()
+    release = threading.Event()
+    held = threading.Event()
+
+    def hold() -> None:
+        with flocked(out / pub.LOCK_NAME, "test"):
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait(5)
+    try:
+        r = run_publish(synced, out, gpg_key, "--xz-level", "0")
+        assert r.returncode == 75 and "locked" in r.stderr
+        threading.Timer(1.0, release.set).start()
+        r = run_publish(synced, out, gpg_key, "--xz-level", "0", "--wait", "20")
+        assert r.returncode == 0, r.stderr
+    finally:
+        release.set()
+        t.join()
+    assert pub.published_days(out / "snapshots") == [date(2026, 1, 12)]
+
+
+def test_tar_writer_long_names_roundtrip(tmp_path: Path) -> None:
+    """ustar prefix split and pax headers for names/link targets GNU tar must read back exactly."""
+    chunks: list[bytes] = []
+    w = pub.TarWriter(chunks.append, 1700000000)
+    names = ["top", "top/" + "d" * 150 + "/" + "f" * 99, "top/" + "g" * 230, "top/ü-ñ"]
+    w.add_dir("top")
+    for n in names[1:]:
+        w.begin_file(n, 3, executable=n.endswith("ñ"))
+        w.data(b"abc")
+        w.end_file(3)
+    w.add_symlink("top/l", (("x" * 90 + "/") * 2 + "t").encode())
+    w.close()
+    data = b"".join(chunks)
+    assert len(data) % pub.RECORD == 0
+    (tmp_path / "t.tar").write_bytes(data)
+    listing = subprocess.run(["tar", "-tvf", str(tmp_path / "t.tar")], capture_output=True, text=True,
+                             check=True, env={**os.environ, "LC_ALL": "C.UTF-8"}).stdout.splitlines()
+    assert [line.split()[-1] if "->" not in line else line.split()[-3] for line in listing] == \
+        ["top/", *names[1:], "top/l"]
+    subprocess.run(["tar", "-C", str(tmp_path), "-xf", str(tmp_path / "t.tar")], check=True)
+    assert (tmp_path / names[2]).read_bytes() == b"abc"
+    assert os.readlink(tmp_path / "top/l") == ("x" * 90 + "/") * 2 + "t"
+    assert (tmp_path / "top/ü-ñ").stat().st_mode & 0o777 == 0o755
