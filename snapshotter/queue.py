@@ -21,7 +21,7 @@ import logging
 import re
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,8 +110,8 @@ class BuildQueue(abc.ABC):
         """Queue `job` unless an equal job is queued or running; return (id, created)."""
 
     @abc.abstractmethod
-    def claim(self, worker: str, lease_seconds: float) -> JobRecord | None:
-        """Give the oldest claimable job to `worker` for `lease_seconds`, or None if there is none."""
+    def claim(self, worker: str, lease_seconds: float, skip: Collection[int] = ()) -> JobRecord | None:
+        """Give the oldest claimable job (not in `skip`) to `worker` for `lease_seconds`, or None."""
 
     @abc.abstractmethod
     def heartbeat(self, job_id: int, worker: str, lease_seconds: float) -> None:
@@ -240,14 +240,15 @@ class SqliteQueue(BuildQueue):
                  self._now(), source))
             return int(cur.lastrowid or 0), True
 
-    def claim(self, worker: str, lease_seconds: float) -> JobRecord | None:
+    def claim(self, worker: str, lease_seconds: float, skip: Collection[int] = ()) -> JobRecord | None:
         if not WORKER_RE.match(worker):
             raise QueueError(f"not a valid worker id: {worker!r}")
+        skipped = [int(i) for i in skip]
         with self._tx() as db:
             now = self._now()
             row = db.execute(
-                "SELECT * FROM jobs WHERE state = 'queued' OR (state = 'running' AND lease_until < ?) "
-                "ORDER BY id LIMIT 1", (now,)).fetchone()
+                "SELECT * FROM jobs WHERE (state = 'queued' OR (state = 'running' AND lease_until < ?)) "
+                f"AND id NOT IN ({', '.join('?' * len(skipped))}) ORDER BY id LIMIT 1", (now, *skipped)).fetchone()
             if row is None:
                 return None
             if row["state"] == RUNNING:

@@ -24,11 +24,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from snapshotter.errors import EXIT_BUILD_FAILED, SnapshotterError
+from snapshotter.errors import EXIT_BUILD_FAILED, EXIT_LOCKED, SnapshotterError
 from snapshotter.queue import BuildQueue, JobRecord, LeaseLost, QueueError, open_queue
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ class Outcome:
     ok: bool
     log_path: str | None
     detail: str
+    locked: bool = False  # the build could not start: another build holds the profile's lock
 
 
 def worker_id() -> str:
@@ -81,9 +83,10 @@ class Worker:
             child.kill()  # unshare --kill-child takes the whole build tree with it
 
     # -- one job -------------------------------------------------------------------------------
-    def run_one(self) -> JobRecord | None:
-        """Claim one job and build it; returns its final record, or None when the queue had none."""
-        rec = self.queue.claim(self.ident, self.lease)
+    def run_one(self, skip: Collection[int] = ()) -> JobRecord | None:
+        """Claim one job (not in `skip`) and build it; returns its final record, or None when the queue
+        had none."""
+        rec = self.queue.claim(self.ident, self.lease, skip)
         if rec is None:
             return None
         log.info("job %d: building %s (attempt %d, worker %s)", rec.id, rec.job.describe(), rec.attempts,
@@ -101,10 +104,11 @@ class Worker:
         if lost.is_set():
             log.error("job %d: lease lost; result discarded (another worker has the job)", rec.id)
             return self.queue.get(rec.id)
-        if self.stopping.is_set() and not outcome.ok:
+        if (self.stopping.is_set() or outcome.locked) and not outcome.ok:
             try:
                 self.queue.release(rec.id, self.ident)
-                log.info("job %d: stopped; handed back to the queue", rec.id)
+                log.info("job %d: %s; handed back to the queue", rec.id,
+                         outcome.detail if outcome.locked else "stopped")
             except LeaseLost:
                 pass
             return self.queue.get(rec.id)
@@ -162,6 +166,8 @@ class Worker:
         log_path = data.get("log") or str(capture)
         if status == 0 and data.get("ok"):
             return Outcome(True, log_path, data.get("detail") or "ok")
+        if status == EXIT_LOCKED:
+            return Outcome(False, log_path, data.get("detail") or "locked", locked=True)
         if status < 0:
             detail = f"build killed by signal {-status}"
         elif status == 137 and not data:
@@ -175,14 +181,18 @@ class Worker:
         """Work until stopped (or, with `once`, take at most one job). Exit status: 0, or 4 if the
         `once` job failed."""
         log.info("worker %s: watching the build queue (lease %.0f s)", self.ident, self.lease)
+        waiting: set[int] = set()  # jobs handed back because their profile is being built elsewhere
         while not self.stopping.is_set():
-            rec = self.run_one()
+            rec = self.run_one(waiting)
             if once:
                 if rec is None:
                     log.info("no job in the queue")
                 return EXIT_BUILD_FAILED if rec is not None and rec.state == "failed" else 0
             if rec is None:
+                waiting.clear()
                 self.stopping.wait(self.poll)
+            elif rec.state == "queued":
+                waiting.add(rec.id)  # try the other jobs first
         log.info("worker %s: stopped", self.ident)
         return 0
 

@@ -153,3 +153,12 @@ def test_release_gives_the_job_back(tmp_path: Path):
     q.release(jid, "w1")
     assert q.get(jid).state == QUEUED
     assert q.claim("w2", 600).id == jid
+
+
+def test_claim_can_skip_jobs(tmp_path: Path):
+    q = SqliteQueue(tmp_path / "q.sqlite")
+    a, _ = q.enqueue(Job("a", "2026-11-20"))
+    b, _ = q.enqueue(Job("b", "2026-11-20"))
+    assert q.claim("w1", 60, skip={a}).id == b
+    assert q.claim("w1", 60, skip={a}) is None
+    assert q.claim("w1", 60).id == a
