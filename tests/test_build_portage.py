@@ -270,3 +270,38 @@ def test_packages_install_with_usepkgonly_into_fresh_root(env):
     assert (root / "usr/share/base/canary").read_text().strip() == "canary absent"
     assert mounts_under(rt) == []
     safe_rmtree(rt)
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_ctrl_c_clean_up(env, sig, status):
+    """SIGTERM or Ctrl-C (SIGINT) mid-emerge: the build stops, the root and partial output are removed."""
+    work = env["base"] / "work" / "trouble"
+    out = env["base"] / "out" / "trouble"
+    full_env = dict(os.environ, SNAPSHOTTER_CONFIG=str(env["cfg"]))
+    proc = subprocess.Popen(["snapshotter", "build", "--profile", "trouble", "--tag", TAG1],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            logs = list(out.glob(f".{TAG1}.partial-*/build.log"))
+            if logs and ebuild_repo.SLOW_MARKER in logs[0].read_text(errors="replace"):
+                break
+            assert proc.poll() is None, "the build ended before the slow ebuild started"
+            time.sleep(0.5)
+        (build_dir,) = work.iterdir()
+        root = build_dir / "root"
+        assert _processes_in(root)
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == status, stderr[-2000:]
+    assert time.monotonic() - t0 < 30
+    assert "Traceback" not in stderr
+    assert _processes_in(root) == []
+    assert not build_dir.exists()  # removed right away, not left stale
+    assert list(out.glob(".*")) == []  # no partial output
+    assert not (out / TAG1).exists()
