@@ -193,6 +193,9 @@ def import_tarball(mirror: Mirror, tarball: Path, identity: Identity, *, file_da
         write(b"".join(changes))
         write(b"\n")
         fi.finish()
+    except SnapshotError as e:
+        fi.abort()
+        raise SnapshotError(f"{tarball.name}: {e}") from None
     except BaseException:
         fi.abort()
         raise

@@ -67,22 +67,32 @@ def decompressed(tarball: Path, progress: Callable[[int, int], None] | None = No
         stream = io.BufferedReader(proc.stdout, buffer_size=1 << 20)  # type: ignore[arg-type]
         if progress is not None:
             stream = _ProgressReader(stream, lambda: progress(os.lseek(f.fileno(), 0, os.SEEK_CUR), total))
-        ok = False
-        try:
-            yield stream
-            ok = True
-        finally:
-            if not ok:
-                proc.kill()
-            else:
-                stream.read()  # drain: the decompressor must see its whole input to check it
+        def decompressor_error() -> SnapshotError | None:
             err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
             rc = proc.wait()
-            proc.stdout.close()
+            proc.stdout.close()  # type: ignore[union-attr]
             if proc.stderr:
                 proc.stderr.close()
-        if rc != 0:
-            raise SnapshotError(f"{tarball.name}: {cmd[0]} failed: {err.splitlines()[-1] if err else 'exit ' + str(rc)}")
+            if rc in (0, -9):
+                return None
+            return SnapshotError(f"{cmd[0]} failed: {err.splitlines()[-1] if err else 'exit ' + str(rc)}")
+
+        try:
+            yield stream
+        except BaseException:
+            # A corrupt stream shows up first as a bad tar; the decompressor's own error says more.
+            try:
+                proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            error = decompressor_error()
+            if error is not None:
+                raise error from None
+            raise
+        stream.read()  # drain: the decompressor must see its whole input to check it
+        error = decompressor_error()
+        if error is not None:
+            raise error
 
 
 class _ProgressReader(io.RawIOBase):

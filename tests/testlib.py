@@ -121,9 +121,61 @@ def write_side_files(tarball: Path, key: Key | None) -> None:
         key.sign(tarball)
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+class _MirrorHandler(http.server.SimpleHTTPRequestHandler):
+    """A static file server with Range support (as real mirrors have) and injectable faults:
+    server.faults[path] = "html" (an error page with status 200), "reset" (close after half the body),
+    "short" (a Content-Length larger than the body, then close), "500" (always a server error)."""
+
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        self.server.requests.append(self.path)  # type: ignore[attr-defined]
+        pass
+
+    def do_GET(self) -> None:
+        srv = self.server
+        srv.requests.append(self.path)  # type: ignore[attr-defined]
+        srv.headers_seen.append((self.path, dict(self.headers)))  # type: ignore[attr-defined]
+        fault = srv.faults.get(self.path)  # type: ignore[attr-defined]
+        if fault == "html":
+            body = b"<html><body>Mirror maintenance</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        if fault == "500":
+            self.send_error(500)
+            return
+        path = Path(self.translate_path(self.path))
+        if not path.is_file():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        start = 0
+        rng = self.headers.get("Range")
+        if rng and rng.startswith("bytes=") and fault is None:
+            start = int(rng[6:].split("-")[0])
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(body) + (1000 if fault == "short" else 0)))
+        self.end_headers()
+        if fault == "reset":
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        self.wfile.write(body)
+        if fault == "short":
+            self.close_connection = True
 
 
 @dataclass
@@ -136,13 +188,24 @@ class HttpMirror:
     def requests(self) -> list[str]:
         return self.server.requests  # type: ignore[attr-defined]
 
+    @property
+    def faults(self) -> dict[str, str]:
+        return self.server.faults  # type: ignore[attr-defined]
+
+    def ranges(self) -> list[tuple[str, str]]:
+        """(path, Range header) of every request that asked for a range."""
+        return [(p, h["Range"]) for p, h in self.server.headers_seen if "Range" in h]  # type: ignore[attr-defined]
+
 
 def serve(root: Path) -> HttpMirror:
     """Serve `root` on 127.0.0.1 (an ephemeral port) in a daemon thread; call .server.shutdown()."""
     root.mkdir(parents=True, exist_ok=True)
-    handler = functools.partial(_QuietHandler, directory=str(root))
+    handler = functools.partial(_MirrorHandler, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
     server.requests = []  # type: ignore[attr-defined]
+    server.headers_seen = []  # type: ignore[attr-defined]
+    server.faults = {}  # type: ignore[attr-defined]
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return HttpMirror(root, f"http://127.0.0.1:{server.server_address[1]}", server)
 
