@@ -58,18 +58,22 @@ def sync_days(repo: Path, upstream: testlib.HttpMirror, key: testlib.Key, days: 
         assert r.returncode == 0, r.stderr
 
 
-@pytest.fixture(scope="module")
-def synced(tmp_path_factory: pytest.TempPathFactory, gpg_key: testlib.Key) -> Path:
-    """A bare mirror holding three days imported by the real sync."""
+def build_synced(tmp_path_factory: pytest.TempPathFactory, key: testlib.Key) -> Path:
+    """A bare mirror holding the three DAYS, imported by the real sync."""
     base = tmp_path_factory.mktemp("synced")
     upstream = testlib.serve(base / "upstream")
     try:
         repo = base / "gentoo.git"
-        sync_days(repo, upstream, gpg_key, sorted(DAYS))
+        sync_days(repo, upstream, key, sorted(DAYS))
     finally:
         upstream.server.shutdown()
         upstream.server.server_close()
     return repo
+
+
+@pytest.fixture(scope="module")
+def synced(tmp_path_factory: pytest.TempPathFactory, gpg_key: testlib.Key) -> Path:
+    return build_synced(tmp_path_factory, gpg_key)
 
 
 def run_publish(repo: Path, out: Path, key: testlib.Key, *args: str, env: dict | None = None):
