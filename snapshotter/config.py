@@ -203,6 +203,14 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"publish.keep: must not be negative, got {cfg.publish.keep}")
     if not 0 <= cfg.publish.xz_level <= 9:
         raise ConfigError(f"publish.xz_level: must be 0..9, got {cfg.publish.xz_level}")
+    if cfg.publish.xz_threads < 0:
+        raise ConfigError(f"publish.xz_threads: must not be negative, got {cfg.publish.xz_threads}")
+    if cfg.publish.signing_key:
+        norm = cfg.publish.signing_key.replace(" ", "").upper()
+        if not _FPR_RE.match(norm):
+            raise ConfigError(f"publish.signing_key: expected a 40-hex-digit OpenPGP fingerprint, "
+                              f"got {cfg.publish.signing_key!r}")
+        cfg.publish.signing_key = norm
     if not _TIME_RE.match(cfg.service.sync_time):
         raise ConfigError(f"service.sync_time: expected HH:MM (UTC), got {cfg.service.sync_time!r}")
     for key in ("retry_interval", "retry_deadline", "lease_seconds", "poll_interval"):
