@@ -347,3 +347,21 @@ def test_tar_writer_long_names_roundtrip(tmp_path: Path) -> None:
     assert (tmp_path / names[2]).read_bytes() == b"abc"
     assert os.readlink(tmp_path / "top/l") == ("x" * 90 + "/") * 2 + "t"
     assert (tmp_path / "top/ü-ñ").stat().st_mode & 0o777 == 0o755
+
+
+def test_config_file_and_flag_override(synced: Path, gpg_key: testlib.Key, tmp_path: Path) -> None:
+    cfg = tmp_path / "snapshotter.toml"
+    cfg.write_text(f'repo = "{synced}"\n[publish]\nout = "www"\nsigning_key = "{gpg_key.fingerprint.lower()}"\n'
+                   f'gnupghome = "{gpg_key.home}"\nkeep = 1\nxz_level = 0\nxz_threads = 2\n')
+    r = testlib.run_cli("--config", str(cfg), "publish", "--all")
+    assert r.returncode == 0, r.stderr
+    # keep = 1: --all only compresses the day that survives pruning.
+    assert pub.published_days(tmp_path / "www/snapshots") == [date(2026, 1, 12)]
+    assert r.stdout.count("published ") == 1
+    r = testlib.run_cli("--config", str(cfg), "publish", "--out", str(tmp_path / "flag"), "--keep", "0", "--all")
+    assert r.returncode == 0, r.stderr
+    assert len(pub.published_days(tmp_path / "flag/snapshots")) == 3
+    cfg.write_text(cfg.read_text().replace(gpg_key.fingerprint.lower(), "not-a-key"))
+    r = testlib.run_cli("--config", str(cfg), "publish")
+    assert r.returncode == 1 and "publish.signing_key: expected a 40-hex-digit" in r.stderr
+    assert r.stderr.count("\n") == 1
