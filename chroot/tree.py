@@ -11,6 +11,7 @@ from chroot.profile import Overlay
 from snapshotter.errors import SnapshotterError
 from snapshotter.export import export_tree
 from snapshotter.gitrepo import git
+from snapshotter.lock import flocked
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +48,17 @@ def fetch_overlay(overlay: Overlay, cache_dir: Path) -> ResolvedOverlay:
     the overlay.
     """
     cache = cache_dir / "overlays" / f"{overlay.name}.git"
-    if not (cache / "HEAD").is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        git(cache, "init", "--quiet", "--bare")
-    log.info("overlay %s: fetching %s", overlay.name, overlay.url)
-    try:
-        git(cache, "fetch", "--quiet", "--force", "--prune", "--no-write-fetch-head", "--end-of-options",
-            overlay.url, "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*")
-    except SnapshotterError as e:
-        raise SnapshotterError(f"overlay {overlay.name}: fetching {overlay.url} failed: {e}") from None
+    # Builds of different profiles may share an overlay cache: one fetch at a time.
+    with flocked(cache_dir / "overlays" / f"{overlay.name}.lock", f"overlay cache {overlay.name}", wait=600):
+        if not (cache / "HEAD").is_file():
+            cache.mkdir(parents=True, exist_ok=True)
+            git(cache, "init", "--quiet", "--bare")
+        log.info("overlay %s: fetching %s", overlay.name, overlay.url)
+        try:
+            git(cache, "fetch", "--quiet", "--force", "--prune", "--no-write-fetch-head", "--end-of-options",
+                overlay.url, "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*")
+        except SnapshotterError as e:
+            raise SnapshotterError(f"overlay {overlay.name}: fetching {overlay.url} failed: {e}") from None
     candidates = [f"refs/tags/{overlay.ref}", f"refs/heads/{overlay.ref}"]
     if all(c in "0123456789abcdef" for c in overlay.ref.lower()) and 7 <= len(overlay.ref) <= 64:
         candidates.append(overlay.ref)

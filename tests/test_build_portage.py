@@ -24,7 +24,7 @@ import stage as test_stage
 import testlib
 
 from chroot import builder, portageconf, tree
-from chroot.mounts import mounts_under, safe_rmtree
+from chroot.mounts import mounts_under, parse_mountinfo, safe_rmtree
 from chroot.profile import Overlay, parse_profile
 from chroot.stage import extract_stage
 
@@ -290,7 +290,13 @@ def test_sigterm_and_ctrl_c_clean_up(env, sig, status):
             time.sleep(0.5)
         (build_dir,) = work.iterdir()
         root = build_dir / "root"
-        assert _processes_in(root)
+        inside_pids = _processes_in(root)
+        assert inside_pids
+        # The build's mounts exist only in its private namespace: the host sees none of them.
+        assert mounts_under(root) == []
+        # ... while a process in the chroot sees them (its mountinfo lists paths relative to its root).
+        ns = {m.mount_point for m in parse_mountinfo(Path(f"/proc/{inside_pids[0]}/mountinfo").read_text())}
+        assert {"/proc", "/dev", "/sys", "/var/cache/binpkgs"} <= ns, ns
         t0 = time.monotonic()
         proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=60)
