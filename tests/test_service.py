@@ -183,3 +183,17 @@ def test_sigterm_during_a_sync_finishes_the_step_and_exits_0(tmp_path: Path, htt
     assert len(jobs(tmp_path)) == 2
     tags = testlib.run_cli("--config", str(cfg), "tags")
     assert tags.stdout.startswith("2026-11-20 ")
+
+
+def test_sync_command_queues_builds_for_the_tags_it_imports(tmp_path: Path, http_mirror, gpg_key):
+    testlib.build_snapshot(http_mirror.root, D19, key=gpg_key)
+    testlib.build_snapshot(http_mirror.root, D20, key=gpg_key)
+    cfg = write_config(tmp_path, http_mirror, gpg_key, service='build_profiles = ["server"]')
+    proc = testlib.run_cli("--config", str(cfg), "sync", "--date", "20261119", env=now_env())
+    assert proc.returncode == 0, proc.stderr
+    proc = testlib.run_cli("--config", str(cfg), "sync", env=now_env())
+    assert proc.returncode == 0, proc.stderr
+    # Only the configured profile; one job per new tag, as a push of the tags would queue.
+    assert jobs(tmp_path) == [("server", "2026-11-19", ()), ("server", "2026-11-20", ())]
+    proc = testlib.run_cli("--config", str(cfg), "sync", env=now_env())
+    assert proc.returncode == 0 and len(jobs(tmp_path)) == 2

@@ -128,6 +128,8 @@ def sync(state: State, repo: Path | None, mirrors: tuple[str, ...], keyrings: tu
         progress.close()
     for result in report.imported:
         click.echo(f"{result.tag} {result.commit} {result.changed}")
+    from snapshotter.triggers import queue_builds_for_tags  # new tags queue builds, as a push would
+    queue_builds_for_tags(cfg, [r.tag for r in report.imported])
     if report.up_to_date:
         newest = Mirror(cfg.repo, cfg.git.branch).newest_tag()
         click.echo(f"already up to date (newest tag {newest.name})" if newest
