@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
+import git as git_lib
+
 from snapshotter.errors import SnapshotterError
 
 TAG_RE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})$")
@@ -106,18 +108,23 @@ class Mirror:
         git(self.path, "config", "core.fsyncMethod", "fsync")
         return self
 
+    def _repo(self) -> git_lib.Repo:
+        return git_lib.Repo(self.path)
+
     def tags(self) -> list[Tag]:
-        """Date tags, oldest first, with the commit each points at."""
+        """Date tags, oldest first, with the commit each points at (read with GitPython)."""
         if not self.exists():
             return []
-        out = git(self.path, "for-each-ref", "--format=%(refname:strip=2) %(*objectname) %(objectname)",
-                  "refs/tags").stdout.decode()
         tags = []
-        for line in out.splitlines():
-            name, peeled, obj = line.split(" ")
-            day = tag_date(name)
-            if day is not None:
-                tags.append(Tag(name, day, peeled or obj))
+        with self._repo() as repo:
+            for ref in repo.tags:
+                day = tag_date(ref.name)
+                if day is None:
+                    continue
+                try:
+                    tags.append(Tag(ref.name, day, ref.commit.hexsha))
+                except ValueError:  # a date-named tag that is not a commit: not one of ours
+                    continue
         return sorted(tags, key=lambda t: t.day)
 
     def newest_tag(self) -> Tag | None:
@@ -133,8 +140,12 @@ class Mirror:
         raise SnapshotterError(f"no tag {name} in {self.path}")
 
     def head(self) -> str | None:
-        proc = git(self.path, "rev-parse", "--verify", "--quiet", f"{self.branch_ref}^{{commit}}", check=False)
-        return proc.stdout.decode().strip() or None if proc.returncode == 0 else None
+        """The commit `main` points at, or None before the first import."""
+        with self._repo() as repo:
+            try:
+                return repo.commit(self.branch_ref).hexsha
+            except (git_lib.BadName, ValueError):
+                return None
 
     @property
     def lock_path(self) -> Path:
