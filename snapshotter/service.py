@@ -25,7 +25,14 @@ from typing import TYPE_CHECKING
 
 import schedule
 
-from snapshotter.errors import EXIT_ERROR, EXIT_OK, EXIT_PUSH_FAILED, LockedError, SnapshotterError
+from snapshotter.errors import (
+    EXIT_ERROR,
+    EXIT_LOCKED,
+    EXIT_OK,
+    EXIT_PUSH_FAILED,
+    LockedError,
+    SnapshotterError,
+)
 from snapshotter.gitrepo import Mirror
 
 if TYPE_CHECKING:
@@ -40,6 +47,7 @@ class CycleResult:
     newest: str | None = None
     missing: bool = False  # the newest snapshot that should exist by now is not imported
     error: str | None = None  # the sync failed
+    locked: bool = False  # another sync held the repository lock
     push_failed: list[str] = field(default_factory=list)
     published: bool = False
     publish_error: str | None = None
@@ -52,6 +60,8 @@ class CycleResult:
 
     @property
     def exit_status(self) -> int:
+        if self.locked and self.publish_error is None:
+            return EXIT_LOCKED
         if self.error is not None or self.publish_error is not None:
             return EXIT_ERROR
         if self.push_failed:
@@ -102,7 +112,7 @@ def step_sync(cfg: Config, result: CycleResult) -> None:
         for remote in report.pushed:
             log.info("pushed to %s", remote)
     except LockedError as e:
-        result.error = str(e)
+        result.error, result.locked = str(e), True
         log.warning("sync skipped: %s", e)
     except SnapshotterError as e:
         result.error = str(e)

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+STOP_GRACE = 30.0  # seconds a stopping build gets to clean up before it is killed
 
 
 @dataclass
@@ -76,11 +77,29 @@ class Worker:
         self._child: subprocess.Popen[bytes] | None = None
 
     def stop(self) -> None:
-        """Ask the worker to stop: the current build is killed and its job handed back."""
+        """Ask the worker to stop: the current build is stopped and its job handed back.
+
+        The build gets SIGTERM first (the builder then removes its root and exits); if it has not
+        exited after STOP_GRACE seconds it is killed with its whole process tree.
+        """
+        if self.stopping.is_set():
+            return
         self.stopping.set()
         child = self._child
-        if child is not None and child.poll() is None:
-            child.kill()  # unshare --kill-child takes the whole build tree with it
+        if child is None or child.poll() is not None:
+            return
+        try:  # the build process: unshare's only child, PID 1 of the build's namespace
+            kids = Path(f"/proc/{child.pid}/task/{child.pid}/children").read_text().split()
+            for pid in kids:
+                os.kill(int(pid), signal.SIGTERM)
+        except (OSError, ValueError):
+            kids = []
+        if not kids:
+            child.kill()
+            return
+        timer = threading.Timer(STOP_GRACE, lambda: child.poll() is None and child.kill())
+        timer.daemon = True
+        timer.start()
 
     # -- one job -------------------------------------------------------------------------------
     def run_one(self, skip: Collection[int] = ()) -> JobRecord | None:

@@ -197,3 +197,17 @@ def test_sync_command_queues_builds_for_the_tags_it_imports(tmp_path: Path, http
     assert jobs(tmp_path) == [("server", "2026-11-19", ()), ("server", "2026-11-20", ())]
     proc = testlib.run_cli("--config", str(cfg), "sync", env=now_env())
     assert proc.returncode == 0 and len(jobs(tmp_path)) == 2
+
+
+def test_run_once_while_another_sync_holds_the_lock_exits_75(tmp_path: Path, http_mirror, gpg_key):
+    import fcntl
+
+    testlib.build_snapshot(http_mirror.root, D20, key=gpg_key)
+    cfg = write_config(tmp_path, http_mirror, gpg_key)
+    repo = tmp_path / "gentoo.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(repo)], check=True)
+    with open(repo / "snapshotter.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = testlib.run_cli("--config", str(cfg), "run", "--once", env=now_env())
+    assert proc.returncode == 75 and "sync skipped:" in proc.stderr and "locked" in proc.stderr
+    assert jobs(tmp_path) == []

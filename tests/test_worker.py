@@ -93,13 +93,15 @@ def start_worker(cfg: Path, *args: str) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
-def procs_with_cmdline(argv: list[str]) -> list[int]:
+def procs_with_cmdline(argv: list[str], under: Path) -> list[int]:
+    """Processes running `argv` chrooted somewhere below `under` (our build roots only)."""
     want = ("\0".join(argv) + "\0").encode()
+    prefix = str(under.resolve()) + "/"
     found = []
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
             try:
-                if (p / "cmdline").read_bytes() == want:
+                if (p / "cmdline").read_bytes() == want and os.readlink(p / "root").startswith(prefix):
                     found.append(int(p.name))
             except OSError:
                 pass
@@ -165,13 +167,13 @@ def test_worker_killed_mid_job_is_taken_over_after_the_lease_and_never_runs_twic
     assert q.enqueue(Job("tiny", "2026-11-19")) == (jid, False)  # duplicate enqueue: one job
     a = start_worker(cfg, "--lease", "2", "--poll", "0.2")
     try:
-        wait_for(lambda: procs_with_cmdline(["sleep", "3.7"]), 30, "the build to start")
+        wait_for(lambda: procs_with_cmdline(["sleep", "3.7"], tmp_path), 30, "the build to start")
         rec = q.get(jid)
         assert rec.state == "running" and rec.worker.endswith(f":{a.pid}")
         a.send_signal(signal.SIGKILL)
         a.wait()
         # The kernel takes the whole build tree down with the worker (PID namespace + PDEATHSIG).
-        wait_for(lambda: not procs_with_cmdline(["sleep", "3.7"]), 5, "the orphaned build to die")
+        wait_for(lambda: not procs_with_cmdline(["sleep", "3.7"], tmp_path), 5, "the orphaned build to die")
         assert q.get(jid).state == "running"  # ... but the queue only learns it from the lease
         assert testlib.run_cli("--config", str(cfg), "worker", "--once").stdout == ""
         assert q.get(jid).state == "running"  # lease not yet expired: nobody else takes it
@@ -198,7 +200,7 @@ def test_sigterm_kills_the_build_and_hands_the_job_back(tmp_path: Path, stand_in
     slow, _ = q.enqueue(Job("tiny", "2026-11-20"))
     w1 = start_worker(cfg, "--poll", "0.2")
     try:
-        wait_for(lambda: procs_with_cmdline(["sleep", "60"]), 30, "the slow build to start")
+        wait_for(lambda: procs_with_cmdline(["sleep", "60"], tmp_path), 30, "the slow build to start")
         t0 = time.monotonic()
         w1.send_signal(signal.SIGTERM)
         out, _ = w1.communicate(timeout=20)
@@ -206,7 +208,9 @@ def test_sigterm_kills_the_build_and_hands_the_job_back(tmp_path: Path, stand_in
         assert w1.returncode == 0, out
         assert "handed back to the queue" in out and "Traceback" not in out
         assert q.get(slow).state == QUEUED  # no need to wait for the lease
-        wait_for(lambda: not procs_with_cmdline(["sleep", "60"]), 5, "the build to be killed")
+        wait_for(lambda: not procs_with_cmdline(["sleep", "60"], tmp_path), 5, "the build to be killed")
+        # The builder got SIGTERM first and cleaned up its root before exiting.
+        assert not [p for p in (tmp_path / "work" / "tiny").iterdir() if p.is_dir()]
     finally:
         if w1.poll() is None:
             w1.kill()
