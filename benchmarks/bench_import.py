@@ -1,0 +1,375 @@
+"""Benchmark of the snapshot import (issue 2): our importer against `xz -dc` and the seed's procedure.
+
+Builds (once, cached under WORK/trees/) day 1, day 2 and a heavy day of a realistic generated tree
+(benchmarks/treegen.py), then measures in one run, on the disk under WORK:
+
+  * `xz -dc TARBALL > /dev/null` of each tarball (best of 3; the baseline the targets are relative to);
+  * our first import (day 1 into an empty bare repository), our daily import (day 2) and a heavy day,
+    each a call of snapshotter.importer.import_tarball() in a fresh child process, which reports its
+    own peak RSS and that of its children (git fast-import, xz) via getrusage;
+  * the seed's procedure (seeds/001): extract day 1 + `git add -A` + commit + tag; then extract day 2,
+    `rsync -a --delete --exclude=/.git` it over the work tree, `git add -A` + commit + tag;
+  * the size of our repository after `git gc` following day 1 and day 2 (growth per typical day).
+
+It prints a table with the ratios against the baselines measured in the same run and PASS/FAIL for
+each target of issue 2; the exit status is 1 when a target is missed (2 for a setup error).
+
+    python benchmarks/bench_import.py [--scale 1] [--work DIR] [--heavy 20000] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import treegen  # noqa: E402
+
+DAY1 = treegen.FIRST_DAY
+DAY2 = date.fromordinal(DAY1.toordinal() + 1)
+DAY3 = date.fromordinal(DAY1.toordinal() + 2)
+
+# Targets of issue 2.
+DAILY_MAX = 1.5  # daily import <= 1.5 x `xz -dc` of that day's tarball
+FIRST_MAX = 4.0  # first import <= 4 x `xz -dc` of its tarball
+SEED_MIN = 20.0  # the seed's daily procedure >= 20 x slower than our daily import
+RSS_MAX_MB = 150.0
+GROWTH_MAX = 0.03  # repo growth per typical day after gc <= 3 % of the day's tarball
+
+SEED_ENV = {
+    "GIT_AUTHOR_NAME": "Seed Procedure", "GIT_AUTHOR_EMAIL": "seed@localhost",
+    "GIT_COMMITTER_NAME": "Seed Procedure", "GIT_COMMITTER_EMAIL": "seed@localhost",
+}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- the measured child: one import_tarball() call in a fresh interpreter ----------------------------
+
+def child(params: dict) -> None:
+    """Run in a fresh interpreter: time one import and print figures as JSON on stdout."""
+    from snapshotter.gitrepo import Mirror
+    from snapshotter.importer import Identity, import_tarball
+
+    mirror = Mirror(Path(params["repo"]))
+    identity = Identity("Portage Snapshotter Bench", "bench@localhost")
+    tarball = Path(params["tarball"])
+    day = date.fromisoformat(params["day"])
+    profiler = None
+    if params.get("profile"):
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    r0, c0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    result = import_tarball(mirror, tarball, identity, file_day=day)
+    seconds = time.perf_counter() - t0
+    r1, c1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    if profiler is not None:
+        import io
+        import pstats
+
+        profiler.disable()
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(20)
+        Path(params["profile"]).write_text(out.getvalue())
+    print(json.dumps({
+        "seconds": seconds,
+        "cpu_self": (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime),
+        "cpu_children": (c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime),
+        "maxrss_self_mb": r1.ru_maxrss / 1024,  # Linux: KiB
+        "maxrss_children_mb": c1.ru_maxrss / 1024,  # the largest child that was waited for
+        "tag": result.tag, "commit": result.commit, "changed": result.changed,
+    }))
+
+
+def run_import(repo: Path, tarball: Path, day: date, profile: Path | None = None) -> dict:
+    params = {"repo": str(repo), "tarball": str(tarball), "day": day.isoformat()}
+    if profile is not None:
+        params["profile"] = str(profile)
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(params)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench: import of {tarball.name} failed:\n{proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- baselines -----------------------------------------------------------------------------------------
+
+def time_cmd(cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None,
+             stdout=subprocess.DEVNULL) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, cwd=cwd, env=env, stdout=stdout, check=True)
+    return time.perf_counter() - t0
+
+
+def time_xz(tarball: Path, runs: int = 3) -> float:
+    return min(time_cmd(["xz", "-dc", str(tarball)]) for _ in range(runs))
+
+
+def git_env() -> dict[str, str]:
+    from snapshotter.gitrepo import git_env as env
+
+    return env(SEED_ENV)
+
+
+def seed_procedure(work: Path, day1: Path, day2: Path, heavy: Path | None) -> dict[str, dict[str, float]]:
+    """The seed's manual procedure, step by step (seeds/001: emerge-webrsync into a checkout, add, commit,
+    tag). emerge-webrsync extracts the tarball to a temporary directory and rsyncs it over the tree."""
+    env = git_env()
+    wt = work / "seed"
+    shutil.rmtree(wt, ignore_errors=True)
+    wt.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=wt, env=env, check=True)
+
+    def commit(tag: str) -> tuple[float, float]:
+        add = time_cmd(["git", "add", "-A"], cwd=wt, env=env)
+        t0 = time.perf_counter()
+        subprocess.run(["git", "commit", "-q", "-m", f"Update portage tree to {tag}"], cwd=wt, env=env, check=True)
+        subprocess.run(["git", "tag", "-a", "-m", f"Tagging {tag}", tag], cwd=wt, env=env, check=True)
+        return add, time.perf_counter() - t0
+
+    out: dict[str, dict[str, float]] = {}
+    # As the seed's user (not root): files are not chowned to portage (250) on extraction or rsync.
+    extract = time_cmd(["tar", "-xJf", str(day1), "--no-same-owner", "--strip-components=1", "-C", str(wt)])
+    add, com = commit(DAY1.isoformat())
+    out["first"] = {"extract": extract, "add": add, "commit": com, "total": extract + add + com}
+    for label, tarball, day in (("daily", day2, DAY2), ("heavy", heavy, DAY3)):
+        if tarball is None:
+            continue
+        tmp = work / "seed-extract"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        extract = time_cmd(["tar", "-xJf", str(tarball), "--no-same-owner", "-C", str(tmp)])
+        (top,) = list(tmp.iterdir())
+        rsync = time_cmd(["rsync", "-a", "--no-owner", "--no-group", "--delete", "--exclude=/.git",
+                          f"{top}/", f"{wt}/"])
+        add, com = commit(day.isoformat())
+        out[label] = {"extract": extract, "rsync": rsync, "add": add, "commit": com,
+                      "total": extract + rsync + add + com}
+        shutil.rmtree(tmp)
+    shutil.rmtree(wt)
+    return out
+
+
+def repo_bytes(repo: Path) -> int:
+    """Bytes of the repository's object store (packs and loose objects)."""
+    return sum(p.stat().st_size for p in (repo / "objects").rglob("*") if p.is_file())
+
+
+def incremental_pack(repo: Path, old: str, new: str) -> int:
+    """Bytes of a pack holding what `new` adds to `old` (deltas against old objects allowed): the growth
+    a day costs, independent of how `git gc` happens to choose deltas for the rest of the repository."""
+    proc = subprocess.run(["git", f"--git-dir={repo}", "pack-objects", "--revs", "--thin", "--stdout", "-q"],
+                          input=f"{new}\n^{old}\n".encode(), capture_output=True, env=git_env(), check=True)
+    return len(proc.stdout)
+
+
+def gc(repo: Path) -> int:
+    subprocess.run(["git", f"--git-dir={repo}", "gc", "-q"], env=git_env(), check=True)
+    return repo_bytes(repo)
+
+
+# --- environment -------------------------------------------------------------------------------------
+
+def fs_type(path: Path) -> str:
+    """The filesystem type of the mount holding `path` (longest mount point prefix)."""
+    path = path.resolve()
+    best, kind = "", "?"
+    with open("/proc/mounts") as f:
+        for line in f:
+            _dev, mnt, typ, *_ = line.split()
+            mnt = mnt.replace("\\040", " ")
+            if (str(path) == mnt or str(path).startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+                best, kind = mnt, typ
+    return kind
+
+
+def machine() -> dict[str, object]:
+    cpu = "?"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    version = lambda cmd: subprocess.run(cmd, capture_output=True, text=True).stdout.splitlines()[0]  # noqa: E731
+    return {"cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
+            "git": version(["git", "--version"]), "xz": version(["xz", "--version"]),
+            "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+
+
+# --- main ----------------------------------------------------------------------------------------------
+
+def ensure_tarballs(work: Path, scale: float, seed: int, heavy: int) -> tuple[list[Path], dict]:
+    d = work / "trees" / f"scale{scale:g}-seed{seed}-heavy{heavy}-v{treegen.GENERATOR_VERSION}"
+    days = [DAY1, DAY2] + ([DAY3] if heavy else [])
+    tarballs = [d / treegen.tarball_name(day) for day in days]
+    info_file = d / "info.json"
+    if all(t.exists() for t in tarballs) and info_file.exists():
+        log(f"using cached tarballs in {d}")
+        return tarballs, json.loads(info_file.read_text())
+    log(f"generating tarballs in {d} (once; cached afterwards)")
+    treegen.generate(d, scale, seed, heavy=heavy, days=2, log=log)
+    return tarballs, json.loads(info_file.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", type=float, default=1.0, help="tree size relative to the real tree (default 1)")
+    ap.add_argument("--work", type=Path, default=HERE / "work", help="work directory ON DISK (default "
+                    "benchmarks/work)")
+    ap.add_argument("--heavy", type=int, default=20000, help="md5-cache entries the heavy day rewrites at "
+                    "scale 1, multiplied by --scale (default 20000; 0: no heavy day)")
+    ap.add_argument("--seed", type=int, default=1, help="generator seed (default 1)")
+    ap.add_argument("--json", type=Path, help="also write every figure to this JSON file")
+    ap.add_argument("--no-seed-procedure", action="store_true", help="skip the (slow) seed procedure")
+    ap.add_argument("--profile", type=Path, metavar="DIR", help="run our imports under cProfile, write the "
+                    "top functions to DIR/<step>.txt")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        child(json.loads(args.child))
+        return 0
+
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    fs = fs_type(work)
+    if fs in ("tmpfs", "ramfs"):
+        log(f"bench: error: {work} is on {fs}; the targets are for a real disk (use --work)")
+        return 2
+    heavy = round(args.heavy * args.scale)
+    tarballs, info = ensure_tarballs(work, args.scale, args.seed, heavy)
+    day1, day2 = tarballs[0], tarballs[1]
+    day3 = tarballs[2] if heavy else None
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
+
+    fig: dict[str, object] = {"scale": args.scale, "seed": args.seed, "heavy_entries": heavy, "work": str(work),
+                              "filesystem": fs, "machine": machine(), "tree": info,
+                              "started": datetime.now(UTC).isoformat(timespec="seconds")}
+    log("timing xz -dc ...")
+    xz = {"first": time_xz(day1), "daily": time_xz(day2)}
+    if day3:
+        xz["heavy"] = time_xz(day3)
+    fig["xz_dc"] = xz
+    fig["tarball_bytes"] = {"first": day1.stat().st_size, "daily": day2.stat().st_size,
+                            **({"heavy": day3.stat().st_size} if day3 else {})}
+
+    log("our imports ...")
+    runs = work / "run"
+    repo = runs / "ours.git"
+    shutil.rmtree(repo, ignore_errors=True)
+    prof = (lambda name: args.profile / f"{name}.txt") if args.profile else (lambda name: None)
+    ours = {"first": run_import(repo, day1, DAY1, prof("first"))}
+    size1 = gc(repo)
+    ours["daily"] = run_import(repo, day2, DAY2, prof("daily"))
+    size2 = gc(repo)
+    if day3:
+        ours["heavy"] = run_import(repo, day3, DAY3, prof("heavy"))
+        fig["repo_bytes_after_heavy_gc"] = gc(repo)
+    fig["ours"] = ours
+    fig["repo_bytes"] = {"day1_gc": size1, "day2_gc": size2,
+                         "day2_pack": incremental_pack(repo, ours["first"]["commit"], ours["daily"]["commit"])}
+    shutil.rmtree(repo)
+
+    if not args.no_seed_procedure:
+        log("the seed's procedure ...")
+        fig["seed_procedure"] = seed_procedure(runs, day1, day2, day3)
+    fig["load_before"], fig["load_after"] = load_before, os.getloadavg()
+
+    checks = evaluate(fig)
+    fig["checks"] = checks
+    print(report(fig))
+    if args.json:
+        args.json.write_text(json.dumps(fig, indent=1) + "\n")
+    return 0 if all(c["ok"] for c in checks) else 1
+
+
+def evaluate(fig: dict) -> list[dict]:
+    xz, ours = fig["xz_dc"], fig["ours"]
+    checks = [
+        {"name": "first import / xz -dc day 1", "value": ours["first"]["seconds"] / xz["first"],
+         "limit": FIRST_MAX, "op": "<=", "unit": "x"},
+        {"name": "daily import / xz -dc day 2", "value": ours["daily"]["seconds"] / xz["daily"],
+         "limit": DAILY_MAX, "op": "<=", "unit": "x"},
+    ]
+    if "heavy" in ours:
+        checks.append({"name": "heavy-day import / xz -dc of it", "value": ours["heavy"]["seconds"] / xz["heavy"],
+                       "limit": DAILY_MAX, "op": "<=", "unit": "x"})
+    if "seed_procedure" in fig:
+        checks.append({"name": "seed's daily procedure / our daily import",
+                       "value": fig["seed_procedure"]["daily"]["total"] / ours["daily"]["seconds"],
+                       "limit": SEED_MIN, "op": ">=", "unit": "x"})
+    rss = max(r["maxrss_self_mb"] + r["maxrss_children_mb"] for r in ours.values())
+    checks.append({"name": "peak RSS of an import (self + largest child)", "value": rss, "limit": RSS_MAX_MB,
+                   "op": "<=", "unit": " MB"})
+    growth = max(fig["repo_bytes"]["day2_gc"] - fig["repo_bytes"]["day1_gc"], fig["repo_bytes"]["day2_pack"])
+    checks.append({"name": "repo growth per typical day / tarball (a)",
+                   "value": 100 * growth / fig["tarball_bytes"]["daily"], "limit": 100 * GROWTH_MAX,
+                   "op": "<=", "unit": " %"})
+    for c in checks:
+        c["ok"] = c["value"] <= c["limit"] if c["op"] == "<=" else c["value"] >= c["limit"]
+    return checks
+
+
+def report(fig: dict) -> str:
+    mb = lambda n: f"{n / 1e6:.1f} MB"  # noqa: E731
+    m, xz, ours, tb = fig["machine"], fig["xz_dc"], fig["ours"], fig["tarball_bytes"]
+    shape = fig["tree"]["days"][0].get("shape", {})
+    lines = [
+        f"Import benchmark, scale {fig['scale']:g} (seed {fig['seed']}), {fig['started']}",
+        f"machine: {m['cores']} cores {m['cpu']}, {m['mem_gb']} GB; {m['git']}; {m['xz']}",
+        f"work dir: {fig['work']} ({fig['filesystem']}); load average before {fig['load_before'][0]:.2f}, "
+        f"after {fig['load_after'][0]:.2f}",
+        f"tree: {shape.get('files', '?'):,} files, {shape.get('packages', '?'):,} packages, "
+        f"{shape.get('ebuilds', '?'):,} ebuilds; tarballs: day 1 {mb(tb['first'])}, day 2 {mb(tb['daily'])}"
+        + (f", heavy day ({fig['heavy_entries']:,} md5-cache rewrites) {mb(tb['heavy'])}" if "heavy" in tb else ""),
+        "",
+        f"{'step':44} {'seconds':>8} {'x xz -dc':>9} {'peak RSS MB':>12} {'files changed':>14}",
+    ]
+    labels = {"first": "day 1", "daily": "day 2", "heavy": "heavy day"}
+    for k in xz:
+        lines.append(f"{'xz -dc ' + labels[k] + ' > /dev/null (best of 3)':44} {xz[k]:8.2f} {1:9.2f}")
+    for k, r in ours.items():
+        name = {"first": "our first import (day 1)", "daily": "our daily import (day 2)",
+                "heavy": "our heavy-day import"}[k]
+        rss = f"{r['maxrss_self_mb']:.0f}+{r['maxrss_children_mb']:.0f}"
+        lines.append(f"{name:44} {r['seconds']:8.2f} {r['seconds'] / xz[k]:9.2f} {rss:>12} {r['changed']:14,}")
+    for k, s in fig.get("seed_procedure", {}).items():
+        steps = " + ".join(f"{n} {v:.1f}" for n, v in s.items() if n != "total")
+        name = {"first": "seed: extract day 1, add, commit, tag", "daily": "seed: extract day 2, rsync, add, "
+                "commit, tag", "heavy": "seed: the same for the heavy day"}[k]
+        lines.append(f"{name:44} {s['total']:8.2f} {s['total'] / xz[k]:9.2f}   ({steps})")
+    rb = fig["repo_bytes"]
+    lines.append(f"{'repo after day 1 + git gc':44} {mb(rb['day1_gc']):>8}")
+    lines.append(f"{'repo after day 2 + git gc':44} {mb(rb['day2_gc']):>8}   "
+                 f"(growth {(rb['day2_gc'] - rb['day1_gc']) / 1e3:.0f} kB; the day's objects as an "
+                 f"incremental pack: {rb['day2_pack'] / 1e3:.0f} kB)")
+    if "repo_bytes_after_heavy_gc" in fig:
+        lines.append(f"{'repo after heavy day + git gc':44} {mb(fig['repo_bytes_after_heavy_gc']):>8}")
+    lines += ["", f"{'target':52} {'measured':>10} {'limit':>10}  result"]
+    notes = ["(a) the larger of: repo size difference after `git gc`, incremental pack of the day",
+             "peak RSS: ru_maxrss of the importing process plus that of its largest child"]
+    for c in fig["checks"]:
+        val = f"{c['value']:.2f}{c['unit']}"
+        lim = f"{c['op']} {c['limit']:g}{c['unit']}"
+        lines.append(f"{c['name']:52} {val:>10} {lim:>10}  {'PASS' if c['ok'] else 'FAIL'}")
+    return "\n".join(lines + notes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
