@@ -171,12 +171,16 @@ def repo_bytes(repo: Path) -> int:
     return sum(p.stat().st_size for p in (repo / "objects").rglob("*") if p.is_file())
 
 
-def incremental_pack(repo: Path, old: str, new: str) -> int:
-    """Bytes of a pack holding what `new` adds to `old` (deltas against old objects allowed): the growth
-    a day costs, independent of how `git gc` happens to choose deltas for the rest of the repository."""
-    proc = subprocess.run(["git", f"--git-dir={repo}", "pack-objects", "--revs", "--thin", "--stdout", "-q"],
-                          input=f"{new}\n^{old}\n".encode(), capture_output=True, env=git_env(), check=True)
-    return len(proc.stdout)
+def new_objects_bytes(repo: Path, old: str, new: str) -> int:
+    """On-disk bytes of the objects reachable from `new` but not from `old` (after gc). git stores the
+    newest version of an object whole and older ones as deltas against it, so this is an upper bound of
+    what the day costs; the old versions shrink into deltas at the same time."""
+    objs = subprocess.run(["git", f"--git-dir={repo}", "rev-list", "--objects", new, f"^{old}"],
+                          capture_output=True, env=git_env(), check=True).stdout
+    ids = b"".join(line.split(b" ", 1)[0] + b"\n" for line in objs.splitlines())
+    sizes = subprocess.run(["git", f"--git-dir={repo}", "cat-file", "--batch-check=%(objectsize:disk)"],
+                           input=ids, capture_output=True, env=git_env(), check=True).stdout
+    return sum(int(x) for x in sizes.split())
 
 
 def gc(repo: Path) -> int:
@@ -283,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         fig["repo_bytes_after_heavy_gc"] = gc(repo)
     fig["ours"] = ours
     fig["repo_bytes"] = {"day1_gc": size1, "day2_gc": size2,
-                         "day2_pack": incremental_pack(repo, ours["first"]["commit"], ours["daily"]["commit"])}
+                         "day2_new_objects": new_objects_bytes(repo, ours["first"]["commit"],
+                                                               ours["daily"]["commit"])}
     shutil.rmtree(repo)
 
     if not args.no_seed_procedure:
@@ -317,8 +322,8 @@ def evaluate(fig: dict) -> list[dict]:
     rss = max(r["maxrss_self_mb"] + r["maxrss_children_mb"] for r in ours.values())
     checks.append({"name": "peak RSS of an import (self + largest child)", "value": rss, "limit": RSS_MAX_MB,
                    "op": "<=", "unit": " MB"})
-    growth = max(fig["repo_bytes"]["day2_gc"] - fig["repo_bytes"]["day1_gc"], fig["repo_bytes"]["day2_pack"])
-    checks.append({"name": "repo growth per typical day / tarball (a)",
+    growth = fig["repo_bytes"]["day2_gc"] - fig["repo_bytes"]["day1_gc"]
+    checks.append({"name": "repo growth per typical day after gc / tarball",
                    "value": 100 * growth / fig["tarball_bytes"]["daily"], "limit": 100 * GROWTH_MAX,
                    "op": "<=", "unit": " %"})
     for c in checks:
@@ -357,12 +362,13 @@ def report(fig: dict) -> str:
     rb = fig["repo_bytes"]
     lines.append(f"{'repo after day 1 + git gc':44} {mb(rb['day1_gc']):>8}")
     lines.append(f"{'repo after day 2 + git gc':44} {mb(rb['day2_gc']):>8}   "
-                 f"(growth {(rb['day2_gc'] - rb['day1_gc']) / 1e3:.0f} kB; the day's objects as an "
-                 f"incremental pack: {rb['day2_pack'] / 1e3:.0f} kB)")
+                 f"(growth {(rb['day2_gc'] - rb['day1_gc']) / 1e3:.0f} kB; the day's new objects as stored: "
+                 f"{rb['day2_new_objects'] / 1e3:.0f} kB = {100 * rb['day2_new_objects'] / tb['daily']:.1f} % "
+                 "of the tarball, an upper bound)")
     if "repo_bytes_after_heavy_gc" in fig:
         lines.append(f"{'repo after heavy day + git gc':44} {mb(fig['repo_bytes_after_heavy_gc']):>8}")
     lines += ["", f"{'target':52} {'measured':>10} {'limit':>10}  result"]
-    notes = ["(a) the larger of: repo size difference after `git gc`, incremental pack of the day",
+    notes = ["growth: object store size after day 2 + `git gc` minus after day 1 + `git gc`",
              "peak RSS: ru_maxrss of the importing process plus that of its largest child"]
     for c in fig["checks"]:
         val = f"{c['value']:.2f}{c['unit']}"
