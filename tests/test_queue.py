@@ -162,3 +162,39 @@ def test_claim_can_skip_jobs(tmp_path: Path):
     assert q.claim("w1", 60, skip={a}).id == b
     assert q.claim("w1", 60, skip={a}) is None
     assert q.claim("w1", 60).id == a
+
+
+def test_queue_cli_add_show_list_and_one_line_errors(tmp_path: Path):
+    import testlib
+    from test_hooks import make_config, make_repos
+
+    repos = make_repos(tmp_path)
+    ov = [{"name": "myov", "url": str(repos.overlay), "ref": "main"}]
+    cfg = str(make_config(tmp_path, repos.mirror, {"basic": ov, "desktop": ov}))
+    out = testlib.run_cli("--config", cfg, "queue", "add", "--profile", "basic", "--profile", "desktop",
+                          "--overlay", f"myov={C1}")
+    assert out.returncode == 0 and out.stdout == "queued: job 1\nqueued: job 2\n", out.stderr
+    out = testlib.run_cli("--config", cfg, "queue", "add", "--profile", "basic", "--overlay", f"myov={C1}")
+    assert out.stdout == "already queued: job 1\n"
+    out = testlib.run_cli("--config", cfg, "queue", "show", "1")
+    assert "tag: 2026-11-19\n" in out.stdout and f"overlays: myov={C1}\n" in out.stdout
+    assert "source: cli\n" in out.stdout
+    out = testlib.run_cli("--config", cfg, "queue", "--state", "queued", "-n", "1")
+    assert out.stdout.count("\n") == 1 and out.stdout.split()[:2] == ["2", "queued"]
+    for args, msg in [(["queue", "show", "99"], "no job 99"),
+                      (["queue", "retry", "99"], "no job 99"),
+                      (["queue", "add", "--profile", "nope"], "no profile 'nope'"),
+                      (["queue", "add", "--profile", "basic", "--tag", "2026-01-01"], "no tag 2026-01-01"),
+                      (["queue", "add", "--profile", "basic", "--tag", "$(id)"], "not a snapshot tag"),
+                      (["queue", "add", "--profile", "basic", "--overlay", "x"], "expected NAME=COMMIT"),
+                      (["queue", "add", "--profile", "basic", "--overlay", "myov=HEAD"], "not a full commit id"),
+                      (["queue", "add", "--profile", "basic", "--overlay", f"other={C1}"], "has no overlay 'other'")]:
+        out = testlib.run_cli("--config", cfg, *args)
+        errors = [line for line in out.stderr.splitlines() if line.startswith("snapshotter: error:")]
+        assert out.returncode == 1 and len(errors) == 1 and msg in errors[0], (args, out.stderr)
+        assert "Traceback" not in out.stderr
+    other = tmp_path / "other"
+    other.mkdir()
+    bad = make_config(other, repos.mirror, {"basic": []}, extra='[service]\nbuild_profiles = ["nope"]')
+    out = testlib.run_cli("--config", str(bad), "status")
+    assert out.returncode == 1 and "service.build_profiles[0]: no profile 'nope'" in out.stderr

@@ -136,22 +136,33 @@ def queue_add(state: State, profiles: tuple[str, ...], tag: str | None, overlays
     from snapshotter.queue import Job, open_queue
 
     cfg = state.config
+    mirror = Mirror(cfg.repo, cfg.git.branch)
     if tag is None:
-        newest = Mirror(cfg.repo, cfg.git.branch).newest_tag()
+        newest = mirror.newest_tag()
         if newest is None:
             raise SnapshotterError(f"the mirror {cfg.repo} has no snapshot tag yet")
         tag = newest.name
+    else:
+        tag = mirror.find_tag(tag).name
     pins = []
     for item in overlays:
         name, sep, commit = item.partition("=")
         if not sep:
             raise SnapshotterError(f"--overlay {item!r}: expected NAME=COMMIT")
         pins.append((name, commit))
-    q = open_queue(cfg)
+    jobs = []
     for profile in profiles:
-        if cfg.profiles and profile not in cfg.profiles:
-            raise SnapshotterError(f"no profile {profile!r} (known: {', '.join(sorted(cfg.profiles))})")
-        jid, created = q.enqueue(Job(profile, tag, tuple(pins)), source="cli")
+        if profile not in cfg.profiles:
+            raise SnapshotterError(f"no profile {profile!r} (known: {', '.join(sorted(cfg.profiles)) or 'none'})")
+        job = Job(profile, tag, tuple(pins))
+        known = {o.name for o in getattr(cfg.profiles[profile], "overlays", [])}
+        for name, _ in job.overlays:
+            if name not in known:
+                raise SnapshotterError(f"profile {profile} has no overlay {name!r}")
+        jobs.append(job)
+    q = open_queue(cfg)
+    for job in jobs:
+        jid, created = q.enqueue(job, source="cli")
         click.echo(f"{'queued' if created else 'already queued'}: job {jid}")
 
 
