@@ -172,8 +172,11 @@ class Worker:
                sys.executable, "-m", "snapshotter.worker", "--build-child", spec, str(result)]
         parent = os.getpid()
         with open(capture, "wb") as out:
-            self._child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                           preexec_fn=lambda: _die_with_parent(parent))
+            try:
+                self._child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                               preexec_fn=lambda: _die_with_parent(parent))
+            except OSError as e:
+                return Outcome(False, str(capture), f"cannot start the build: {e.strerror}: {cmd[0]}")
             try:
                 status = self._child.wait()
             finally:
