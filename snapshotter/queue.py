@@ -336,3 +336,8 @@ def queue_path(state_dir: Path) -> Path:
 def open_queue(cfg: Config) -> BuildQueue:
     """The configured queue (today: the embedded SQLite backend under `cfg.state_dir`)."""
     return SqliteQueue(queue_path(cfg.state_dir))
+
+
+def queue_exists(cfg: Config) -> bool:
+    """Has anything ever been queued (so that reading the queue needs no new state)?"""
+    return queue_path(cfg.state_dir).exists()

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from snapshotter import syncstate
 from snapshotter.gitrepo import Mirror
-from snapshotter.queue import FAILED, QUEUED, RUNNING, STATES, JobRecord, open_queue
+from snapshotter.queue import FAILED, QUEUED, RUNNING, STATES, JobRecord, open_queue, queue_exists
 
 if TYPE_CHECKING:
     from snapshotter.config import Config
@@ -35,6 +35,12 @@ def collect(cfg: Config, show: int = 10) -> Status:
     tags = mirror.tags()
     state = syncstate.load(mirror) if mirror.exists() else syncstate.SyncState()
     pending = syncstate.pending_pushes(cfg.git.push, mirror, state) if mirror.exists() else []
+    if not queue_exists(cfg):  # a read-only look creates nothing
+        return Status(repo=str(cfg.repo), newest_tag=tags[-1].name if tags else None,
+                      newest_commit=tags[-1].commit if tags else None, tag_count=len(tags),
+                      last_success=state.last_success, last_failure=state.last_failure,
+                      last_failure_reason=state.last_failure_reason, pending_pushes=pending,
+                      counts=dict.fromkeys(STATES, 0))
     queue = open_queue(cfg)
     return Status(repo=str(cfg.repo), newest_tag=tags[-1].name if tags else None,
                   newest_commit=tags[-1].commit if tags else None, tag_count=len(tags),

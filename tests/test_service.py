@@ -99,10 +99,11 @@ def test_run_once_reports_a_bad_signature_and_status_shows_it(tmp_path: Path, ht
     cfg = write_config(tmp_path, http_mirror, gpg_key)
     proc = testlib.run_cli("--config", str(cfg), "run", "--once", env=now_env())
     assert proc.returncode == 1 and "sync failed:" in proc.stderr and "Traceback" not in proc.stderr
-    assert jobs(tmp_path) == []
     st = testlib.run_cli("--config", str(cfg), "status")
     assert "newest tag: none" in st.stdout
     assert "last failure: 20" in st.stdout and "signature" in st.stdout.lower()
+    assert "builds: 0 queued, 0 running, 0 done, 0 failed" in st.stdout
+    assert not (tmp_path / "state" / "queue.sqlite").exists()  # nothing queued; looking created nothing
 
 
 def _reader(proc: subprocess.Popen[str], lines: list[str]) -> None:
