@@ -185,7 +185,7 @@ def jobs_for_push(cfg: Config, repo: Path, updates: list[RefUpdate]) -> list[Job
                 if cfg.service.queue_builds:
                     jobs.extend(tag_jobs(cfg, [up.short]))
             else:
-                log.info("%s on the mirror is not a snapshot tag: nothing to build", up.ref)
+                log.debug("%s on the mirror is not a snapshot tag: nothing to build", up.ref)
         else:
             found = overlay_jobs(cfg, repo, up)
             if not found:
