@@ -161,13 +161,31 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
+def processes_in(root: Path) -> list[int]:
+    """PIDs of processes whose root directory is `root` or below (chrooted into the build)."""
+    prefix = str(root).rstrip("/")
+    pids = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                r = os.readlink(f"/proc/{entry.name}/root")
+            except OSError:
+                continue
+            if r == prefix or r.startswith(prefix + "/"):
+                pids.append(int(entry.name))
+    return pids
+
+
 def _wait_namespace_gone(root: Path, timeout: float = 10.0) -> None:
-    """The mounts lived in the child's namespace only; make sure the host sees none before deleting."""
+    """Wait until the namespace's processes are gone (the kernel kills them when its PID 1 dies) and
+    check that the host sees no mount under the root (mounts lived in the child's namespace only)."""
     deadline = time.monotonic() + timeout
-    while mounts_under(root):
-        if time.monotonic() > deadline:
-            assert_unmounted(root)
+    while (processes_in(root) or mounts_under(root)) and time.monotonic() < deadline:
         time.sleep(0.1)
+    left = processes_in(root)
+    if left:
+        log.warning("processes still running in %s: %s", root, left)
+    assert_unmounted(root)
 
 
 def run_in_namespace(root: Path, pkgdir: Path, argv: list[str], spec_path: Path, logf: IO[bytes],
@@ -305,7 +323,6 @@ def _build_locked(cfg: Config, req: BuildRequest, profile: Profile, mirror: Mirr
         ok = man.ok = status == 0
         man.packages, man.packages_index = manifestmod.list_packages(pkgdir)
         manifestmod.write(man, staging / "build.json")
-        _wait_namespace_gone(root)
     finally:
         _finish_root(build_dir, root, req.keep_root)
         if not ok and not (staging / "build.json").exists():
@@ -318,13 +335,14 @@ def _build_locked(cfg: Config, req: BuildRequest, profile: Profile, mirror: Mirr
 
 
 def _finish_root(build_dir: Path, root: Path, keep: bool) -> None:
-    try:
-        _wait_namespace_gone(root)
-    except SnapshotterError:
-        log.error("mounts remain under %s; NOT deleting it", root)
-        raise
+    """Remove (or keep) the build dir. Never raises: it runs while another error may be propagating;
+    what cannot be removed now is reported and removed as stale by the profile's next build."""
     if keep:
         (build_dir / KEEP_MARKER).write_text("kept by --keep-root\n")
         log.info("build root kept at %s", root)
-    else:
+        return
+    try:
+        _wait_namespace_gone(root)
         safe_rmtree(build_dir)
+    except (SnapshotterError, OSError) as e:
+        log.error("could not remove build dir %s (%s); the next build of this profile retries", build_dir, e)
