@@ -4,6 +4,7 @@ The main tree ("gentoo") has a profile `default` and:
   sys-apps/base      in @system (the profile's `packages`)
   dev-libs/libfoo    a library ...
   app-misc/hello     ... that hello depends on (DEPEND + RDEPEND)
+  dev-libs/tilde     keyworded ~amd64 only (needs package.accept_keywords)
   app-misc/trouble   version 1 sleeps in src_compile (for kill -9 tests), version 2 fails
 Versions change between tags (`tree_files(hello="1.1")`). The overlay ("extra", masters = gentoo) holds
 app-misc/extra, one version per overlay tag.
@@ -73,6 +74,10 @@ def tree_files(hello: str = "1.0", trouble: str = "1") -> dict[str, str | bytes 
             "says hello", f'src_install() {{\n\texeinto /usr/bin\n\tnewexe - hello <<< $\'#!/bin/sh\\necho hello {hello}\'\n}}\n',
             deps="dev-libs/libfoo"),
     }
+    # Keyworded for testing only: installable only with the profile's portage_confdir
+    # (package.accept_keywords), which proves the confdir reached the root's /etc/portage.
+    files["dev-libs/tilde/tilde-1.ebuild"] = _ebuild("testing keyword", _installs("/usr/share/tilde", "t")) \
+        .replace('KEYWORDS="amd64"', 'KEYWORDS="~amd64"')
     if trouble == "1":
         body = f'src_compile() {{\n\techo "{SLOW_MARKER}"\n\tsleep 300\n}}\n'
     else:

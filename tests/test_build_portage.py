@@ -56,6 +56,15 @@ def env(tmp_path_factory):
     shm = Path("/dev/shm")
     work = Path(tempfile.mkdtemp(prefix="snapshotter-test-work-", dir=shm)) if os.access(shm, os.W_OK) \
         else base / "work"
+    confdir = base / "confdir"
+    testlib.write_tree(confdir, {"package.accept_keywords/tilde": "dev-libs/tilde ~amd64\n"})
+    # The trouble profile takes its stage by URL from a real HTTP server (downloaded once, then cached).
+    mirror = testlib.serve(base / "http")
+    (base / "http" / "stages").mkdir()
+    try:
+        os.link(stage_file, base / "http" / "stages" / stage_file.name)
+    except OSError:  # another file system
+        shutil.copyfile(stage_file, base / "http" / "stages" / stage_file.name)
     cfg = base / "snapshotter.toml"
     cfg.write_text(f"""
 repo = "{base}/mirror.git"
@@ -68,18 +77,21 @@ cache_dir = "{base}/cache"
 stage = "{stage_file}"
 stage_sha256 = "{sha}"
 portage_profile = "default"
-world = ["app-misc/hello", "app-misc/extra"]
+world = ["app-misc/hello", "app-misc/extra", "dev-libs/tilde"]
+portage_confdir = "{confdir}"
 overlays = [{{ name = "extra", url = "{base}/overlay", ref = "v1" }}]
 make_conf = {{ MAKEOPTS = "-j2", USE = "-doc" }}
 
 [profiles.trouble]
-stage = "{stage_file}"
+stage = "{mirror.url}/stages/{stage_file.name}"
 stage_sha256 = "{sha}"
 portage_profile = "default"
 world = ["app-misc/trouble"]
 """)
     yield {"base": base, "work": work, "cfg": cfg, "tags": tags, "ov_tags": ov_tags, "stage": stage_file,
-           "sha": sha}
+           "sha": sha, "confdir": confdir, "http": mirror}
+    mirror.server.shutdown()
+    mirror.server.server_close()
     assert _mountinfo_under(base) == [], "a mount leaked: refusing to let pytest delete the tmp dir"
     safe_rmtree(work)  # checks mountinfo itself
 
@@ -129,20 +141,21 @@ def test_build_world_with_pinned_overlay(env):
     assert r.returncode == 0, r.stderr[-3000:]
     out = env["base"] / "out" / "basic" / TAG1
     assert r.stdout.strip() == str(out)
-    assert ">>> Emerging (1 of 4)" in r.stderr  # -v streams emerge's output live
+    assert ">>> Emerging (1 of 5)" in r.stderr  # -v streams emerge's output live
     assert "Traceback" not in r.stderr
 
     pkgdir = out / "packages"
     gpkgs = sorted(p.relative_to(pkgdir).as_posix() for p in pkgdir.rglob("*.gpkg.tar"))
     assert gpkgs == ["app-misc/extra/extra-1.0-1.gpkg.tar", "app-misc/hello/hello-1.0-1.gpkg.tar",
-                     "dev-libs/libfoo/libfoo-1.0-1.gpkg.tar", "sys-apps/base/base-1-1.gpkg.tar"]
+                     "dev-libs/libfoo/libfoo-1.0-1.gpkg.tar", "dev-libs/tilde/tilde-1-1.gpkg.tar",
+                     "sys-apps/base/base-1-1.gpkg.tar"]
     # A real gpkg: an uncompressed tar holding the metadata and image archives and the gpkg-1 marker.
     with tarfile.open(pkgdir / "app-misc/hello/hello-1.0-1.gpkg.tar") as t:
         names = t.getnames()
     assert "hello-1.0-1/gpkg-1" in names
     assert any(n.startswith("hello-1.0-1/image.tar") for n in names)
     assert packages_index_cpvs(pkgdir / "Packages") == {
-        "app-misc/extra-1.0", "app-misc/hello-1.0", "dev-libs/libfoo-1.0", "sys-apps/base-1"}
+        "app-misc/extra-1.0", "app-misc/hello-1.0", "dev-libs/libfoo-1.0", "dev-libs/tilde-1", "sys-apps/base-1"}
 
     man = check_manifest(out)
     assert man["ok"] is True and man["exit_status"] == 0
@@ -150,6 +163,8 @@ def test_build_world_with_pinned_overlay(env):
     assert man["overlays"] == [{"name": "extra", "url": str(env["base"] / "overlay"), "ref": "v1",
                                 "commit": env["ov_tags"]["v1"]}]
     assert man["stage"]["sha256"] == env["sha"]
+    # dev-libs/tilde (~amd64 only) built: the confdir's package.accept_keywords reached /etc/portage.
+    assert man["portage_confdir"] == {"path": str(env["confdir"]), "sha256": portageconf.tree_hash(env["confdir"])}
     mc = man["make_conf"]["content"]
     assert hashlib.sha256(mc.encode()).hexdigest() == man["make_conf"]["sha256"]
     assert 'FEATURES="buildpkg cgroup ipc-sandbox network-sandbox parallel-fetch"' in mc
@@ -160,7 +175,7 @@ def test_build_world_with_pinned_overlay(env):
     assert "Creating binpkg" in log_text
     # The root is gone, nothing stale left, nothing mounted.
     assert list((env["work"] / "basic").iterdir()) == []
-    print(f"\nbuild of 4 packages took {took:.1f}s (stage extraction + emerge + cleanup)")
+    print(f"\nbuild of 5 packages took {took:.1f}s (stage extraction + emerge + cleanup)")
 
 
 def test_second_tag_builds_new_version(env):
@@ -169,7 +184,7 @@ def test_second_tag_builds_new_version(env):
     assert r.returncode == 0, r.stderr[-3000:]
     out = env["base"] / "out" / "basic" / TAG2
     assert packages_index_cpvs(out / "packages" / "Packages") == {
-        "app-misc/extra-2.0", "app-misc/hello-1.1", "dev-libs/libfoo-1.0", "sys-apps/base-1"}
+        "app-misc/extra-2.0", "app-misc/hello-1.1", "dev-libs/libfoo-1.0", "dev-libs/tilde-1", "sys-apps/base-1"}
     man = check_manifest(out)
     assert man["commit"] == env["tags"][TAG2]
     assert man["overlays"][0]["ref"] == "v2" and man["overlays"][0]["commit"] == env["ov_tags"]["v2"]
@@ -223,6 +238,9 @@ def test_kill_9_mid_emerge_leaves_no_mount_then_failure_cleans_stale_root(env):
     assert r.stderr.strip().splitlines()[-1].startswith("snapshotter: error: build of profile trouble failed")
     assert not build_dir.exists()  # the stale root was removed safely
     assert list(work.iterdir()) == []
+    # The URL stage was downloaded once and then taken from the cache.
+    stage_url_path = f"/stages/{env['stage'].name}"
+    assert env["http"].requests.count(stage_url_path) == 1
     failed = env["base"] / "out" / "trouble" / f"{TAG2}.failed"
     man = json.loads((failed / "build.json").read_text())
     assert man["ok"] is False and man["exit_status"] != 0
