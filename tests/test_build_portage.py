@@ -180,9 +180,25 @@ def test_build_world_with_pinned_overlay(env):
 
 def test_second_tag_builds_new_version(env):
     """Tag 2 changed hello to 1.1; the overlay pinned to v2 for this build gives extra-2.0."""
-    r = build(env, "build", "--profile", "basic", "--tag", TAG2, "--overlay-ref", "extra=v2")
+    r = build(env, "build", "--profile", "basic", "--tag", TAG2, "--overlay-ref", "extra=v2", "--keep-root")
     assert r.returncode == 0, r.stderr[-3000:]
     out = env["base"] / "out" / "basic" / TAG2
+    # --keep-root: the root stays (marked, so it is never taken for stale), with nothing mounted in it.
+    (kept,) = (env["work"] / "basic").iterdir()
+    root = kept / "root"
+    assert (kept / builder.KEEP_MARKER).exists() and mounts_under(kept) == []
+    assert (root / "var/db/repos/gentoo/app-misc/hello/hello-1.1.ebuild").exists()
+    assert not (root / "var/db/repos/gentoo/app-misc/hello/hello-1.0.ebuild").exists()
+    assert (root / "var/db/repos/extra/app-misc/extra/extra-2.0.ebuild").exists()
+    assert (root / "etc/portage/make.profile").resolve() == (root / "var/db/repos/gentoo/profiles/default").resolve()
+    assert (root / "etc/portage/package.accept_keywords/tilde").exists()
+    assert (root / "var/lib/portage/world").read_text() == "app-misc/hello\napp-misc/extra\ndev-libs/tilde\n"
+    assert (root / "var/db/pkg/app-misc/hello-1.1").is_dir()
+    assert not any((root / "var/cache/binpkgs").iterdir())  # packages went to the bind-mounted output
+    assert not any((root / "proc").iterdir())  # proc was mounted in the build's namespace only
+    builder.clean_stale(env["work"] / "basic")
+    assert kept.exists()
+    safe_rmtree(kept)
     assert packages_index_cpvs(out / "packages" / "Packages") == {
         "app-misc/extra-2.0", "app-misc/hello-1.1", "dev-libs/libfoo-1.0", "dev-libs/tilde-1", "sys-apps/base-1"}
     man = check_manifest(out)
