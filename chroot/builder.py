@@ -15,6 +15,7 @@ import ctypes
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -240,6 +241,12 @@ def run_build(cfg: Config, req: BuildRequest, *, console: bool = False) -> Build
     SnapshotterError before anything is built; an emerge failure returns ok=False (exit_status != 0).
     """
     profile = _profile(cfg, req)
+    if os.geteuid() != 0:
+        raise SnapshotterError("snapshotter build must run as root (it extracts stages with their owners, "
+                               "mounts and chroots)")
+    for tool in ("unshare", "chroot", "mount", "tar"):
+        if shutil.which(tool) is None:
+            raise SnapshotterError(f"snapshotter build needs `{tool}` on PATH (util-linux / coreutils / tar)")
     mirror = Mirror(cfg.repo, cfg.git.branch).require()
     if req.tag is None:
         newest = mirror.newest_tag()
