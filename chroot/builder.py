@@ -69,7 +69,7 @@ class BuildResult:
 
 
 class Terminated(SnapshotterError):
-    """The builder got SIGTERM; everything was cleaned up."""
+    """The builder got SIGTERM (or SIGHUP); everything was cleaned up."""
 
     exit_code = 143
 
@@ -144,13 +144,14 @@ def _sigterm_raises() -> Iterator[None]:
         return
 
     def handler(signum: int, _frame: object) -> None:
-        raise Terminated("terminated by SIGTERM; build stopped and cleaned up")
+        raise Terminated(f"terminated by {signal.Signals(signum).name}; build stopped and cleaned up")
 
-    old = signal.signal(signal.SIGTERM, handler)
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:

@@ -248,3 +248,17 @@ def test_stale_root_with_a_mount_is_not_deleted(tmp_path):
     assert (tmp_path / "src" / "precious").read_text() == "keep"
     builder.clean_stale(profile_dir)
     assert not stale.exists() and kept.exists()  # a --keep-root build dir is left alone
+
+
+def test_replace_dir_swaps_in_a_new_result(tmp_path):
+    old = tmp_path / "2026-01-01"
+    testlib.write_tree(old, {"build.json": "old", "packages/a.gpkg.tar": "a"})
+    new = tmp_path / ".2026-01-01.partial-1"
+    testlib.write_tree(new, {"build.json": "new"})
+    builder._replace_dir(new, old)
+    assert (old / "build.json").read_text() == "new" and not (old / "packages").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["2026-01-01"]
+    fresh = tmp_path / ".2026-01-02.partial-1"
+    testlib.write_tree(fresh, {"build.json": "x"})
+    builder._replace_dir(fresh, tmp_path / "2026-01-02")
+    assert (tmp_path / "2026-01-02/build.json").read_text() == "x"
