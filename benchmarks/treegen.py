@@ -600,8 +600,9 @@ class Tree:
 
     def _remove_ebuild(self, pkg: Package, eb: Ebuild) -> None:
         pkg.ebuilds.remove(eb)
-        del self.files[f"{pkg.cat}/{pkg.pn}/{pkg.pn}-{eb.pv}.ebuild"]
-        del self.files[f"metadata/md5-cache/{pkg.cat}/{pkg.pn}-{eb.pv}"]
+        # (an ebuild added earlier the same day is not written yet)
+        self.files.pop(f"{pkg.cat}/{pkg.pn}/{pkg.pn}-{eb.pv}.ebuild", None)
+        self.files.pop(f"metadata/md5-cache/{pkg.cat}/{pkg.pn}-{eb.pv}", None)
 
     def _eclass_change(self, count: int) -> int:
         """Edit popular eclasses and rewrite the md5-cache entries of `count` ebuilds inheriting them.
@@ -755,7 +756,8 @@ def generate(out: Path, scale: float, seed: int, heavy: int = 0, days: int = 2,
         old_top = tree.top()
         prev = files
         tarball = out / tarball_name(tree.day)
-        make_tarball(work, tree.top(), tarball, tree.now())
+        if not tarball.exists():  # complete tarballs of an interrupted run are kept (same bytes)
+            make_tarball(work, tree.top(), tarball, tree.now())
         info["tarball_bytes"] = tarball.stat().st_size
         info["files"] = len(files)
         log(f"wrote {tarball.name}: {info['tarball_bytes'] / 1e6:.1f} MB {info.get('changes', '')}")
