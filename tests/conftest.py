@@ -10,6 +10,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import testlib  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _stop_gpg_agents():
+    """Tests sign with throwaway keyrings; leave no gpg-agent of theirs running."""
+    yield
+    testlib.stop_agents()
+
+
 @pytest.fixture(scope="session")
 def gpg_key(tmp_path_factory: pytest.TempPathFactory) -> testlib.Key:
     """A throwaway signing key whose uid carries <infrastructure@gentoo.org> (what emerge-webrsync looks up)."""

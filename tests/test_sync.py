@@ -360,6 +360,7 @@ def test_signature_by_a_key_not_in_the_keyring(env: Env, other_key: testlib.Key)
 def test_expired_key_is_rejected(env: Env, tmp_path: Path) -> None:
     home = tmp_path / "expired"
     home.mkdir(mode=0o700)
+    testlib.HOMES.append(home)
     past = ["--faked-system-time", "20200101T000000!"]
     gpg = ["gpg", "--homedir", str(home), "--batch", "--pinentry-mode", "loopback", "--passphrase", ""]
     subprocess.run([*gpg, *past, "--quick-gen-key", "Old <infrastructure@gentoo.org>", "ed25519", "sign", "2d"],

@@ -33,9 +33,18 @@ class Key:
         return out
 
 
+HOMES: list[Path] = []  # every GNUPGHOME made here, so the session can stop their agents
+
+
+def stop_agents() -> None:
+    for home in HOMES:
+        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True)
+
+
 def make_key(home: Path, uid: str = "Gentoo Test Snapshots <infrastructure@gentoo.org>",
              expire: str = "never") -> Key:
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    HOMES.append(home)
     gpg = ["gpg", "--homedir", str(home), "--batch", "--pinentry-mode", "loopback", "--passphrase", ""]
     subprocess.run([*gpg, "--quick-gen-key", uid, "ed25519", "sign", expire], check=True, capture_output=True)
     out = subprocess.run([*gpg, "--with-colons", "--list-secret-keys"], check=True, capture_output=True, text=True)
