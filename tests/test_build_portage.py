@@ -1,5 +1,6 @@
 """Real chroot builds with the real Portage in the stand-in stage (tests/stage.py), for real:
 mounts in private namespaces, emerge -e world, .gpkg.tar packages, kill -9, failures, round trip.
+The mirror is filled by the real `snapshotter sync` from signed snapshots on a loopback HTTP mirror.
 
 One stage, one mirror and one overlay are shared by the module; each scenario builds once and checks
 many things. Every test ends by checking the host's /proc/self/mountinfo for leaks (autouse fixture).
@@ -17,6 +18,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
+from datetime import date
 from pathlib import Path
 
 import ebuild_repo
@@ -38,17 +40,32 @@ def _mountinfo_under(path: Path) -> list[str]:
     return mounts_under(path)
 
 
+def sync_mirror(base: Path, cfg: Path, http: testlib.HttpMirror, key: testlib.Key) -> dict[str, str]:
+    """The mirror is made the real way: signed daily snapshots of the test tree on an HTTP mirror,
+    imported by `snapshotter sync` (tag 1: hello-1.0 and the slow trouble-1; tag 2: hello-1.1 and the
+    failing trouble-2). Returns tag -> commit from `snapshotter tags`."""
+    for tag, files in ((TAG1, ebuild_repo.tree_files(hello="1.0", trouble="1")),
+                       (TAG2, ebuild_repo.tree_files(hello="1.1", trouble="2"))):
+        testlib.build_snapshot(http.root, date.fromisoformat(tag), files, key=key)
+        r = testlib.run_cli("--config", str(cfg), "sync", "--mirror", http.url, "--keyring", str(key.public),
+                            "--fingerprint", key.fingerprint, "--cache-dir", str(base / "sync-cache"),
+                            "--date", tag.replace("-", ""), "--no-push",
+                            env={"SNAPSHOTTER_NOW": str(testlib.snapshot_time(date(2026, 1, 10)))})
+        assert r.returncode == 0, r.stderr
+    r = testlib.run_cli("--config", str(cfg), "tags")
+    assert r.returncode == 0, r.stderr
+    tags = dict(line.split()[:2] for line in r.stdout.splitlines())
+    assert list(tags) == [TAG1, TAG2]
+    return tags
+
+
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, gpg_key):
     if os.geteuid() != 0:
         pytest.skip("chroot builds need root")
     base = tmp_path_factory.mktemp("build").resolve()
     stage_file = test_stage.ensure_stage()
     sha = hashlib.sha256(stage_file.read_bytes()).hexdigest()
-    tags = ebuild_repo.git_repo_with_tags(base / "mirror.git", [
-        (TAG1, ebuild_repo.tree_files(hello="1.0", trouble="1")),
-        (TAG2, ebuild_repo.tree_files(hello="1.1", trouble="2")),
-    ])
     ov_tags = ebuild_repo.git_repo_with_tags(base / "overlay", [
         ("v1", ebuild_repo.overlay_files("1.0")), ("v2", ebuild_repo.overlay_files("2.0"))], bare=False)
     # Build roots on tmpfs when there is one: extracting and removing 174 MB per build on a busy disk
@@ -88,6 +105,7 @@ stage_sha256 = "{sha}"
 portage_profile = "default"
 world = ["app-misc/trouble"]
 """)
+    tags = sync_mirror(base, cfg, mirror, gpg_key)
     yield {"base": base, "work": work, "cfg": cfg, "tags": tags, "ov_tags": ov_tags, "stage": stage_file,
            "sha": sha, "confdir": confdir, "http": mirror}
     mirror.server.shutdown()
