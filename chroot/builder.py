@@ -191,9 +191,14 @@ def _wait_namespace_gone(root: Path, timeout: float = 10.0) -> None:
 
 
 def run_in_namespace(root: Path, pkgdir: Path, argv: list[str], spec_path: Path, logf: IO[bytes],
-                     console: bool) -> int:
-    """Run `argv` (the chroot command) inside fresh mount+PID namespaces; return its exit status."""
-    spec_path.write_text(json.dumps({"root": str(root), "pkgdir": str(pkgdir), "argv": argv}))
+                     console: bool, distfiles: Path | None = None) -> int:
+    """Run `argv` (the chroot command) inside fresh mount+PID namespaces; return its exit status.
+
+    `pkgdir` (and `distfiles`, if given) are bind-mounted at the root's PKGDIR (and DISTDIR)."""
+    binds = [(str(pkgdir), portageconf.PKGDIR.lstrip("/"))]
+    if distfiles is not None:
+        binds.append((str(distfiles), portageconf.DISTDIR.lstrip("/")))
+    spec_path.write_text(json.dumps({"root": str(root), "binds": binds, "argv": argv}))
     pkg_parent = str(Path(chroot.__file__).resolve().parent.parent)
     env = {"PATH": os.environ.get("PATH", CHROOT_PATH), "PYTHONPATH": pkg_parent, "LC_ALL": "C.UTF-8"}
     cmd = ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child", "--",
@@ -302,7 +307,7 @@ def _build_locked(cfg: Config, req: BuildRequest, profile: Profile, mirror: Mirr
         if profile.world is not None:
             portageconf.write_world(root, profile.world)
         portageconf.copy_resolv_conf(root)
-        for d in ("proc", "dev", "sys", "var/cache/binpkgs"):
+        for d in ("proc", "dev", "sys", portageconf.PKGDIR.lstrip("/"), portageconf.DISTDIR.lstrip("/")):
             t = inside(root, d)
             if t.is_symlink():
                 raise SnapshotterError(f"{t} is a symlink in the stage; refusing to mount there")
@@ -324,7 +329,9 @@ def _build_locked(cfg: Config, req: BuildRequest, profile: Profile, mirror: Mirr
         log.info("build %s at %s: emerge %s", profile.name, tag, " ".join(profile.emerge_args))
         with open(log_path, "ab") as logf:
             logf.write(f">>> snapshotter: build {profile.name} tag {tag} commit {commit}\n".encode())
-            status = run_in_namespace(root, pkgdir.resolve(), argv, build_dir / "nsrun.json", logf, console)
+            cfg.build.distfiles.mkdir(parents=True, exist_ok=True)
+            status = run_in_namespace(root, pkgdir.resolve(), argv, build_dir / "nsrun.json", logf, console,
+                                      distfiles=cfg.build.distfiles.resolve())
         man.finished = _utc_now().isoformat()
         man.duration_seconds = round(time.time() - started, 1)
         man.exit_status = status

@@ -7,7 +7,8 @@ namespace lives only as long as its processes: if the builder dies (even kill -9
 `--kill-child` kills this PID 1, the kernel kills every other process of the PID namespace (emerge and all
 its children) and the mounts vanish with the last of them. Nothing here ever deletes anything.
 
-SPEC.json: {"root": ..., "pkgdir": ..., "argv": [...]} where argv is the command run in the root.
+SPEC.json: {"root": ..., "binds": [[host_dir, dir_in_root], ...], "argv": [...]}; argv is run as is (the
+builder makes it `chroot ROOT env -i ... emerge ...`).
 """
 
 from __future__ import annotations
@@ -40,14 +41,15 @@ def _target(root: Path, rel: str) -> str:
     return str(path)
 
 
-def setup_mounts(root: Path, pkgdir: Path) -> None:
+def setup_mounts(root: Path, binds: list[tuple[str, str]]) -> None:
     _mount("--make-rprivate", "/")
     _mount("-t", "proc", "-o", "nosuid,nodev,noexec", "proc", _target(root, "proc"))
     for d in ("dev", "sys"):
         t = _target(root, d)
         _mount("--rbind", f"/{d}", t)
         _mount("--make-rslave", t)
-    _mount("--bind", str(pkgdir), _target(root, "var/cache/binpkgs"))
+    for host, rel in binds:
+        _mount("--bind", host, _target(root, rel))
 
 
 def main(spec_path: str) -> int:
@@ -56,11 +58,11 @@ def main(spec_path: str) -> int:
     if os.getpid() != 1:
         say("warning: not PID 1 of a new PID namespace")
     try:
-        setup_mounts(root, Path(spec["pkgdir"]))
+        setup_mounts(root, [(h, r) for h, r in spec["binds"]])
     except RuntimeError as e:
         say(f"error: {e}")
         return 125
-    say("mounted proc, dev (rslave), sys (rslave), packages; entering the root")
+    say("mounted proc, dev (rslave), sys (rslave), " + ", ".join(r for _h, r in spec["binds"]) + "; entering the root")
     say("running: " + " ".join(spec["argv"][2:]))
     sys.stdout.flush()
     proc = subprocess.Popen(spec["argv"], stdin=subprocess.DEVNULL)

@@ -13,6 +13,7 @@ from chroot.profile import Profile
 from snapshotter.errors import SnapshotterError
 
 PKGDIR = "/var/cache/binpkgs"
+DISTDIR = "/var/cache/distfiles"
 REPOS_CONF_FILE = "zz-snapshotter.conf"
 _MAKE_CONF_HEADER = "# ---- written by snapshotter build (profile {name}); later assignments win ----\n"
 
@@ -23,10 +24,11 @@ def _quote(value: str) -> str:
 
 
 def make_conf_block(profile: Profile) -> str:
-    """The make.conf lines this profile adds (deterministic: FEATURES and PKGDIR first, then sorted)."""
+    """The make.conf lines this profile adds (deterministic: FEATURES, PKGDIR, DISTDIR, then sorted)."""
     lines = [_MAKE_CONF_HEADER.format(name=profile.name),
              f"FEATURES={_quote(' '.join(profile.features()))}\n",
-             f"PKGDIR={_quote(PKGDIR)}\n"]
+             f"PKGDIR={_quote(PKGDIR)}\n",
+             f"DISTDIR={_quote(DISTDIR)}\n"]
     for var in sorted(profile.make_conf):
         if var != "FEATURES":
             lines.append(f"{var}={_quote(profile.make_conf[var])}\n")

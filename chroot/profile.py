@@ -27,8 +27,8 @@ STAGE_SUFFIXES = (".tar.xz", ".tar.bz2", ".tar.zst", ".txz", ".tbz2", ".tzst")
 
 DEFAULT_FEATURES = ["buildpkg", "cgroup", "ipc-sandbox", "network-sandbox", "parallel-fetch"]
 DEFAULT_EMERGE_ARGS = ["--emptytree", "@world"]
-# Variables the builder owns: the package directory is the bind-mounted output.
-RESERVED_VARS = {"PKGDIR"}
+# Variables the builder owns: both directories are bind-mounted from the host.
+RESERVED_VARS = {"PKGDIR", "DISTDIR"}
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,8 @@ def _make_conf(key: str, value: Any) -> dict[str, str]:
         if not VAR_RE.match(var):
             raise ConfigError(f"{k}: not a valid variable name")
         if var in RESERVED_VARS:
-            raise ConfigError(f"{k}: set by the builder (the output packages directory); remove it")
+            raise ConfigError(f"{k}: set by the builder (the output packages / shared distfiles directory); "
+                              "remove it")
         if isinstance(v, list):
             v = " ".join(_str_list(k, v))
         out[var] = _str(k, v)

@@ -4,6 +4,7 @@ The main tree ("gentoo") has a profile `default` and:
   sys-apps/base      in @system (the profile's `packages`)
   dev-libs/libfoo    a library ...
   app-misc/hello     ... that hello depends on (DEPEND + RDEPEND)
+  app-misc/fetched   has a distfile (fetched from GENTOO_MIRRORS, kept in the shared DISTDIR)
   dev-libs/tilde     keyworded ~amd64 only (needs package.accept_keywords)
   app-misc/trouble   version 1 sleeps in src_compile (for kill -9 tests), version 2 fails
 Versions change between tags (`tree_files(hello="1.1")`). The overlay ("extra", masters = gentoo) holds
@@ -12,8 +13,12 @@ app-misc/extra, one version per overlay tag.
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import io
 import os
 import subprocess
+import tarfile
 from pathlib import Path
 
 import testlib
@@ -54,6 +59,26 @@ def _installs(path: str, text: str) -> str:
     return f'src_install() {{\n\tinsinto {d}\n\tnewins - {name} <<< "{text}"\n}}\n'
 
 
+DISTFILE = "fetched-1.tar.gz"
+
+
+def distfile() -> bytes:
+    """The source tarball of app-misc/fetched (same bytes every time: fixed mtime, no gzip name/time)."""
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, filename="") as gz:
+        with tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as t:
+            data = b"fetched from the distfiles mirror\n"
+            info = tarfile.TarInfo("fetched-1/data.txt")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            t.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _manifest_dist(name: str, data: bytes) -> str:
+    return (f"DIST {name} {len(data)} BLAKE2B {hashlib.blake2b(data).hexdigest()} "
+            f"SHA512 {hashlib.sha512(data).hexdigest()}\n")
+
+
 def tree_files(hello: str = "1.0", trouble: str = "1") -> dict[str, str | bytes | tuple]:
     files: dict[str, str | bytes | tuple] = {
         "profiles/repo_name": "gentoo\n",
@@ -78,6 +103,11 @@ def tree_files(hello: str = "1.0", trouble: str = "1") -> dict[str, str | bytes 
     # (package.accept_keywords), which proves the confdir reached the root's /etc/portage.
     files["dev-libs/tilde/tilde-1.ebuild"] = _ebuild("testing keyword", _installs("/usr/share/tilde", "t")) \
         .replace('KEYWORDS="amd64"', 'KEYWORDS="~amd64"')
+    # A package with a distfile (a Manifest with its hashes): fetched from GENTOO_MIRRORS/distfiles/.
+    files["app-misc/fetched/fetched-1.ebuild"] = _ebuild(
+        "has a distfile", f'SRC_URI="https://example.org/{DISTFILE}"\n'
+        'src_install() {\n\tinsinto /usr/share/fetched\n\tdoins fetched-1/data.txt\n}\n')
+    files["app-misc/fetched/Manifest"] = _manifest_dist(DISTFILE, distfile())
     if trouble == "1":
         body = f'src_compile() {{\n\techo "{SLOW_MARKER}"\n\tsleep 300\n}}\n'
     else:

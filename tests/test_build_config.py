@@ -66,6 +66,7 @@ def test_defaults(base):
     ({"make_conf": "CFLAGS=-O2"}, "profiles.p.make_conf", "expected a table"),
     ({"make_conf": {"C-FLAGS": "x"}}, "profiles.p.make_conf.C-FLAGS", "not a valid variable name"),
     ({"make_conf": {"PKGDIR": "/x"}}, "profiles.p.make_conf.PKGDIR", "set by the builder"),
+    ({"make_conf": {"DISTDIR": "/x"}}, "profiles.p.make_conf.DISTDIR", "set by the builder"),
     ({"make_conf": {"CFLAGS": 2}}, "profiles.p.make_conf.CFLAGS", "expected a string"),
     ({"make_conf": {"CFLAGS": "a\nrm -rf /"}}, "profiles.p.make_conf.CFLAGS", "one line"),
     ({"make_conf": {"FEATURES": "-buildpkg"}}, "profiles.p.make_conf.FEATURES", "buildpkg is required"),

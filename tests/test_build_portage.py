@@ -82,6 +82,8 @@ def env(tmp_path_factory, gpg_key):
         os.link(stage_file, base / "http" / "stages" / stage_file.name)
     except OSError:  # another file system
         shutil.copyfile(stage_file, base / "http" / "stages" / stage_file.name)
+    (base / "http" / "distfiles").mkdir()
+    (base / "http" / "distfiles" / ebuild_repo.DISTFILE).write_bytes(ebuild_repo.distfile())
     cfg = base / "snapshotter.toml"
     cfg.write_text(f"""
 repo = "{base}/mirror.git"
@@ -89,15 +91,16 @@ repo = "{base}/mirror.git"
 work_dir = "{work}"
 output = "{base}/out"
 cache_dir = "{base}/cache"
+distfiles = "{base}/distfiles"
 
 [profiles.basic]
 stage = "{stage_file}"
 stage_sha256 = "{sha}"
 portage_profile = "default"
-world = ["app-misc/hello", "app-misc/extra", "dev-libs/tilde"]
+world = ["app-misc/hello", "app-misc/extra", "dev-libs/tilde", "app-misc/fetched"]
 portage_confdir = "{confdir}"
 overlays = [{{ name = "extra", url = "{base}/overlay", ref = "v1" }}]
-make_conf = {{ MAKEOPTS = "-j2", USE = "-doc" }}
+make_conf = {{ MAKEOPTS = "-j2", USE = "-doc", GENTOO_MIRRORS = "{mirror.url}" }}
 
 [profiles.trouble]
 stage = "{mirror.url}/stages/{stage_file.name}"
@@ -159,12 +162,13 @@ def test_build_world_with_pinned_overlay(env):
     assert r.returncode == 0, r.stderr[-3000:]
     out = env["base"] / "out" / "basic" / TAG1
     assert r.stdout.strip() == str(out)
-    assert ">>> Emerging (1 of 5)" in r.stderr  # -v streams emerge's output live
+    assert ">>> Emerging (1 of 6)" in r.stderr  # -v streams emerge's output live
     assert "Traceback" not in r.stderr
 
     pkgdir = out / "packages"
     gpkgs = sorted(p.relative_to(pkgdir).as_posix() for p in pkgdir.rglob("*.gpkg.tar"))
-    assert gpkgs == ["app-misc/extra/extra-1.0-1.gpkg.tar", "app-misc/hello/hello-1.0-1.gpkg.tar",
+    assert gpkgs == ["app-misc/extra/extra-1.0-1.gpkg.tar", "app-misc/fetched/fetched-1-1.gpkg.tar",
+                     "app-misc/hello/hello-1.0-1.gpkg.tar",
                      "dev-libs/libfoo/libfoo-1.0-1.gpkg.tar", "dev-libs/tilde/tilde-1-1.gpkg.tar",
                      "sys-apps/base/base-1-1.gpkg.tar"]
     # A real gpkg: an uncompressed tar holding the metadata and image archives and the gpkg-1 marker.
@@ -173,7 +177,8 @@ def test_build_world_with_pinned_overlay(env):
     assert "hello-1.0-1/gpkg-1" in names
     assert any(n.startswith("hello-1.0-1/image.tar") for n in names)
     assert packages_index_cpvs(pkgdir / "Packages") == {
-        "app-misc/extra-1.0", "app-misc/hello-1.0", "dev-libs/libfoo-1.0", "dev-libs/tilde-1", "sys-apps/base-1"}
+        "app-misc/extra-1.0", "app-misc/fetched-1", "app-misc/hello-1.0", "dev-libs/libfoo-1.0", "dev-libs/tilde-1",
+        "sys-apps/base-1"}
 
     man = check_manifest(out)
     assert man["ok"] is True and man["exit_status"] == 0
@@ -186,14 +191,14 @@ def test_build_world_with_pinned_overlay(env):
     mc = man["make_conf"]["content"]
     assert hashlib.sha256(mc.encode()).hexdigest() == man["make_conf"]["sha256"]
     assert 'FEATURES="buildpkg cgroup ipc-sandbox network-sandbox parallel-fetch"' in mc
-    assert 'MAKEOPTS="-j2"' in mc and 'PKGDIR="/var/cache/binpkgs"' in mc
+    assert 'MAKEOPTS="-j2"' in mc and 'PKGDIR="/var/cache/binpkgs"' in mc and 'DISTDIR="/var/cache/distfiles"' in mc
     assert man["emerge_command"] == ["emerge", "--emptytree", "@world"]
     assert man["started"] <= man["finished"]
     log_text = (out / "build.log").read_text()
     assert "Creating binpkg" in log_text
     # The root is gone, nothing stale left, nothing mounted.
     assert list((env["work"] / "basic").iterdir()) == []
-    print(f"\nbuild of 5 packages took {took:.1f}s (stage extraction + emerge + cleanup)")
+    print(f"\nbuild of 6 packages took {took:.1f}s (stage extraction + emerge + cleanup)")
 
 
 def test_second_tag_builds_new_version(env):
@@ -210,7 +215,8 @@ def test_second_tag_builds_new_version(env):
     assert (root / "var/db/repos/extra/app-misc/extra/extra-2.0.ebuild").exists()
     assert (root / "etc/portage/make.profile").resolve() == (root / "var/db/repos/gentoo/profiles/default").resolve()
     assert (root / "etc/portage/package.accept_keywords/tilde").exists()
-    assert (root / "var/lib/portage/world").read_text() == "app-misc/hello\napp-misc/extra\ndev-libs/tilde\n"
+    assert (root / "var/lib/portage/world").read_text() == \
+        "app-misc/hello\napp-misc/extra\ndev-libs/tilde\napp-misc/fetched\n"
     assert (root / "var/db/pkg/app-misc/hello-1.1").is_dir()
     assert not any((root / "var/cache/binpkgs").iterdir())  # packages went to the bind-mounted output
     assert not any((root / "proc").iterdir())  # proc was mounted in the build's namespace only
@@ -218,10 +224,15 @@ def test_second_tag_builds_new_version(env):
     assert kept.exists()
     safe_rmtree(kept)
     assert packages_index_cpvs(out / "packages" / "Packages") == {
-        "app-misc/extra-2.0", "app-misc/hello-1.1", "dev-libs/libfoo-1.0", "dev-libs/tilde-1", "sys-apps/base-1"}
+        "app-misc/extra-2.0", "app-misc/fetched-1", "app-misc/hello-1.1", "dev-libs/libfoo-1.0", "dev-libs/tilde-1",
+        "sys-apps/base-1"}
     man = check_manifest(out)
     assert man["commit"] == env["tags"][TAG2]
     assert man["overlays"][0]["ref"] == "v2" and man["overlays"][0]["commit"] == env["ov_tags"]["v2"]
+    # The distfile was fetched from GENTOO_MIRRORS once (tag 1) into the shared DISTDIR and reused here.
+    assert env["http"].requests.count(f"/distfiles/{ebuild_repo.DISTFILE}") == 1
+    assert (env["base"] / "distfiles" / ebuild_repo.DISTFILE).read_bytes() == ebuild_repo.distfile()
+    assert not (root / "var/cache/distfiles" / ebuild_repo.DISTFILE).exists()  # it lived in the bind mount
     # The older tag's result is untouched.
     assert (env["base"] / "out" / "basic" / TAG1 / "packages/app-misc/hello/hello-1.0-1.gpkg.tar").exists()
 
@@ -265,7 +276,7 @@ def test_kill_9_mid_emerge_leaves_no_mount_then_failure_cleans_stale_root(env):
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
 
     # Tag 2's trouble-2 dies in src_compile: exit 4, the log tail with the reason, no traceback.
-    r = build(env, "build", "--profile", "trouble", "--tag", TAG2)
+    r = build(env, "build", "--profile", "trouble")  # no --tag: the newest, TAG2
     assert r.returncode == 4, r.stderr[-3000:]
     assert ebuild_repo.FAIL_MARKER in r.stderr
     assert "Traceback" not in r.stderr

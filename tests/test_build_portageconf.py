@@ -39,6 +39,7 @@ def test_make_conf_appended_exactly(tmp_path, root):
         "# ---- written by snapshotter build (profile basic); later assignments win ----\n"
         'FEATURES="buildpkg cgroup ipc-sandbox network-sandbox parallel-fetch"\n'
         'PKGDIR="/var/cache/binpkgs"\n'
+        'DISTDIR="/var/cache/distfiles"\n'
         'CFLAGS="${COMMON_FLAGS} -march=\\"x86-64\\""\n'
         'USE="ssl -X"\n')
     assert (root / "etc/portage/make.conf").read_text() == content
