@@ -329,9 +329,10 @@ def _build_locked(cfg: Config, req: BuildRequest, profile: Profile, mirror: Mirr
         log.info("build %s at %s: emerge %s", profile.name, tag, " ".join(profile.emerge_args))
         with open(log_path, "ab") as logf:
             logf.write(f">>> snapshotter: build {profile.name} tag {tag} commit {commit}\n".encode())
-            cfg.build.distfiles.mkdir(parents=True, exist_ok=True)
+            distfiles = cfg.build.distfiles or cfg.build.cache_dir / "distfiles"
+            distfiles.mkdir(parents=True, exist_ok=True)
             status = run_in_namespace(root, pkgdir.resolve(), argv, build_dir / "nsrun.json", logf, console,
-                                      distfiles=cfg.build.distfiles.resolve())
+                                      distfiles=distfiles.resolve())
         man.finished = _utc_now().isoformat()
         man.duration_seconds = round(time.time() - started, 1)
         man.exit_status = status

@@ -77,7 +77,7 @@ class BuildSettings:
     work_dir: Path = Path("/var/tmp/snapshotter/builds")  # one root per build, removed afterwards
     output: Path = Path("/var/cache/snapshotter/packages")  # OUTPUT/<profile>/<tag>/
     cache_dir: Path = Path("/var/cache/snapshotter/build")  # downloaded stages, overlay clones
-    distfiles: Path = Path("/var/cache/snapshotter/distfiles")  # DISTDIR shared by all builds (bind-mounted)
+    distfiles: Path | None = None  # DISTDIR shared by all builds (bind-mounted); default CACHE_DIR/distfiles
 
 
 @dataclass

@@ -91,7 +91,6 @@ repo = "{base}/mirror.git"
 work_dir = "{work}"
 output = "{base}/out"
 cache_dir = "{base}/cache"
-distfiles = "{base}/distfiles"
 
 [profiles.basic]
 stage = "{stage_file}"
@@ -229,9 +228,10 @@ def test_second_tag_builds_new_version(env):
     man = check_manifest(out)
     assert man["commit"] == env["tags"][TAG2]
     assert man["overlays"][0]["ref"] == "v2" and man["overlays"][0]["commit"] == env["ov_tags"]["v2"]
-    # The distfile was fetched from GENTOO_MIRRORS once (tag 1) into the shared DISTDIR and reused here.
+    # The distfile was fetched from GENTOO_MIRRORS once (tag 1) into the shared DISTDIR (default:
+    # CACHE_DIR/distfiles) and reused here.
     assert env["http"].requests.count(f"/distfiles/{ebuild_repo.DISTFILE}") == 1
-    assert (env["base"] / "distfiles" / ebuild_repo.DISTFILE).read_bytes() == ebuild_repo.distfile()
+    assert (env["base"] / "cache/distfiles" / ebuild_repo.DISTFILE).read_bytes() == ebuild_repo.distfile()
     assert not (root / "var/cache/distfiles" / ebuild_repo.DISTFILE).exists()  # it lived in the bind mount
     # The older tag's result is untouched.
     assert (env["base"] / "out" / "basic" / TAG1 / "packages/app-misc/hello/hello-1.0-1.gpkg.tar").exists()
