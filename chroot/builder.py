@@ -11,7 +11,6 @@ OUTPUT/<profile>/<tag>.failed/ so it never replaces the packages of a good build
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -21,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,6 +31,7 @@ import chroot
 from chroot import manifest as manifestmod
 from chroot import portageconf, stage, tree
 from chroot.mounts import assert_unmounted, inside, mounts_under, safe_rmtree
+from chroot.procs import die_with_parent
 from chroot.profile import Profile, validate_name
 from snapshotter import __version__
 from snapshotter.config import Config
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 
 CHROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 KEEP_MARKER = "KEPT"  # a kept root (--keep-root) is not stale; delete its build dir by hand
-PR_SET_PDEATHSIG = 1
 LOG_TAIL_LINES = 20
 
 
@@ -123,18 +122,11 @@ def clean_stale(profile_dir: Path) -> None:
             raise SnapshotterError(f"stale build root {d} still has mounts ({', '.join(found)}); unmount them "
                                    "(umount -R) and retry; nothing was deleted")
         log.warning("removing stale build dir %s from an earlier run", d)
-        safe_rmtree(d)
-
-
-def _set_pdeathsig(parent: int) -> Callable[[], None]:
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def preexec() -> None:
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # the builder died before prctl took effect
-            os._exit(1)
-
-    return preexec
+        try:
+            safe_rmtree(d)
+        except OSError as e:
+            raise SnapshotterError(f"cannot remove stale build dir {d}: {e.strerror or e}; is a process of "
+                                   "a crashed build still running in it?") from None
 
 
 @contextmanager
@@ -204,7 +196,7 @@ def run_in_namespace(root: Path, pkgdir: Path, argv: list[str], spec_path: Path,
     cmd = ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child", "--",
            sys.executable, "-m", "chroot.nsrun", str(spec_path)]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True, preexec_fn=_set_pdeathsig(os.getpid()))
+                            env=env, start_new_session=True, preexec_fn=die_with_parent())
     try:
         assert proc.stdout is not None
         out = sys.stderr.buffer if console else None

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import requests
 
+from chroot.procs import die_with_parent
 from snapshotter.errors import FetchError, SnapshotterError, VerificationError
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def extract_stage(path: Path, root: Path) -> None:
     cmd = ["tar", compression_flag(path.name), "--extract", "--file", str(path), "--directory", str(root),
            "--numeric-owner", "--preserve-permissions", "--same-owner", "--xattrs", "--xattrs-include=*",
            "--acls"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=die_with_parent())
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines()
         raise SnapshotterError(f"extracting stage {path} failed: {lines[-1] if lines else proc.returncode}")
