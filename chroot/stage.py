@@ -47,6 +47,8 @@ def fetch_stage(source: str, cache_dir: Path, expected_sha256: str | None, timeo
         return p
     name = source.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
     compression_flag(name)
+    if not expected_sha256:
+        log.warning("stage %s has no stage_sha256: it is downloaded every time and not verified", source)
     dest = cache_dir / (f"{expected_sha256[:16]}-{name}" if expected_sha256 else name)
     if expected_sha256 and dest.is_file() and sha256_file(dest) == expected_sha256:
         log.info("stage: using cached %s", dest)
