@@ -35,7 +35,7 @@ from snapshotter.signing import SigningError, detach_sign, normalize_fingerprint
 log = logging.getLogger(__name__)
 
 FAMILY = "gentoo"
-XZ_BLOCK_SIZE = "16MiB"  # fixed: multi-threaded xz output depends on it, never on the thread count
+XZ_BLOCK_SIZE = "32MiB"  # fixed: multi-threaded xz output depends on it, never on the thread count
 LATEST = f"{FAMILY}-latest.tar.xz"
 SIDE_SUFFIXES = (".md5sum", ".gpgsig")
 LOCK_NAME = ".snapshotter-publish.lock"
