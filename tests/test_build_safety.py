@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import ebuild_repo
@@ -262,3 +264,30 @@ def test_replace_dir_swaps_in_a_new_result(tmp_path):
     testlib.write_tree(fresh, {"build.json": "x"})
     builder._replace_dir(fresh, tmp_path / "2026-01-02")
     assert (tmp_path / "2026-01-02/build.json").read_text() == "x"
+
+
+def test_children_die_with_the_builder():
+    """die_with_parent: a child (here `sleep`, in the builder: tar, unshare) gets SIGKILL when the
+    process that started it is killed with -9."""
+    code = ("import subprocess, sys\n"
+            "from chroot.procs import die_with_parent\n"
+            "p = subprocess.Popen(['sleep', '300'], preexec_fn=die_with_parent())\n"
+            "print(p.pid, flush=True)\n"
+            "import time; time.sleep(300)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    assert Path(f"/proc/{child}").exists()
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().split(")")[1].split()[0]
+        except FileNotFoundError:
+            break
+        if state == "Z":  # killed, waiting to be reaped by init
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child, 9)
+        pytest.fail("the child outlived its parent")
