@@ -113,7 +113,11 @@ world = ["app-misc/trouble"]
     mirror.server.shutdown()
     mirror.server.server_close()
     assert _mountinfo_under(base) == [], "a mount leaked: refusing to let pytest delete the tmp dir"
+    left = builder.processes_in(work)  # a build that outlived its builder (a bug): stop it, then fail
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
     safe_rmtree(work)  # checks mountinfo itself
+    assert left == [], f"processes were still running in the build roots: {left}"
 
 
 @pytest.fixture(autouse=True)
