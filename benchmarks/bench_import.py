@@ -244,6 +244,15 @@ def new_objects_bytes(repo: Path, old: str, new: str) -> int:
     return sum(int(x) for x in sizes.split())
 
 
+def fresh_pack_bytes(repo: Path, rev: str) -> int:
+    """Bytes of one pack of everything reachable from `rev`, deltas computed afresh (`--no-reuse-delta`,
+    like `git gc --aggressive` but with the default window): independent of how earlier packs were made."""
+    proc = subprocess.run(["git", f"--git-dir={repo}", "pack-objects", "--revs", "--stdout", "-q",
+                           "--no-reuse-delta", "--no-reuse-object", "--delta-base-offset"],
+                          input=f"{rev}\n".encode(), capture_output=True, env=git_env(), check=True)
+    return len(proc.stdout)
+
+
 def gc(repo: Path) -> int:
     subprocess.run(["git", f"--git-dir={repo}", "gc", "-q"], env=git_env(), check=True)
     return repo_bytes(repo)
@@ -357,7 +366,10 @@ def main(argv: list[str] | None = None) -> int:
         ours["heavy"] = run_import(repo, day3, DAY3, prof("heavy"))
         fig["repo_bytes_after_heavy_gc"] = gc(repo)
     fig["ours"] = ours
+    log("repacking day 1 and day 2 with fresh deltas ...")
     fig["repo_bytes"] = {"day1_gc": size1, "day2_gc": size2,
+                         "day1_fresh": fresh_pack_bytes(repo, ours["first"]["commit"]),
+                         "day2_fresh": fresh_pack_bytes(repo, ours["daily"]["commit"]),
                          "day2_new_objects": new_objects_bytes(repo, ours["first"]["commit"],
                                                                ours["daily"]["commit"])}
     shutil.rmtree(repo)
@@ -393,7 +405,8 @@ def evaluate(fig: dict) -> list[dict]:
     rss = max(max(r["maxrss_self_mb"], r["peak_tree_mb"]) for r in ours.values())
     checks.append({"name": "peak RSS of an import (process tree)", "value": rss, "limit": RSS_MAX_MB,
                    "op": "<=", "unit": " MB"})
-    growth = fig["repo_bytes"]["day2_gc"] - fig["repo_bytes"]["day1_gc"]
+    rb = fig["repo_bytes"]
+    growth = max(rb["day2_gc"] - rb["day1_gc"], rb["day2_fresh"] - rb["day1_fresh"])
     checks.append({"name": "repo growth per typical day after gc / tarball",
                    "value": 100 * growth / fig["tarball_bytes"]["daily"], "limit": 100 * GROWTH_MAX,
                    "op": "<=", "unit": " %"})
@@ -436,10 +449,14 @@ def report(fig: dict) -> str:
                  f"(growth {(rb['day2_gc'] - rb['day1_gc']) / 1e3:.0f} kB; the day's new objects as stored: "
                  f"{rb['day2_new_objects'] / 1e3:.0f} kB = {100 * rb['day2_new_objects'] / tb['daily']:.1f} % "
                  "of the tarball, an upper bound)")
+    lines.append(f"{'the same packed with fresh deltas':44} {mb(rb['day1_fresh']):>8} -> {mb(rb['day2_fresh'])}   "
+                 f"(growth {(rb['day2_fresh'] - rb['day1_fresh']) / 1e3:.0f} kB)")
     if "repo_bytes_after_heavy_gc" in fig:
         lines.append(f"{'repo after heavy day + git gc':44} {mb(fig['repo_bytes_after_heavy_gc']):>8}")
     lines += ["", f"{'target':52} {'measured':>10} {'limit':>10}  result"]
-    notes = ["growth: object store size after day 2 + `git gc` minus after day 1 + `git gc`",
+    notes = ["growth: the larger of (object store after day 2 + `git gc`) - (after day 1 + `git gc`) and the "
+             "same difference of packs made with fresh deltas (git gc reuses old deltas, so its difference "
+             "depends on history and can be negative)",
              "peak RSS: the importing process and its children (git fast-import, xz, ...) sampled every 10 ms, "
              "summed at the same moment (at least ru_maxrss of the importing process)",
              "at the peak: " + "; ".join(k + " " + ", ".join(f"{n} {v:.0f}" for n, v in r["peak_tree_parts_mb"].items())
