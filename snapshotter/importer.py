@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import marshal
+import os
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -69,25 +71,48 @@ def _quote(path: bytes) -> bytes:
     return b'"' + out + b'"'
 
 
-def previous_tree(mirror: Mirror, commit: str | None) -> dict[bytes, tuple[bytes, str]]:
-    """path -> (git mode, blob id) of every file in `commit` (empty without a commit)."""
+# The tree of a commit as the importer keeps it: path -> git mode (6 bytes) + raw blob id (20 bytes).
+Tree = dict[bytes, bytes]
+
+
+def _cache_path(mirror: Mirror) -> Path:
+    return mirror.state_dir / "tree.cache"
+
+
+def previous_tree(mirror: Mirror, commit: str | None) -> Tree:
+    """The tree of `commit`: from the cache the last import left, else from `git ls-tree`."""
     if commit is None:
         return {}
+    try:
+        with open(_cache_path(mirror), "rb") as f:
+            cached_commit, tree = marshal.load(f)
+        if cached_commit == commit and isinstance(tree, dict):
+            return tree
+    except (OSError, EOFError, ValueError, TypeError):
+        pass
     out = git(mirror.path, "ls-tree", "-r", "-z", "--full-tree", commit).stdout
-    tree: dict[bytes, tuple[bytes, str]] = {}
+    tree = {}
     for entry in out.split(b"\0"):
-        if not entry:
-            continue
-        meta, _, path = entry.partition(b"\t")
-        mode, _type, sha = meta.split(b" ")
-        tree[path] = (mode, sha.decode())
+        if entry:
+            meta, _, path = entry.partition(b"\t")
+            tree[path] = meta[:6] + bytes.fromhex(meta[-40:].decode())
     return tree
 
 
-def blob_id(data: bytes) -> str:
+def _save_tree(mirror: Mirror, commit: str, tree: Tree) -> None:
+    """Cache the new tree for the next import (atomic; a stale or missing cache only costs time)."""
+    path = _cache_path(mirror)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tree.cache.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        marshal.dump((commit, tree), f)
+    os.replace(tmp, path)
+
+
+def blob_id(data: bytes) -> bytes:
     h = hashlib.sha1(b"blob %d\0" % len(data))
     h.update(data)
-    return h.hexdigest()
+    return h.digest()
 
 
 class _FastImport:
@@ -101,6 +126,7 @@ class _FastImport:
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._err, env=git_env(),
             bufsize=1 << 20)
         assert self.proc.stdin is not None
+        snapshot.grow_pipe(self.proc.stdin.fileno())
         self.write = self.proc.stdin.write
 
     def finish(self) -> None:
@@ -137,34 +163,38 @@ def import_tarball(mirror: Mirror, tarball: Path, identity: Identity, *, file_da
     mirror.create()
     parent = mirror.head()
     newest = mirror.newest_tag()
-    prev = previous_tree(mirror, parent)
-    current: dict[bytes, tuple[bytes, str, int]] = {}  # path -> (mode, blob id, mark or 0 if unchanged)
+    tree = previous_tree(mirror, parent)  # becomes the new tree as the tarball streams by
+    seen: set[bytes] = set()
+    modified = bytearray()  # the commit's `M` lines, written once the timestamp is known
     timestamp: int | None = None
-    mark = 0
     fi = _FastImport(mirror)
     try:
         write = fi.write
         with snapshot.decompressed(tarball, progress) as stream:
-            for m in snapshot.members(stream):
-                if m.link_to is not None:
-                    target = current.get(m.link_to)
-                    if target is None or target[0] == snapshot.MODE_LINK:
-                        raise SnapshotError(f"hardlink {m.path.decode(errors='replace')!r} points to "
-                                            f"{m.link_to.decode(errors='replace')!r}, not an earlier file of the tree")
-                    current[m.path] = target
+            for path, mode, data, link_to in snapshot.members(stream):
+                if link_to is not None:
+                    entry = tree.get(link_to)
+                    if entry is None or link_to not in seen or entry[:6] == snapshot.MODE_LINK:
+                        raise SnapshotError(f"hardlink {path.decode(errors='replace')!r} points to "
+                                            f"{link_to.decode(errors='replace')!r}, not an earlier file of the tree")
+                    if tree.get(path) != entry:
+                        modified += b"M %s %s %s\n" % (entry[:6], entry[6:].hex().encode(), _quote(path))
+                    tree[path] = entry
+                    seen.add(path)
                     continue
-                if m.path == snapshot.TIMESTAMP_PATH:
-                    timestamp = snapshot.parse_timestamp(m.data)
-                sha = blob_id(m.data)
-                old = prev.get(m.path)
-                if old is not None and old[1] == sha:
-                    current[m.path] = (m.mode, sha, 0)
+                if path == snapshot.TIMESTAMP_PATH:
+                    timestamp = snapshot.parse_timestamp(data)
+                h = hashlib.sha1(b"blob %d\0" % len(data))
+                h.update(data)
+                entry = mode + h.digest()
+                seen.add(path)
+                old = tree.get(path)
+                if old == entry:
                     continue
-                mark += 1
-                write(b"blob\nmark :%d\ndata %d\n" % (mark, len(m.data)))
-                write(m.data)
-                write(b"\n")
-                current[m.path] = (m.mode, sha, mark)
+                if old is None or old[6:] != entry[6:]:  # new content (a mode change alone needs no blob)
+                    write(b"blob\ndata %d\n%s\n" % (len(data), data))
+                tree[path] = entry
+                modified += b"M %s %s %s\n" % (mode, h.hexdigest().encode(), _quote(path))
         if timestamp is None:
             raise SnapshotError("snapshot has no metadata/timestamp.x")
         if file_day is not None:
@@ -174,23 +204,18 @@ def import_tarball(mirror: Mirror, tarball: Path, identity: Identity, *, file_da
             raise SnapshotError(f"snapshot {tag} is not newer than the newest tag {newest.name}; refusing to "
                                 "commit it on top")
 
-        changes: list[bytes] = [b"D %s\n" % _quote(p) for p in prev if p not in current]
-        for path, (mode, sha, mk) in current.items():
-            old = prev.get(path)
-            if old is not None and old == (mode, sha):
-                continue
-            ref = b":%d" % mk if mk else sha.encode()
-            changes.append(b"M %s %s %s\n" % (mode, ref, _quote(path)))
+        deleted = [p for p in tree if p not in seen]
+        for p in deleted:
+            del tree[p]
         msg = commit_message(tag)
         who = identity.line(timestamp)
         write(b"commit %s\n" % STAGING_REF.encode())
         write(b"author %s\ncommitter %s\n" % (who, who))
         write(b"data %d\n%s" % (len(msg), msg))
-        if parent:
-            write(b"from %s\n" % parent.encode())
-        else:
-            write(b"deleteall\n")
-        write(b"".join(changes))
+        write(b"from %s\n" % parent.encode() if parent else b"deleteall\n")
+        # Deletions first: a path that turned from a file into a directory (or back) needs it.
+        write(b"".join(b"D %s\n" % _quote(p) for p in deleted))
+        write(modified)
         write(b"\n")
         fi.finish()
     except SnapshotError as e:
@@ -208,7 +233,8 @@ def import_tarball(mirror: Mirror, tarball: Path, identity: Identity, *, file_da
                    f"create refs/tags/{tag} {tag_obj}\n"
                    f"delete {STAGING_REF}\n").encode()
     git(mirror.path, "update-ref", "--stdin", input=transaction)
-    changed = len(changes)
+    _save_tree(mirror, commit, tree)
+    changed = len(deleted) + modified.count(b"\n")
     log.debug("imported %s as %s (%d files changed)", tarball.name, commit, changed)
     return ImportResult(tag, commit, changed, timestamp)
 

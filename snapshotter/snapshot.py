@@ -12,12 +12,12 @@ snapshot) and because the rules above are easier to enforce in one place.
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
@@ -39,15 +39,9 @@ _DECOMPRESSORS: list[tuple[bytes, list[str]]] = [
 ]
 
 
-@dataclass(slots=True)
-class Member:
-    """A file or symlink of the snapshot, path relative to the tree (top-level directory stripped)."""
-
-    path: bytes
-    mode: bytes  # git mode: MODE_FILE, MODE_EXEC or MODE_LINK
-    data: bytes  # file content, or the symlink target
-    link_to: bytes | None = None  # a hardlink: path of an earlier member whose content this shares
-
+# A member of the snapshot, as `members()` yields it (a plain tuple: this is the import's hot path):
+# (path relative to the tree, git mode, file content or symlink target, hardlink target path or None).
+Member = tuple[bytes, bytes, bytes, bytes | None]
 
 @contextmanager
 def decompressed(tarball: Path, progress: Callable[[int, int], None] | None = None) -> Iterator[BinaryIO]:
@@ -64,6 +58,7 @@ def decompressed(tarball: Path, progress: Callable[[int, int], None] | None = No
         total = os.fstat(f.fileno()).st_size
         proc = subprocess.Popen(cmd, stdin=f, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert proc.stdout is not None
+        grow_pipe(proc.stdout.fileno())
         stream = io.BufferedReader(proc.stdout, buffer_size=1 << 20)  # type: ignore[arg-type]
         if progress is not None:
             stream = _ProgressReader(stream, lambda: progress(os.lseek(f.fileno(), 0, os.SEEK_CUR), total))
@@ -93,6 +88,14 @@ def decompressed(tarball: Path, progress: Callable[[int, int], None] | None = No
         error = decompressor_error()
         if error is not None:
             raise error
+
+
+def grow_pipe(fd: int, size: int = 1 << 20) -> None:
+    """Let the processes on both ends of a pipe run ahead of each other (Linux; best effort)."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+    except (OSError, AttributeError):
+        pass
 
 
 class _ProgressReader(io.RawIOBase):
@@ -130,13 +133,6 @@ def _cstr(field: bytes) -> bytes:
     return field.split(b"\0", 1)[0]
 
 
-def _read_exact(stream: BinaryIO, n: int) -> bytes:
-    data = stream.read(n)
-    if len(data) != n:
-        raise SnapshotError("tar archive is truncated")
-    return data
-
-
 def _pax(data: bytes) -> dict[bytes, bytes]:
     """Parse pax extended header records: `<len> <key>=<value>\\n`."""
     out: dict[bytes, bytes] = {}
@@ -168,92 +164,136 @@ def _relative(name: bytes, what: str) -> list[bytes]:
     return parts
 
 
+_CHUNK = 1 << 22
+_REG, _AREG, _CONTIG, _LNK, _SYM, _DIR = 48, 0, 55, 49, 50, 53  # typeflags '0', NUL, '7', '1', '2', '5'
+_SPECIAL = {51: "character device", 52: "block device", 54: "fifo"}  # '3', '4', '6'
+_META = {76, 75, 120, 103}  # 'L' GNU long name, 'K' GNU long link, 'x' pax header, 'g' pax global
+
+
 def members(stream: BinaryIO) -> Iterator[Member]:
-    """Yield the files and symlinks of a tar stream with its single top-level directory stripped."""
+    """Yield the files and symlinks of a tar stream with its single top-level directory stripped.
+
+    Parses from large chunks of the stream. Header checksums are checked on the first header (to tell
+    a tar from anything else) and on any header that does not parse; the compressed formats carry
+    their own integrity checks (xz CRC64, bzip2 CRC32), which the decompressor verifies.
+    """
+    buf = b""
+    pos = 0
+    read = stream.read
     top: bytes | None = None
     long_name: bytes | None = None
     long_link: bytes | None = None
-    pax: dict[bytes, bytes] = {}
-    seen_header = False
-    read = stream.read
+    pax: dict[bytes, bytes] | None = None
     while True:
-        hdr = read(BLOCK)
-        if len(hdr) < BLOCK:
-            if not hdr and seen_header:
-                return  # end without the zero blocks: tolerated, as GNU tar does
-            raise SnapshotError("tar archive is truncated" if seen_header else "not a tar archive (empty)")
-        if hdr.count(0) == BLOCK:
+        if len(buf) - pos < BLOCK:
+            buf = buf[pos:] + read(_CHUNK)
+            pos = 0
+            if len(buf) < BLOCK:
+                if not buf and top is not None:
+                    return  # end without the zero blocks: tolerated, as GNU tar does
+                raise SnapshotError("tar archive is truncated" if top is not None else "not a tar archive (empty)")
+        end = pos + BLOCK
+        hdr = buf[pos:end]
+        if hdr[0] == 0 and hdr.count(0) == BLOCK:
             return
-        chksum = _octal(hdr[148:156], "checksum")
-        if chksum != sum(hdr[:148]) + 256 + sum(hdr[156:]):
-            raise SnapshotError("not a tar archive (header checksum mismatch)" if not seen_header
-                                else "tar archive is corrupt (header checksum mismatch)")
-        seen_header = True
-        typeflag = hdr[156:157]
-        size = int(pax[b"size"]) if b"size" in pax else _octal(hdr[124:136], "size")
-        padded = (size + BLOCK - 1) & ~(BLOCK - 1)
+        if top is None:
+            _check_header(hdr, first=True)
+        typeflag = hdr[156]
+        size_field = hdr[124:136]
+        try:
+            size = int(pax[b"size"]) if pax and b"size" in pax else (
+                _octal(size_field, "size") if size_field[0] & 0x80 else int(size_field.strip(b"\0 ") or b"0", 8))
+        except ValueError:
+            _check_header(hdr, first=False)
+            raise SnapshotError("tar archive is corrupt (bad size field)") from None
+        stop = end + size
+        padded_stop = end + ((size + BLOCK - 1) & ~(BLOCK - 1))
+        if padded_stop > len(buf):
+            buf = buf[pos:] + read(max(_CHUNK, padded_stop - len(buf)))
+            end -= pos
+            stop -= pos
+            padded_stop -= pos
+            pos = 0
+            if padded_stop > len(buf):
+                raise SnapshotError("tar archive is truncated")
+        pos = padded_stop
 
-        if typeflag in (b"L", b"K", b"x", b"g"):
-            payload = _read_exact(stream, padded)[:size]
-            if typeflag == b"L":
+        if typeflag in _META:
+            payload = buf[end:stop]
+            if typeflag == 76:
                 long_name = _cstr(payload)
-            elif typeflag == b"K":
+            elif typeflag == 75:
                 long_link = _cstr(payload)
-            elif typeflag == b"x":
+            elif typeflag == 120:
                 pax = _pax(payload)
-            continue  # b"g": global pax header, nothing we need
+            continue
 
-        if b"path" in pax:
+        if pax and b"path" in pax:
             name = pax[b"path"]
         elif long_name is not None:
             name = long_name
         else:
-            name = _cstr(hdr[0:100])
-            if hdr[257:263] == b"ustar\x00" and hdr[345] != 0:  # POSIX ustar prefix field
+            name = hdr[:100]
+            z = name.find(0)
+            if z >= 0:
+                name = name[:z]
+            if hdr[345] and hdr[257:263] == b"ustar\x00":  # POSIX ustar prefix field
                 name = _cstr(hdr[345:500]) + b"/" + name
-        linkname = pax.get(b"linkpath", long_link if long_link is not None else _cstr(hdr[157:257]))
-        mode = _octal(hdr[100:108], "mode")
-        long_name = long_link = None
-        pax = {}
+        if typeflag in (_LNK, _SYM):
+            linkname = pax[b"linkpath"] if pax and b"linkpath" in pax else (
+                long_link if long_link is not None else _cstr(hdr[157:257]))
+        long_name = long_link = pax = None
 
-        parts = _relative(name, "member")
-        if not parts:
-            raise SnapshotError(f"unsafe member {name.decode(errors='replace')!r}: empty name")
+        # Split off the top-level directory; the rare names that need care take the slow path.
+        if name[:1] == b"/" or b".." in name or b"./" in name or b"//" in name or name.endswith(b"/."):
+            parts = _relative(name, "member")
+            if not parts:
+                raise SnapshotError(f"unsafe member {name.decode(errors='replace')!r}: empty name")
+            first, rel = parts[0], b"/".join(parts[1:])
+        else:
+            first, _, rel = name.partition(b"/")
+            rel = rel.rstrip(b"/")
         if top is None:
-            top = parts[0]
-        elif parts[0] != top:
+            top = first
+        elif first != top:
             raise SnapshotError("snapshot must have exactly one top-level directory, found "
-                                f"{top.decode(errors='replace')!r} and {parts[0].decode(errors='replace')!r}")
-        rel = b"/".join(parts[1:])
+                                f"{top.decode(errors='replace')!r} and {first.decode(errors='replace')!r}")
 
-        if typeflag == b"5":  # directory
-            if padded:
-                _read_exact(stream, padded)
+        if typeflag == _REG or typeflag == _AREG or typeflag == _CONTIG:
+            if not rel:
+                raise SnapshotError("snapshot must have exactly one top-level directory, found file "
+                                    f"{name.decode(errors='replace')!r}")
+            mode = MODE_EXEC if int(hdr[100:108].strip(b"\0 ") or b"0", 8) & 0o111 else MODE_FILE
+            yield rel, mode, buf[end:stop], None
+        elif typeflag == _DIR:
             continue
-        if typeflag in (b"3", b"4", b"6"):
-            kind = {b"3": "character device", b"4": "block device", b"6": "fifo"}[typeflag]
-            raise SnapshotError(f"unsafe member {name.decode(errors='replace')!r}: {kind}")
-        if not rel:
-            raise SnapshotError(f"snapshot must have exactly one top-level directory, found file {name.decode(errors='replace')!r}")
-        if typeflag in (b"0", b"\x00", b"7"):
-            data = _read_exact(stream, padded)[:size] if padded else b""
-            yield Member(rel, MODE_EXEC if mode & 0o111 else MODE_FILE, data)
-        elif typeflag == b"2":
-            if padded:
-                _read_exact(stream, padded)
+        elif typeflag == _SYM:
+            if not rel:
+                raise SnapshotError(f"unsafe member {name.decode(errors='replace')!r}: the top-level entry is a symlink")
             if not linkname:
                 raise SnapshotError(f"symlink {name.decode(errors='replace')!r} has no target")
-            yield Member(rel, MODE_LINK, linkname)
-        elif typeflag == b"1":
-            if padded:
-                _read_exact(stream, padded)
+            yield rel, MODE_LINK, linkname, None
+        elif typeflag == _LNK:
             target = _relative(linkname, "hardlink target")
-            if not target or target[0] != top or len(target) < 2:
+            if not rel or not target or target[0] != top or len(target) < 2:
                 raise SnapshotError(f"unsafe hardlink {name.decode(errors='replace')!r} -> "
                                     f"{linkname.decode(errors='replace')!r}: target outside the tree")
-            yield Member(rel, MODE_FILE, b"", link_to=b"/".join(target[1:]))
+            yield rel, MODE_FILE, b"", b"/".join(target[1:])
+        elif typeflag in _SPECIAL:
+            raise SnapshotError(f"unsafe member {name.decode(errors='replace')!r}: {_SPECIAL[typeflag]}")
         else:
-            raise SnapshotError(f"unsupported member {name.decode(errors='replace')!r} (tar type {typeflag!r})")
+            _check_header(hdr, first=False)
+            raise SnapshotError(f"unsupported member {name.decode(errors='replace')!r} (tar type {chr(typeflag)!r})")
+
+
+def _check_header(hdr: bytes, first: bool) -> None:
+    try:
+        chksum = int(hdr[148:156].strip(b"\0 ") or b"-1", 8)
+    except ValueError:
+        chksum = -1
+    if chksum != sum(hdr[:148]) + 256 + sum(hdr[156:]):
+        raise SnapshotError("not a tar archive (header checksum mismatch)" if first
+                            else "tar archive is corrupt (header checksum mismatch)")
 
 
 def parse_timestamp(data: bytes) -> int:
