@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     baseline_file = pub / "baseline.tar.xz"
 
     load_before = os.getloadavg()
+    started = datetime.now(UTC).isoformat(timespec="seconds")
     runs: dict[str, list[float]] = {"publish": [], "baseline": [], "baseline_fair": []}
     for i in range(args.repeat):
         log(f"run {i + 1}/{args.repeat} ...")
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     best = {k: min(v) for k, v in runs.items()}
     fig = {
         "scale": args.scale, "level": args.level, "tag": tag, "work": str(work), "filesystem": fs,
-        "machine": bench_import.machine(), "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": bench_import.machine(), "started": started,
         "runs": runs, "best": best, "published_bytes": published.stat().st_size,
         "baseline_bytes": baseline_file.stat().st_size,
         "load_before": load_before, "load_after": os.getloadavg(),
@@ -163,9 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{'git archive TAG | xz -T0 -' + str(args.level) + ' --block-size=' + BLOCK_SIZE:58} "
         f"{best['baseline_fair']:8.2f}",
         "",
-        f"publish / (git archive | xz -T0 -{args.level}) = {fig['ratio']:.2f}x  (target <= {TARGET}x)  "
+        f"publish / (git archive | xz -T0 -{args.level}) = {fig['ratio']:.3f}x  (target <= {TARGET}x)  "
         f"{'PASS' if fig['ok'] else 'FAIL'}",
-        f"publish / the same with --block-size={BLOCK_SIZE} = {fig['ratio_fair']:.2f}x  (for information)",
+        f"publish / the same with --block-size={BLOCK_SIZE} = {fig['ratio_fair']:.3f}x  (for information)",
         "all runs: " + ", ".join(f"{k} " + " ".join(f"{v:.2f}" for v in vs) for k, vs in runs.items()),
     ]))
     if args.json:
