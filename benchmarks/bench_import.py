@@ -5,8 +5,8 @@ Builds (once, cached under WORK/trees/) day 1, day 2 and a heavy day of a realis
 
   * `xz -dc TARBALL > /dev/null` of each tarball (best of 3; the baseline the targets are relative to);
   * our first import (day 1 into an empty bare repository), our daily import (day 2) and a heavy day,
-    each a call of snapshotter.importer.import_tarball() in a fresh child process, which reports its
-    own peak RSS and that of its children (git fast-import, xz) via getrusage;
+    each a call of snapshotter.importer.import_tarball() in a fresh child process, which samples the
+    resident memory of itself and its children (git fast-import, xz) from /proc every 10 ms;
   * the seed's procedure (seeds/001): extract day 1 + `git add -A` + commit + tag; then extract day 2,
     `rsync -a --delete --exclude=/.git` it over the work tree, `git add -A` + commit + tag;
   * the size of our repository after `git gc` following day 1 and day 2 (growth per typical day).
