@@ -159,6 +159,7 @@ def child(params: dict) -> None:
 
 
 def run_import(repo: Path, tarball: Path, day: date, profile: Path | None = None) -> dict:
+    os.sync()
     params = {"repo": str(repo), "tarball": str(tarball), "day": day.isoformat()}
     if profile is not None:
         params["profile"] = str(profile)
@@ -173,6 +174,7 @@ def run_import(repo: Path, tarball: Path, day: date, profile: Path | None = None
 
 def time_cmd(cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None,
              stdout=subprocess.DEVNULL) -> float:
+    os.sync()  # the previous step's dirty pages are written back before, not during, this one
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=cwd, env=env, stdout=stdout, check=True)
     return time.perf_counter() - t0
