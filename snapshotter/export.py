@@ -144,18 +144,20 @@ class BlobReader:
         return data[:-1]
 
     def close(self) -> None:
+        """Stop git and reap it. After an error the feeder may be blocked writing to git's full stdin
+        (git waits for us to read): kill git first so the feeder's write fails, then close the pipes."""
         try:
-            if self._proc.stdin and not self._proc.stdin.closed:
-                try:
-                    self._proc.stdin.close()
-                except BrokenPipeError:
-                    pass
-            self._proc.stdout.close()  # type: ignore[union-attr]
+            if self._feeder.is_alive() or self._proc.poll() is None:
+                self._proc.kill()
+            self._feeder.join()
             self._proc.wait()
-            self._feeder.join(timeout=5)
         finally:
-            if self._proc.stderr:
-                self._proc.stderr.close()
+            for stream in (self._proc.stdin, self._proc.stdout, self._proc.stderr):
+                if stream is not None:
+                    try:
+                        stream.close()
+                    except (BrokenPipeError, OSError, ValueError):
+                        pass
 
     def __enter__(self) -> BlobReader:
         return self
@@ -199,21 +201,29 @@ def export_tree(repo: Path, rev: str, dest: Path) -> None:
     log.debug("exporting %s (%d entries) into %s", commit, len(entries), dest)
 
     root_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    dir_fds: dict[str, int] = {"": root_fd}
-    made_dirs: list[str] = []
+    # Open directories along the current path only: git lists a directory right before its contents,
+    # depth first, so a directory is finished (mtime set, fd closed) as soon as a path leaves it.
+    stack: list[tuple[str, int]] = [("", root_fd)]
     times = (when, when)
-    try:
-        def parent_fd(path: str) -> tuple[int, str]:
-            parent, _, name = path.rpartition("/")
-            fd = dir_fds.get(parent)
-            if fd is None:
-                raise SnapshotError(f"{path!r}: its directory {parent!r} is not a directory of the tree")
-            return fd, name
 
+    def leave() -> None:
+        path, fd = stack.pop()
+        try:
+            if path:
+                os.utime(fd, times)
+        finally:
+            os.close(fd)
+
+    try:
         blob_oids = [e.oid for e in entries if e.kind in ("file", "exec", "symlink")]
         with BlobReader(repo, blob_oids) as blobs:
             for e in entries:
-                fd, name = parent_fd(e.path)
+                parent, _, name = e.path.rpartition("/")
+                while len(stack) > 1 and not (parent == stack[-1][0] or parent.startswith(stack[-1][0] + "/")):
+                    leave()
+                if stack[-1][0] != parent:
+                    raise SnapshotError(f"{e.path!r}: its directory {parent!r} is not a directory of the tree")
+                fd = stack[-1][1]
                 if e.kind == "dir":
                     try:
                         os.mkdir(name, 0o755, dir_fd=fd)
@@ -221,9 +231,8 @@ def export_tree(repo: Path, rev: str, dest: Path) -> None:
                                       dir_fd=fd)
                     except OSError as err:
                         raise SnapshotError(f"cannot create directory {e.path!r}: {err.strerror}") from None
+                    stack.append((e.path, sub))
                     os.fchmod(sub, 0o755)
-                    dir_fds[e.path] = sub
-                    made_dirs.append(e.path)
                 elif e.kind == "symlink":
                     target_bytes = blobs.read_blob(e.oid)
                     try:
@@ -251,8 +260,6 @@ def export_tree(repo: Path, rev: str, dest: Path) -> None:
                         os.utime(out, times)
                     finally:
                         os.close(out)
-        for path in reversed(made_dirs):
-            os.utime(dir_fds[path], times)
     finally:
-        for fd in dir_fds.values():
-            os.close(fd)
+        while stack:
+            leave()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,32 @@ def test_export_cli(tmp_path: Path) -> None:
         assert r.returncode == 1
         assert r.stderr.startswith("snapshotter: error: ") and msg in r.stderr and "Traceback" not in r.stderr
         assert not (tmp_path / "u").exists()
+
+
+def test_export_many_directories_with_few_file_descriptors(tmp_path: Path) -> None:
+    """Only the directories along the current path are held open: 300 directories under a limit of 64."""
+    files = {f"cat-{i // 20}/pkg-{i}/pkg-{i}-1.ebuild": f"EAPI=8 # {i}\n" for i in range(300)}
+    repo = bare_repo_from(tmp_path, files)
+    code = ("import resource, sys; from pathlib import Path; from snapshotter.export import export_tree; "
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)); "
+            "export_tree(Path(sys.argv[1]), '2026-01-01', Path(sys.argv[2]))")
+    subprocess.run([sys.executable, "-c", code, str(repo), str(tmp_path / "out")], check=True, timeout=120)
+    assert sum(1 for p in (tmp_path / "out").rglob("*.ebuild")) == 300
+
+
+def test_export_error_mid_stream_does_not_hang(tmp_path: Path) -> None:
+    """An error while git still has megabytes of blobs queued ends promptly (no pipe deadlock)."""
+    repo = tmp_path / "repo.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(repo)], check=True)
+    # More queued ids than a pipe holds (64 KiB: ~1600 ids) and more data than git can buffer.
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(2500):
+        (src / f"f{i:04d}").write_bytes(f"{i}\n".encode() * 50)
+    paths = "\n".join(str(p) for p in sorted(src.iterdir())).encode()
+    oids = git(repo, "hash-object", "-w", "--stdin-paths", input=paths).split()
+    big = [("100644", f"f{i:04d}", oid) for i, oid in enumerate(oids)]
+    tree = raw_tree(repo, [("120000", "a-bad-link", blob(repo, b"/etc/passwd")), *big])
+    commit_tag(repo, tree, "2026-01-01")
+    r = testlib.run_cli("export", "--repo", str(repo), "2026-01-01", str(tmp_path / "out"), timeout=60)
+    assert r.returncode == 1 and "points outside the tree" in r.stderr
