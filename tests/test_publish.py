@@ -41,6 +41,8 @@ DAYS[date(2026, 1, 12)] = {
     "eclass/foo.eclass": "# foo, changed\n",
     "profiles/link": ("symlink", "categories"),
 }
+# sha256 of the tar stream in test_tar_stream_is_pinned (tar format version 1)
+PINNED_SIZE, PINNED_SHA256 = 61440, "90352a7eb696d712edc341b34879e2d861494b13a78bd34464f08c46255dc9bb"
 NOW = str(testlib.snapshot_time(date(2026, 1, 12)) + 3600)
 
 
@@ -76,9 +78,10 @@ def synced(tmp_path_factory: pytest.TempPathFactory, gpg_key: testlib.Key) -> Pa
     return build_synced(tmp_path_factory, gpg_key)
 
 
-def run_publish(repo: Path, out: Path, key: testlib.Key, *args: str, env: dict | None = None):
+def run_publish(repo: Path, out: Path, key: testlib.Key, *args: str, env: dict | None = None,
+                timeout: float = 120):
     return testlib.run_cli("publish", "--repo", str(repo), "--out", str(out), "--signing-key", key.fingerprint,
-                           "--gnupghome", str(key.home), *args, env=env)
+                           "--gnupghome", str(key.home), *args, env=env, timeout=timeout)
 
 
 def snapdir_listing(out: Path) -> dict[str, bytes]:
@@ -365,3 +368,32 @@ def test_config_file_and_flag_override(synced: Path, gpg_key: testlib.Key, tmp_p
     r = testlib.run_cli("--config", str(cfg), "publish")
     assert r.returncode == 1 and "publish.signing_key: expected a 40-hex-digit" in r.stderr
     assert r.stderr.count("\n") == 1
+
+
+def test_unsafe_tree_is_not_published(tmp_path: Path, gpg_key: testlib.Key) -> None:
+    """A tag whose tree holds a symlink out of the tree (crafted import) fails cleanly, leaving nothing."""
+    from test_export import blob, commit_tag, raw_tree
+
+    repo = tmp_path / "repo.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(repo)], check=True)
+    files = [("100644", f"f{i:04d}", blob(repo, f"{i}\n".encode())) for i in range(50)]
+    tree = raw_tree(repo, [("120000", "a", blob(repo, b"../../etc/shadow")), *files])
+    commit_tag(repo, tree, "2026-01-01")
+    out = tmp_path / "www"
+    r = run_publish(repo, out, gpg_key, timeout=60)
+    assert r.returncode == 1 and "points outside the tree" in r.stderr
+    assert [p.name for p in (out / "snapshots").iterdir()] == []
+
+
+def test_tar_stream_is_pinned(tmp_path: Path) -> None:
+    """The uncompressed tar of a fixed tree and commit time is pinned: any change to the format (order,
+    headers, padding) changes every published tarball, so it must be deliberate (update this hash and
+    say so in docs/publish.md)."""
+    from test_export import bare_repo_from
+
+    repo = bare_repo_from(tmp_path, {**DAYS[date(2026, 1, 10)], "metadata/timestamp.x": "1767228300 x\n"})
+    commit = subprocess.run(["git", f"--git-dir={repo}", "rev-parse", "2026-01-01^{commit}"], check=True,
+                            capture_output=True, text=True).stdout.strip()
+    h = hashlib.sha256()
+    size = pub.write_tar(repo, commit, 1767228300, "gentoo-20260101", h.update)
+    assert (size, h.hexdigest()) == (PINNED_SIZE, PINNED_SHA256)
