@@ -12,10 +12,11 @@ snapshot) and because the rules above are easier to enforce in one place.
 
 from __future__ import annotations
 
-import fcntl
-import io
+import bz2
+import lzma
 import os
-import subprocess
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
@@ -31,13 +32,8 @@ MODE_FILE = b"100644"
 MODE_EXEC = b"100755"
 MODE_LINK = b"120000"
 
-# Magic bytes -> decompressor. emerge-webrsync only knows xz and bz2; zstd costs nothing to accept.
-_DECOMPRESSORS: list[tuple[bytes, list[str]]] = [
-    (b"\xfd7zXZ\x00", ["xz", "-dc"]),
-    (b"BZh", ["bzip2", "-dc"]),
-    (b"\x28\xb5\x2f\xfd", ["zstd", "-dc", "-q"]),
-]
-
+# The compressions emerge-webrsync knows, by magic bytes.
+_FORMATS: list[tuple[bytes, str]] = [(b"\xfd7zXZ\x00", "xz"), (b"BZh", "bzip2")]
 
 # A member of the snapshot, as `members()` yields it (a plain tuple: this is the import's hot path):
 # (path relative to the tree, git mode, file content or symlink target, hardlink target path or None).
@@ -45,75 +41,90 @@ Member = tuple[bytes, bytes, bytes, bytes | None]
 
 @contextmanager
 def decompressed(tarball: Path, progress: Callable[[int, int], None] | None = None) -> Iterator[BinaryIO]:
-    """Yield the uncompressed tar stream of `tarball`, decompressed by xz/bzip2/zstd in a child process.
+    """Yield the uncompressed tar stream of an xz or bzip2 `tarball`.
 
-    The child reads the tarball through our own file descriptor, so its offset tells how far it got
-    (for `progress(done, total)` in compressed bytes). A decompressor error raises SnapshotError.
+    A thread decompresses with Python's lzma/bz2 (liblzma/libbz2, which run without the GIL) while the
+    caller parses, so both cores work and nothing is copied through a pipe. Corrupt data (bad CRC,
+    truncated stream) raises SnapshotError when the reader gets to it. `progress(done, total)` gets
+    compressed bytes read.
     """
-    with open(tarball, "rb", buffering=0) as f:
-        magic = os.pread(f.fileno(), 8, 0)
-        cmd = next((c for prefix, c in _DECOMPRESSORS if magic.startswith(prefix)), None)
-        if cmd is None:
-            raise SnapshotError(f"{tarball.name}: not an xz, bzip2 or zstd compressed file")
+    with open(tarball, "rb") as f:
+        magic = f.read(8)
+        f.seek(0)
+        kind = next((k for prefix, k in _FORMATS if magic.startswith(prefix)), None)
+        if kind is None:
+            raise SnapshotError(f"{tarball.name}: not an xz or bzip2 compressed file")
         total = os.fstat(f.fileno()).st_size
-        proc = subprocess.Popen(cmd, stdin=f, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert proc.stdout is not None
-        grow_pipe(proc.stdout.fileno())
-        stream = io.BufferedReader(proc.stdout, buffer_size=1 << 20)  # type: ignore[arg-type]
-        if progress is not None:
-            stream = _ProgressReader(stream, lambda: progress(os.lseek(f.fileno(), 0, os.SEEK_CUR), total))
-        def decompressor_error() -> SnapshotError | None:
-            err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
-            rc = proc.wait()
-            proc.stdout.close()  # type: ignore[union-attr]
-            if proc.stderr:
-                proc.stderr.close()
-            if rc in (0, -9):
-                return None
-            return SnapshotError(f"{cmd[0]} failed: {err.splitlines()[-1] if err else 'exit ' + str(rc)}")
-
+        opener = lzma.open if kind == "xz" else bz2.open
+        tick = (lambda: progress(f.tell(), total)) if progress is not None else None
+        reader = _ThreadedReader(opener(f, "rb"), kind, tick)  # type: ignore[arg-type]
         try:
-            yield stream
-        except BaseException:
-            # A corrupt stream shows up first as a bad tar; the decompressor's own error says more.
+            yield reader  # type: ignore[misc]
+            reader.drain()  # the whole input must decompress cleanly, up to its end-of-stream check
+        finally:
+            reader.close()
+
+
+class _ThreadedReader:
+    """`read(n)` over chunks that a background thread decompresses ahead (a bounded queue)."""
+
+    CHUNK = 1 << 21
+    AHEAD = 12  # chunks decompressed ahead: bounds the memory (~24 MiB) and lets setup overlap
+
+    def __init__(self, source: BinaryIO, kind: str, tick: Callable[[], None] | None) -> None:
+        self._source, self._kind, self._tick = source, kind, tick
+        self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(self.AHEAD)
+        self._stop = threading.Event()
+        self._buf = b""
+        self._eof = False
+        self._thread = threading.Thread(target=self._run, name=f"{kind}-decompress", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                chunk = self._source.read(self.CHUNK)
+                if not chunk:
+                    break
+                self._put(chunk)
+            self._put(None)
+        except (lzma.LZMAError, OSError, EOFError, ValueError) as e:
+            self._put(e)
+
+    def _put(self, item: bytes | BaseException | None) -> None:
+        while not self._stop.is_set():
             try:
-                proc.wait(timeout=0.5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            error = decompressor_error()
-            if error is not None:
-                raise error from None
-            raise
-        stream.read()  # drain: the decompressor must see its whole input to check it
-        error = decompressor_error()
-        if error is not None:
-            raise error
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
+    def read(self, n: int = -1) -> bytes:
+        while not self._eof and (n < 0 or len(self._buf) < n):
+            item = self._queue.get()
+            if item is None:
+                self._eof = True
+            elif isinstance(item, BaseException):
+                self._eof = True
+                raise SnapshotError(f"{self._kind} failed: corrupt or truncated data ({item})")
+            else:
+                self._buf += item
+                if self._tick is not None:
+                    self._tick()
+        if n < 0:
+            out, self._buf = self._buf, b""
+        else:
+            out, self._buf = self._buf[:n], self._buf[n:]
+        return out
 
-def grow_pipe(fd: int, size: int = 1 << 20) -> None:
-    """Let the processes on both ends of a pipe run ahead of each other (Linux; best effort)."""
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
-    except (OSError, AttributeError):
-        pass
+    def drain(self) -> None:
+        while self.read(self.CHUNK):
+            pass
 
-
-class _ProgressReader(io.RawIOBase):
-    """Calls `tick` about every 4 MiB read."""
-
-    def __init__(self, inner: BinaryIO, tick: Callable[[], None]) -> None:
-        self._inner, self._tick, self._since = inner, tick, 0
-
-    def read(self, n: int = -1) -> bytes:  # type: ignore[override]
-        data = self._inner.read(n)
-        self._since += len(data)
-        if self._since >= 4 << 20 or not data:
-            self._since = 0
-            self._tick()
-        return data
-
-    def readable(self) -> bool:
-        return True
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._source.close()
 
 
 def _octal(field: bytes, what: str) -> int:
@@ -164,7 +175,7 @@ def _relative(name: bytes, what: str) -> list[bytes]:
     return parts
 
 
-_CHUNK = 1 << 22
+_CHUNK = 1 << 21  # the decompressor thread's chunk size: whole chunks pass through without copies
 _REG, _AREG, _CONTIG, _LNK, _SYM, _DIR = 48, 0, 55, 49, 50, 53  # typeflags '0', NUL, '7', '1', '2', '5'
 _SPECIAL = {51: "character device", 52: "block device", 54: "fifo"}  # '3', '4', '6'
 _META = {76, 75, 120, 103}  # 'L' GNU long name, 'K' GNU long link, 'x' pax header, 'g' pax global
