@@ -75,6 +75,7 @@ class TreeRss:
         self.at_peak: dict[str, int] = {}
         self._stop = threading.Event()
         self._page = os.sysconf("SC_PAGE_SIZE")
+        self._exe = os.readlink("/proc/self/exe")
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _tree(self, pid: int) -> list[int]:
@@ -92,8 +93,12 @@ class TreeRss:
 
     def sample(self) -> None:
         total, parts = 0, {}
-        for p in self._tree(os.getpid()):
+        me = os.getpid()
+        for p in self._tree(me):
             try:
+                # a child between fork/vfork and exec still shows our memory: not counted twice
+                if p != me and os.readlink(f"/proc/{p}/exe") == self._exe:
+                    continue
                 with open(f"/proc/{p}/statm") as f:
                     rss = int(f.read().split()[1]) * self._page
                 with open(f"/proc/{p}/comm") as f:
