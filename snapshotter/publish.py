@@ -79,31 +79,23 @@ def _split_ustar(name: bytes) -> tuple[bytes, bytes] | None:
     return None
 
 
+_IDS = _octal(PORTAGE_ID, 8) * 2
+_MAGIC_OWNERS_DEVICES = b"ustar\0" + b"00" + _field(PORTAGE_NAME, 32) * 2 + _octal(0, 8) * 2
+
+
 def header(name: bytes, *, mode: int, size: int, mtime: int, typeflag: bytes, linkname: bytes = b"",
            prefix: bytes = b"") -> bytes:
-    """One 512-byte ustar header block with its checksum."""
-    parts = [
-        _field(name, 100),
-        _octal(mode, 8),
-        _octal(PORTAGE_ID, 8),
-        _octal(PORTAGE_ID, 8),
-        _octal(size, 12),
-        _octal(mtime, 12),
+    """One 512-byte ustar header block with its checksum (fields: name, mode, uid, gid, size, mtime,
+    checksum, type, linkname, magic, version, uname, gname, devmajor, devminor, prefix)."""
+    if len(name) > 100 or len(linkname) > 100 or len(prefix) > 155 or not 0 <= size <= _MAX_OCTAL_SIZE \
+            or not 0 <= mtime <= _MAX_OCTAL_SIZE or not 0 <= mode <= 0o7777777:
+        raise ValueError(f"tar header field out of range for {name!r}")
+    block = b"".join((
+        name.ljust(100, b"\0"), b"%07o\0" % mode, _IDS, b"%011o\0" % size, b"%011o\0" % mtime,
         b" " * 8,  # checksum placeholder
-        typeflag,
-        _field(linkname, 100),
-        b"ustar\0", b"00",
-        _field(PORTAGE_NAME, 32),
-        _field(PORTAGE_NAME, 32),
-        _octal(0, 8),
-        _octal(0, 8),
-        _field(prefix, 155),
-        b"\0" * 12,
-    ]
-    block = b"".join(parts)
-    assert len(block) == BLOCK
-    checksum = sum(block)
-    return block[:148] + f"{checksum:06o}".encode() + b"\0 " + block[156:]
+        typeflag, linkname.ljust(100, b"\0"), _MAGIC_OWNERS_DEVICES, prefix.ljust(155, b"\0"), b"\0" * 12,
+    ))
+    return b"%s%06o\0 %s" % (block[:148], sum(block), block[156:])
 
 
 def _pax_record(key: str, value: bytes) -> bytes:
