@@ -4,8 +4,8 @@ The tree of a tag is streamed from the bare mirror (`git ls-tree` + `git cat-fil
 small deterministic tar writer into `xz`, with no temporary tree on disk. The tar bytes depend on the
 tree and the commit time only: one top-level directory `gentoo-YYYYMMDD/`, owner/group portage:portage
 (250) numeric and by name, git's sorted order, every mtime the commit's, modes 0644/0755/0777, no pax
-global header. xz always runs in multi-threaded mode with a fixed block size, whose output does not
-depend on the number of threads, so the `.tar.xz` is byte-identical on any machine with the same xz.
+global header. xz always runs in multi-threaded mode with a block size fixed by the level, whose output
+does not depend on the number of threads, so the `.tar.xz` is byte-identical on any machine with the same xz.
 
 Publication is atomic: the tarball is written under a temporary name in the same directory and
 fsynced, signed, then its `.md5sum` and `.gpgsig` are renamed into place and only then the tarball
@@ -35,7 +35,15 @@ from snapshotter.signing import SigningError, detach_sign, normalize_fingerprint
 log = logging.getLogger(__name__)
 
 FAMILY = "gentoo"
-XZ_BLOCK_SIZE = "32MiB"  # fixed: multi-threaded xz output depends on it, never on the thread count
+# Multi-threaded xz output depends on the block size, never on the thread count, so the block size is a
+# fixed function of the level: xz's own default (3x the preset's dictionary), capped at 32 MiB so that
+# -7..-9 still give a real-sized tree enough blocks for every core (the default at -9 is 192 MiB).
+_XZ_DICT_KIB = {0: 256, 1: 1024, 2: 2048, 3: 4096, 4: 4096, 5: 8192, 6: 8192, 7: 16384, 8: 32768, 9: 65536}
+XZ_MAX_BLOCK_KIB = 32 * 1024
+
+
+def xz_block_size(level: int) -> str:
+    return f"{min(3 * _XZ_DICT_KIB[level], XZ_MAX_BLOCK_KIB)}KiB"
 LATEST = f"{FAMILY}-latest.tar.xz"
 SIDE_SUFFIXES = (".md5sum", ".gpgsig")
 LOCK_NAME = ".snapshotter-publish.lock"
@@ -211,10 +219,10 @@ def write_tar(repo: Path, commit: str, mtime: int, topdir: str, write: Callable[
 
 
 def xz_command(level: int, threads: int) -> list[str]:
-    """xz in multi-threaded mode (`-T+N` even for one thread) with a fixed block size: reproducible."""
+    """xz in multi-threaded mode (`-T+N` even for one thread), block size fixed by the level: reproducible."""
     n = threads if threads > 0 else (os.cpu_count() or 1)
     return ["xz", "--compress", "--stdout", "--format=xz", "--check=crc64", f"-{level}",
-            f"--threads=+{n}" if n == 1 else f"--threads={n}", f"--block-size={XZ_BLOCK_SIZE}",
+            f"--threads=+{n}" if n == 1 else f"--threads={n}", f"--block-size={xz_block_size(level)}",
             "--no-adjust", "--quiet"]
 
 
