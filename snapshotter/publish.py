@@ -42,11 +42,13 @@ _XZ_DICT_KIB = {0: 256, 1: 1024, 2: 2048, 3: 4096, 4: 4096, 5: 8192, 6: 8192, 7:
 XZ_MAX_BLOCK_KIB = 32 * 1024
 
 
-def xz_block_size(level: int) -> str:
-    return f"{min(3 * _XZ_DICT_KIB[level], XZ_MAX_BLOCK_KIB)}KiB"
 LATEST = f"{FAMILY}-latest.tar.xz"
 SIDE_SUFFIXES = (".md5sum", ".gpgsig")
 LOCK_NAME = ".snapshotter-publish.lock"
+
+
+def xz_block_size(level: int) -> str:
+    return f"{min(3 * _XZ_DICT_KIB[level], XZ_MAX_BLOCK_KIB)}KiB"
 
 
 # ---- deterministic tar stream ------------------------------------------------------------------------
@@ -280,7 +282,9 @@ def _write_temp(directory: Path, name: str, data: bytes) -> Path:
     tmp = _temp_name(directory, name)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
         os.fchmod(fd, 0o644)
         os.fsync(fd)
     finally:
