@@ -397,3 +397,27 @@ def test_tar_stream_is_pinned(tmp_path: Path) -> None:
     h = hashlib.sha256()
     size = pub.write_tar(repo, commit, 1767228300, "gentoo-20260101", h.update)
     assert (size, h.hexdigest()) == (PINNED_SIZE, PINNED_SHA256)
+
+
+def test_kill_9_mid_publish_leaves_nothing_visible(tmp_path: Path, gpg_key: testlib.Key) -> None:
+    """SIGKILL while the tarball is being compressed: clients see nothing new; the next run cleans up."""
+    from test_export import bare_repo_from
+
+    repo = bare_repo_from(tmp_path, {"metadata/timestamp.x": "1767228300 x\n", "big.bin": os.urandom(16 << 20)})
+    out = tmp_path / "www"
+    snap = out / "snapshots"
+    cmd = ["snapshotter", "publish", "--repo", str(repo), "--out", str(out), "--signing-key", gpg_key.fingerprint,
+           "--gnupghome", str(gpg_key.home), "--xz-level", "9", "--xz-threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not (snap.is_dir() and any(".tmp." in p.name for p in snap.iterdir())):
+        assert time.monotonic() < deadline and proc.poll() is None, "publish finished before it could be killed"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    time.sleep(0.5)
+    assert [p.name for p in snap.iterdir() if not p.name.startswith(".")] == []
+    r = subprocess.run(cmd[:-4] + ["--xz-level", "0"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in snap.iterdir()) == sorted(
+        f"gentoo-{stem}.tar.xz{s}" for stem in ("20260101", "latest") for s in ("", ".md5sum", ".gpgsig"))
