@@ -50,13 +50,14 @@ def tag_of(day: date) -> str:
     return f"{day:%Y-%m-%d}"
 
 
-def sync_days(repo: Path, upstream: testlib.HttpMirror, key: testlib.Key, days: list[date]) -> None:
+def sync_days(repo: Path, upstream: testlib.HttpMirror, key: testlib.Key, days: list[date],
+              now: str = NOW) -> None:
     """Import `days` into `repo` with the real `snapshotter sync` from an HTTP mirror on 127.0.0.1."""
     for day in days:
         testlib.build_snapshot(upstream.root, day, DAYS[day], key=key)
         r = testlib.run_cli("sync", "--repo", str(repo), "--mirror", upstream.url, "--keyring", str(key.public),
                             "--fingerprint", key.fingerprint, "--date", f"{day:%Y%m%d}", "--no-push",
-                            "--cache-dir", str(repo.parent / "cache"), env={"SNAPSHOTTER_NOW": NOW})
+                            "--cache-dir", str(repo.parent / "cache"), env={"SNAPSHOTTER_NOW": now})
         assert r.returncode == 0, r.stderr
 
 

@@ -150,3 +150,33 @@ def test_client_config_stanza_drives_the_real_client(published, gpg_key: testlib
                 ["--mirror-url", 'http://x/"$(id)"']):
         r = testlib.run_cli("client-config", *bad)
         assert r.returncode == 1 and r.stderr.startswith("snapshotter: error: ") and not r.stdout
+
+
+@needs_client
+def test_real_client_default_sync_finds_a_recent_day(gpg_key: testlib.Key, tmp_path: Path,
+                                                     http_mirror: testlib.HttpMirror) -> None:
+    """Without --revert (what `emerge --sync` runs) the client walks back from yesterday and takes the
+    newest published day it can verify."""
+    from datetime import UTC, datetime, timedelta
+
+    from test_publish import sync_days
+
+    day = (datetime.now(UTC) - timedelta(days=2)).date()  # within the client's walk, even before 01:00 UTC
+    DAYS[day] = {**DAYS[date(2026, 1, 12)], "app-misc/recent/recent-1.ebuild": "EAPI=8\n"}
+    try:
+        repo = tmp_path / "gentoo.git"
+        sync_days(repo, http_mirror, gpg_key, [day], now=str(testlib.snapshot_time(day) + 3600))
+        out = tmp_path / "www"
+        r = run_publish(repo, out, gpg_key, "--xz-level", "1")
+        assert r.returncode == 0, r.stderr
+        server = testlib.serve(out)
+        try:
+            client_repo = tmp_path / "client-repo"
+            r = webrsync(tmp_path / "client", server.url, gpg_key.public, client_repo)
+        finally:
+            server.server.shutdown()
+            server.server.server_close()
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert tree_listing(client_repo) == expected_listing(DAYS[day], day)
+    finally:
+        DAYS.pop(day)
