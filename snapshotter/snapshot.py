@@ -16,6 +16,7 @@ import bz2
 import lzma
 import os
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -46,7 +47,8 @@ def decompressed(tarball: Path, progress: Callable[[int, int], None] | None = No
     A thread decompresses with Python's lzma/bz2 (liblzma/libbz2, which run without the GIL) while the
     caller parses, so both cores work and nothing is copied through a pipe. Corrupt data (bad CRC,
     truncated stream) raises SnapshotError when the reader gets to it. `progress(done, total)` gets
-    compressed bytes read.
+    compressed bytes read. While it runs, the interpreter's thread switch interval is short, so the
+    decompressing thread gets the GIL back at once after each block.
     """
     with open(tarball, "rb") as f:
         magic = f.read(8)
@@ -55,21 +57,27 @@ def decompressed(tarball: Path, progress: Callable[[int, int], None] | None = No
         if kind is None:
             raise SnapshotError(f"{tarball.name}: not an xz or bzip2 compressed file")
         total = os.fstat(f.fileno()).st_size
-        opener = lzma.open if kind == "xz" else bz2.open
         tick = (lambda: progress(f.tell(), total)) if progress is not None else None
-        reader = _ThreadedReader(opener(f, "rb"), kind, tick)  # type: ignore[arg-type]
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-4)
+        reader = _ThreadedReader(f, kind, tick)
         try:
             yield reader  # type: ignore[misc]
             reader.drain()  # the whole input must decompress cleanly, up to its end-of-stream check
         finally:
             reader.close()
+            sys.setswitchinterval(interval)
 
 
 class _ThreadedReader:
-    """`read(n)` over chunks that a background thread decompresses ahead (a bounded queue)."""
+    """Decompresses in a background thread, a bounded queue ahead of the reader.
 
-    CHUNK = 1 << 21
-    AHEAD = 12  # chunks decompressed ahead: bounds the memory (~24 MiB) and lets setup overlap
+    `read1()` hands over whole decompressed chunks (no copies); `read(n)` returns exactly n bytes
+    unless the stream ends.
+    """
+
+    IN_BLOCK = 1 << 20  # compressed bytes per decompressor call: few, long GIL-free calls
+    AHEAD = 6  # chunks decompressed ahead (about 12 MB each for a Gentoo tree): bounds the memory
 
     def __init__(self, source: BinaryIO, kind: str, tick: Callable[[], None] | None) -> None:
         self._source, self._kind, self._tick = source, kind, tick
@@ -80,13 +88,29 @@ class _ThreadedReader:
         self._thread = threading.Thread(target=self._run, name=f"{kind}-decompress", daemon=True)
         self._thread.start()
 
+    def _new(self) -> lzma.LZMADecompressor | bz2.BZ2Decompressor:
+        return lzma.LZMADecompressor(lzma.FORMAT_XZ) if self._kind == "xz" else bz2.BZ2Decompressor()
+
     def _run(self) -> None:
         try:
+            dec = self._new()
+            raw = b""
             while not self._stop.is_set():
-                chunk = self._source.read(self.CHUNK)
-                if not chunk:
-                    break
-                self._put(chunk)
+                if not raw:
+                    raw = self._source.read(self.IN_BLOCK)
+                    if not raw:
+                        break
+                if dec.eof:  # concatenated streams (pbzip2, xz --single-stream off); xz may pad with NULs
+                    raw = raw.lstrip(b"\0") if self._kind == "xz" else raw
+                    if not raw:
+                        continue
+                    dec = self._new()
+                out = dec.decompress(raw)
+                raw = dec.unused_data if dec.eof else b""
+                if out:
+                    self._put(out)
+            if not dec.eof:
+                raise EOFError("compressed data ends before the end-of-stream marker")
             self._put(None)
         except (lzma.LZMAError, OSError, EOFError, ValueError) as e:
             self._put(e)
@@ -99,32 +123,42 @@ class _ThreadedReader:
             except queue.Full:
                 continue
 
-    def read(self, n: int = -1) -> bytes:
-        while not self._eof and (n < 0 or len(self._buf) < n):
-            item = self._queue.get()
-            if item is None:
-                self._eof = True
-            elif isinstance(item, BaseException):
-                self._eof = True
-                raise SnapshotError(f"{self._kind} failed: corrupt or truncated data ({item})")
-            else:
-                self._buf += item
-                if self._tick is not None:
-                    self._tick()
-        if n < 0:
+    def read1(self, n: int = -1) -> bytes:
+        """The next decompressed chunk (any size), b"" at the end."""
+        if self._buf:
             out, self._buf = self._buf, b""
-        else:
-            out, self._buf = self._buf[:n], self._buf[n:]
-        return out
+            return out
+        if self._eof:
+            return b""
+        item = self._queue.get()
+        if item is None:
+            self._eof = True
+            return b""
+        if isinstance(item, BaseException):
+            self._eof = True
+            raise SnapshotError(f"{self._kind} failed: corrupt or truncated data ({item})")
+        if self._tick is not None:
+            self._tick()
+        return item
+
+    def read(self, n: int = -1) -> bytes:
+        parts = [self.read1()]
+        size = len(parts[0])
+        while parts[-1] and (n < 0 or size < n):
+            parts.append(self.read1())
+            size += len(parts[-1])
+        data = b"".join(parts)
+        if 0 <= n < len(data):
+            data, self._buf = data[:n], data[n:]
+        return data
 
     def drain(self) -> None:
-        while self.read(self.CHUNK):
+        while self.read1():
             pass
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
-        self._source.close()
 
 
 def _octal(field: bytes, what: str) -> int:
@@ -190,14 +224,14 @@ def members(stream: BinaryIO) -> Iterator[Member]:
     """
     buf = b""
     pos = 0
-    read = stream.read
+    read = getattr(stream, "read1", stream.read)
     top: bytes | None = None
     long_name: bytes | None = None
     long_link: bytes | None = None
     pax: dict[bytes, bytes] | None = None
     while True:
         if len(buf) - pos < BLOCK:
-            buf = buf[pos:] + read(_CHUNK)
+            buf = _refill(buf[pos:], read, BLOCK)
             pos = 0
             if len(buf) < BLOCK:
                 if not buf and top is not None:
@@ -220,7 +254,7 @@ def members(stream: BinaryIO) -> Iterator[Member]:
         stop = end + size
         padded_stop = end + ((size + BLOCK - 1) & ~(BLOCK - 1))
         if padded_stop > len(buf):
-            buf = buf[pos:] + read(max(_CHUNK, padded_stop - len(buf)))
+            buf = _refill(buf[pos:], read, padded_stop - pos)
             end -= pos
             stop -= pos
             padded_stop -= pos
@@ -295,6 +329,19 @@ def members(stream: BinaryIO) -> Iterator[Member]:
         else:
             _check_header(hdr, first=False)
             raise SnapshotError(f"unsupported member {name.decode(errors='replace')!r} (tar type {chr(typeflag)!r})")
+
+
+def _refill(rest: bytes, read: Callable[[int], bytes], need: int) -> bytes:
+    """`rest` plus at least `need` bytes in all, fewer only at the end of the stream."""
+    parts = [rest]
+    size = len(rest)
+    while size < need:
+        more = read(_CHUNK)
+        if not more:
+            break
+        parts.append(more)
+        size += len(more)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _check_header(hdr: bytes, first: bool) -> None:
