@@ -76,8 +76,8 @@ class _ThreadedReader:
     unless the stream ends.
     """
 
-    IN_BLOCK = 1 << 20  # compressed bytes per decompressor call: few, long GIL-free calls
-    AHEAD = 6  # chunks decompressed ahead (about 12 MB each for a Gentoo tree): bounds the memory
+    IN_BLOCK = 1 << 18  # compressed bytes per decompressor call: few, long GIL-free calls
+    AHEAD = 6  # chunks decompressed ahead (about 3 MB each for a Gentoo tree): bounds the memory
 
     def __init__(self, source: BinaryIO, kind: str, tick: Callable[[], None] | None) -> None:
         self._source, self._kind, self._tick = source, kind, tick
