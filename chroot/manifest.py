@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chroot.stage import sha256_file
+from snapshotter.verify import file_digest
 
 FORMAT = 1
 
@@ -53,7 +53,7 @@ def list_packages(pkgdir: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | 
             rel = full.relative_to(pkgdir).as_posix()
             if full.is_symlink():
                 continue
-            entry = {"path": rel, "sha256": sha256_file(full), "size": full.stat().st_size}
+            entry = {"path": rel, "sha256": file_digest(full, "sha256"), "size": full.stat().st_size}
             if rel == "Packages":
                 index = {"sha256": entry["sha256"], "size": entry["size"]}
             else:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import subprocess
@@ -12,19 +11,12 @@ import requests
 
 from chroot.procs import die_with_parent
 from snapshotter.errors import FetchError, SnapshotterError, VerificationError
+from snapshotter.verify import file_digest
 
 log = logging.getLogger(__name__)
 
 _DECOMPRESS = {".tar.xz": "--xz", ".txz": "--xz", ".tar.bz2": "--bzip2", ".tbz2": "--bzip2",
                ".tar.zst": "--zstd", ".tzst": "--zstd"}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def compression_flag(name: str) -> str:
@@ -50,7 +42,7 @@ def fetch_stage(source: str, cache_dir: Path, expected_sha256: str | None, timeo
     if not expected_sha256:
         log.warning("stage %s has no stage_sha256: it is downloaded every time and not verified", source)
     dest = cache_dir / (f"{expected_sha256[:16]}-{name}" if expected_sha256 else name)
-    if expected_sha256 and dest.is_file() and sha256_file(dest) == expected_sha256:
+    if expected_sha256 and dest.is_file() and file_digest(dest, "sha256") == expected_sha256:
         log.info("stage: using cached %s", dest)
         return dest
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -78,7 +70,7 @@ def fetch_stage(source: str, cache_dir: Path, expected_sha256: str | None, timeo
 
 def verify_stage(path: Path, expected_sha256: str | None) -> str:
     """sha256 of the stage; raises VerificationError (before anything is extracted) on a mismatch."""
-    digest = sha256_file(path)
+    digest = file_digest(path, "sha256")
     if expected_sha256 is not None and digest != expected_sha256:
         raise VerificationError(f"stage {path}: sha256 is {digest}, expected {expected_sha256} (stage_sha256); "
                                 "refusing to use it")

@@ -14,7 +14,6 @@ itself; a failure at any step removes the temporary files and leaves what was pu
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -31,6 +30,7 @@ from snapshotter.export import BlobReader, check_symlink, copy_exact, resolve, t
 from snapshotter.gitrepo import Mirror, Tag, tag_date
 from snapshotter.lock import flocked
 from snapshotter.signing import SigningError, detach_sign, normalize_fingerprint
+from snapshotter.verify import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -292,14 +292,6 @@ def _write_temp(directory: Path, name: str, data: bytes) -> Path:
     return tmp
 
 
-def md5_file(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ---- publication -------------------------------------------------------------------------------------
 def snapshot_name(day: date) -> str:
     return f"{FAMILY}-{day:%Y%m%d}.tar.xz"
@@ -371,7 +363,7 @@ def publish_tag(repo: Path, tag: Tag, opts: PublishOptions) -> Published:
             os.fsync(fd)
         finally:
             os.close(fd)
-        md5 = md5_file(tmp)
+        md5 = file_digest(tmp, "md5")
         signature = detach_sign(tmp, opts.signing_key, opts.gnupghome, name=name)
         side = {
             ".md5sum": f"{md5}  {name}\n".encode(),

@@ -26,12 +26,10 @@ _MD5_RE = re.compile(rb"^([0-9a-fA-F]{32})(?:\s+\*?(\S+))?\s*$")
 _REJECT = {"BADSIG", "ERRSIG", "EXPSIG", "EXPKEYSIG", "REVKEYSIG", "NO_PUBKEY", "FAILURE"}
 
 
-def file_md5(path: Path) -> str:
-    h = hashlib.md5()
+def file_digest(path: Path, algorithm: str) -> str:
+    """Hex digest of a file's content ("md5", "sha256", ...), read in chunks."""
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, algorithm).hexdigest()
 
 
 def parse_md5sum(text: bytes, name: str) -> str:
@@ -50,7 +48,7 @@ def parse_md5sum(text: bytes, name: str) -> str:
 
 def check_md5(tarball: Path, md5sum: bytes) -> None:
     want = parse_md5sum(md5sum, tarball.name)
-    got = file_md5(tarball)
+    got = file_digest(tarball, "md5")
     if got != want:
         raise VerificationError(f"{tarball.name}: md5 mismatch (file {got}, .md5sum says {want})")
 

@@ -42,12 +42,15 @@ class Env:
         return testlib.build_snapshot(self.mirror.root, day, files, **kw)
 
     def sync(self, *args: str, now: datetime = NOW, mirrors: list[str] | None = None,
-             repo: Path | None = None, keyring: Path | None = None) -> subprocess.CompletedProcess[str]:
-        config = self.tmp / "fast-retries.toml"
-        if not config.exists():  # one retry, short backoff: the fault tests stay quick
-            config.write_text("[sync]\nretries = 1\ntimeout = 10\n")
-        argv = ["--config", str(config), "sync", "--repo", str(repo or self.repo), "--keyring", str(keyring or self.key.public),
-                "--fingerprint", self.key.fingerprint, "--cache-dir", str(self.tmp / "cache")]
+             repo: Path | None = None, keyring: Path | None = None, fingerprint: str | None = None,
+             config: str = "") -> subprocess.CompletedProcess[str]:
+        """Run the real `snapshotter sync` against this mirror; `config` is extra TOML for the file."""
+        path = self.tmp / f"snapshotter-{abs(hash(config))}.toml"
+        # One retry, short backoff: the fault tests stay quick.
+        path.write_text(config + "\n[sync]\nretries = 1\ntimeout = 10\n")
+        argv = ["--config", str(path), "sync", "--repo", str(repo or self.repo),
+                "--keyring", str(keyring or self.key.public),
+                "--fingerprint", fingerprint or self.key.fingerprint, "--cache-dir", str(self.tmp / "cache")]
         for m in mirrors or [self.mirror.url]:
             argv += ["--mirror", m]
         return testlib.run_cli(*argv, *args, env={"SNAPSHOTTER_NOW": str(int(now.timestamp()))})
@@ -372,10 +375,7 @@ def test_expired_key_is_rejected(env: Env, tmp_path: Path) -> None:
     tarball = testlib.build_snapshot(env.mirror.root, D20, key=None)
     subprocess.run([*gpg, *past, "--armor", "--detach-sign", "-u", fpr, "-o", str(tarball) + ".gpgsig",
                     str(tarball)], check=True, capture_output=True)
-    argv = ["sync", "--repo", str(env.repo), "--keyring", str(public), "--fingerprint", fpr,
-            "--mirror", env.mirror.url, "--cache-dir", str(tmp_path / "cache")]
-    proc = testlib.run_cli(*argv, env={"SNAPSHOTTER_NOW": str(int(NOW.timestamp()))})
-    assert_one_line_error(proc, "expired key")
+    assert_one_line_error(env.sync(keyring=public, fingerprint=fpr), "expired key")
     assert refs(env.repo) == ""
 
 
@@ -390,10 +390,7 @@ def test_revoked_key_is_rejected(env: Env, tmp_path: Path) -> None:
     public = tmp_path / "revoked.asc"
     public.write_bytes(subprocess.run(["gpg", "--homedir", str(key.home), "--armor", "--export", key.fingerprint],
                                       capture_output=True, check=True).stdout)
-    argv = ["sync", "--repo", str(env.repo), "--keyring", str(public), "--fingerprint", key.fingerprint,
-            "--mirror", env.mirror.url, "--cache-dir", str(tmp_path / "cache")]
-    proc = testlib.run_cli(*argv, env={"SNAPSHOTTER_NOW": str(int(NOW.timestamp()))})
-    assert_one_line_error(proc, "revoked key")
+    assert_one_line_error(env.sync(keyring=public, fingerprint=key.fingerprint), "revoked key")
     assert refs(env.repo) == ""
 
 
@@ -480,14 +477,9 @@ def test_second_sync_exits_75_while_the_lock_is_held(env: Env) -> None:
 def test_push_to_a_second_bare_repo_and_to_an_unreachable_one(env: Env, tmp_path: Path) -> None:
     remote = tmp_path / "public.git"
     subprocess.run(["git", "init", "-q", "--bare", str(remote)], check=True)
-    config = tmp_path / "snapshotter.toml"
-    config.write_text(f'[git]\npush = ["{remote}", "{tmp_path / "missing" / "gone.git"}"]\n')
+    push = f'[git]\npush = ["{remote}", "{tmp_path / "missing" / "gone.git"}"]\n'
     env.build(D19)
-    argv = ["--config", str(config)]
-    proc = testlib.run_cli(*argv, "sync", "--repo", str(env.repo), "--keyring", str(env.key.public),
-                           "--fingerprint", env.key.fingerprint, "--mirror", env.mirror.url,
-                           "--cache-dir", str(tmp_path / "cache"),
-                           env={"SNAPSHOTTER_NOW": str(int(NOW.timestamp()))})
+    proc = env.sync(config=push)
     assert proc.returncode == 3, proc.stderr
     assert "push to" in proc.stderr and "gone.git failed" in proc.stderr
     # The import is kept locally and the reachable remote got main and the tag.
@@ -496,10 +488,7 @@ def test_push_to_a_second_bare_repo_and_to_an_unreachable_one(env: Env, tmp_path
     # The unreachable remote stays pending: once it exists, the next run (with nothing new) pushes it.
     gone = tmp_path / "missing" / "gone.git"
     subprocess.run(["git", "init", "-q", "--bare", str(gone)], check=True)
-    proc = testlib.run_cli(*argv, "sync", "--repo", str(env.repo), "--keyring", str(env.key.public),
-                           "--fingerprint", env.key.fingerprint, "--mirror", env.mirror.url,
-                           "--cache-dir", str(tmp_path / "cache"),
-                           env={"SNAPSHOTTER_NOW": str(int(NOW.timestamp()))})
+    proc = env.sync(config=push)
     assert proc.returncode == 0, proc.stderr
     assert git(gone, "rev-parse", "main") == git(env.repo, "rev-parse", "main")
     assert git(gone, "tag") == "2026-11-19"
@@ -508,13 +497,8 @@ def test_push_to_a_second_bare_repo_and_to_an_unreachable_one(env: Env, tmp_path
 def test_no_push_flag_keeps_everything_local(env: Env, tmp_path: Path) -> None:
     remote = tmp_path / "public.git"
     subprocess.run(["git", "init", "-q", "--bare", str(remote)], check=True)
-    config = tmp_path / "snapshotter.toml"
-    config.write_text(f'[git]\npush = ["{remote}"]\n')
     env.build(D20)
-    proc = testlib.run_cli("--config", str(config), "sync", "--no-push", "--repo", str(env.repo),
-                           "--keyring", str(env.key.public), "--fingerprint", env.key.fingerprint,
-                           "--mirror", env.mirror.url, "--cache-dir", str(tmp_path / "cache"),
-                           env={"SNAPSHOTTER_NOW": str(int(NOW.timestamp()))})
+    proc = env.sync("--no-push", config=f'[git]\npush = ["{remote}"]\n')
     assert proc.returncode == 0, proc.stderr
     assert git(remote, "tag") == ""
 
