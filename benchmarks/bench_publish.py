@@ -8,7 +8,7 @@ times, in one run and alternating, N times each (best of N is reported):
   * `snapshotter publish --force TAG --out DIR --xz-level LEVEL` (the real command line, subprocess,
     including interpreter start-up, the md5 and the OpenPGP signature);
   * the baseline of issue 3: `git archive --format=tar TAG | xz -T0 -LEVEL > FILE`;
-  * a fairer baseline with the block size publish uses (`--block-size=16MiB`): with xz's default block
+  * a fairer baseline with the block size publish uses at that level (`snapshotter.publish.xz_block_size`): with xz's default block
     size (3x the dictionary: 24 MiB at -6, 192 MiB at -9) a ~190 MB tar has too few blocks for
     `-T0` to use every core, so the literal baseline can be slower than publish's threaded xz.
 
@@ -32,8 +32,9 @@ sys.path.insert(0, str(HERE))
 
 import bench_import  # noqa: E402
 
+from snapshotter.publish import xz_block_size  # noqa: E402
+
 TARGET = 1.1
-BLOCK_SIZE = "16MiB"  # what snapshotter.publish uses (XZ_BLOCK_SIZE)
 
 
 def log(msg: str) -> None:
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"run {i + 1}/{args.repeat} ...")
         runs["baseline"].append(time_baseline(repo, tag, args.level, baseline_file, None))
         runs["publish"].append(time_publish(repo, tag, args.level, out, key, gnupghome, config))
-        runs["baseline_fair"].append(time_baseline(repo, tag, args.level, baseline_file, BLOCK_SIZE))
+        runs["baseline_fair"].append(time_baseline(repo, tag, args.level, baseline_file, xz_block_size(args.level)))
     published = out / "snapshots" / f"gentoo-{tag.replace('-', '')}.tar.xz"
     best = {k: min(v) for k, v in runs.items()}
     fig = {
@@ -161,12 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{fig['published_bytes'] / 1e6:10.1f}",
         f"{'git archive TAG | xz -T0 -' + str(args.level):58} {best['baseline']:8.2f} "
         f"{fig['baseline_bytes'] / 1e6:10.1f}",
-        f"{'git archive TAG | xz -T0 -' + str(args.level) + ' --block-size=' + BLOCK_SIZE:58} "
+        f"{'git archive TAG | xz -T0 -' + str(args.level) + ' --block-size=' + xz_block_size(args.level):58} "
         f"{best['baseline_fair']:8.2f}",
         "",
         f"publish / (git archive | xz -T0 -{args.level}) = {fig['ratio']:.3f}x  (target <= {TARGET}x)  "
         f"{'PASS' if fig['ok'] else 'FAIL'}",
-        f"publish / the same with --block-size={BLOCK_SIZE} = {fig['ratio_fair']:.3f}x  (for information)",
+        f"publish / the same with --block-size={xz_block_size(args.level)} = {fig['ratio_fair']:.3f}x  (for information)",
         "all runs: " + ", ".join(f"{k} " + " ".join(f"{v:.2f}" for v in vs) for k, vs in runs.items()),
     ]))
     if args.json:

@@ -209,7 +209,7 @@ def _relative(name: bytes, what: str) -> list[bytes]:
     return parts
 
 
-_CHUNK = 1 << 21  # the decompressor thread's chunk size: whole chunks pass through without copies
+_CHUNK = 1 << 21  # what members() asks a plain stream for at a time (the decompressing reader hands over whole chunks)
 _REG, _AREG, _CONTIG, _LNK, _SYM, _DIR = 48, 0, 55, 49, 50, 53  # typeflags '0', NUL, '7', '1', '2', '5'
 _SPECIAL = {51: "character device", 52: "block device", 54: "fifo"}  # '3', '4', '6'
 _META = {76, 75, 120, 103}  # 'L' GNU long name, 'K' GNU long link, 'x' pax header, 'g' pax global
