@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from snapshotter.errors import ConfigError
+from snapshotter.errors import ConfigError, SnapshotterError
 
 DEFAULT_CONFIG = Path("/etc/snapshotter/snapshotter.toml")
 CONFIG_ENV = "SNAPSHOTTER_CONFIG"
@@ -117,6 +117,14 @@ _SECTIONS: dict[str, type] = {
 _TOP_LEVEL = {"repo": Path, "state_dir": Path}
 
 
+def normalize_fingerprint(value: str, what: str, error: type[SnapshotterError] = ConfigError) -> str:
+    """`value` as 40 upper-case hex digits (spaces allowed in the input); `error` naming `what` otherwise."""
+    norm = value.replace(" ", "").upper()
+    if not _FPR_RE.match(norm):
+        raise error(f"{what}: expected a 40-hex-digit OpenPGP fingerprint, got {value!r}")
+    return norm
+
+
 def _type_name(t: Any) -> str:
     names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", Path: "a path"}
     origin = typing.get_origin(t)
@@ -182,11 +190,8 @@ def validate(cfg: Config) -> Config:
     for i, remote in enumerate(cfg.git.push):
         if not remote or remote.startswith("-"):
             raise ConfigError(f"git.push[{i}]: not a remote name or URL: {remote!r}")
-    for i, fpr in enumerate(cfg.sync.fingerprints):
-        norm = fpr.replace(" ", "").upper()
-        if not _FPR_RE.match(norm):
-            raise ConfigError(f"sync.fingerprints[{i}]: expected a 40-hex-digit OpenPGP fingerprint, got {fpr!r}")
-        cfg.sync.fingerprints[i] = norm
+    cfg.sync.fingerprints = [normalize_fingerprint(f, f"sync.fingerprints[{i}]")
+                             for i, f in enumerate(cfg.sync.fingerprints)]
     if not cfg.sync.fingerprints:
         raise ConfigError("sync.fingerprints: at least one pinned fingerprint is required")
     if not cfg.sync.mirrors:
@@ -207,11 +212,7 @@ def validate(cfg: Config) -> Config:
     if cfg.publish.xz_threads < 0:
         raise ConfigError(f"publish.xz_threads: must not be negative, got {cfg.publish.xz_threads}")
     if cfg.publish.signing_key:
-        norm = cfg.publish.signing_key.replace(" ", "").upper()
-        if not _FPR_RE.match(norm):
-            raise ConfigError(f"publish.signing_key: expected a 40-hex-digit OpenPGP fingerprint, "
-                              f"got {cfg.publish.signing_key!r}")
-        cfg.publish.signing_key = norm
+        cfg.publish.signing_key = normalize_fingerprint(cfg.publish.signing_key, "publish.signing_key")
     if not _TIME_RE.match(cfg.service.sync_time):
         raise ConfigError(f"service.sync_time: expected HH:MM (UTC), got {cfg.service.sync_time!r}")
     for key in ("retry_interval", "retry_deadline", "lease_seconds", "poll_interval"):

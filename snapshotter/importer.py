@@ -110,12 +110,6 @@ def _save_tree(mirror: Mirror, commit: str, tree: Tree) -> None:
     os.replace(tmp, path)
 
 
-def blob_id(data: bytes) -> bytes:
-    h = hashlib.sha1(b"blob %d\0" % len(data))
-    h.update(data)
-    return h.digest()
-
-
 class _FastImport:
     """A `git fast-import` child fed through a pipe; its errors are kept for the message."""
 

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import gnupg
 
+from snapshotter import config
 from snapshotter.errors import SnapshotterError
 
 log = logging.getLogger(__name__)
-
-_FPR_RE = re.compile(r"^[0-9A-F]{40}$")
-
 
 class SigningError(SnapshotterError):
     """The signing key is missing, unusable, or gpg failed to sign."""
@@ -21,10 +18,7 @@ class SigningError(SnapshotterError):
 
 def normalize_fingerprint(key: str, what: str = "signing key") -> str:
     """`key` as 40 upper-case hex digits (spaces allowed in the input); SigningError otherwise."""
-    norm = key.replace(" ", "").upper()
-    if not _FPR_RE.match(norm):
-        raise SigningError(f"{what}: expected a 40-hex-digit OpenPGP fingerprint, got {key!r}")
-    return norm
+    return config.normalize_fingerprint(key, what, SigningError)
 
 
 def _gpg(gnupghome: Path | None) -> gnupg.GPG:

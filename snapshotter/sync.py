@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from pathlib import Path
 from snapshotter import syncstate
 from snapshotter.config import Config
 from snapshotter.errors import FetchError, SnapshotterError, VerificationError
-from snapshotter.gitrepo import Mirror, git_env
+from snapshotter.gitrepo import Mirror, git
 from snapshotter.importer import Identity, ImportResult, import_tarball
 from snapshotter.lock import flocked
 from snapshotter.mirror import Downloader, NotFound, Unreachable
@@ -57,10 +56,8 @@ def newest_possible_day(now: datetime) -> date:
     return day - timedelta(days=1) if now.hour < 1 else day
 
 
-def days_to_fetch(newest_tag: date | None, newest: date, max_catchup_days: int) -> list[date]:
-    """Days to try, oldest first (for a non-empty repository)."""
-    if newest_tag is None:
-        return []
+def days_to_fetch(newest_tag: date, newest: date, max_catchup_days: int) -> list[date]:
+    """Days to try, oldest first, after the newest tag (a non-empty repository)."""
     first = max(newest_tag + timedelta(days=1), newest - timedelta(days=max_catchup_days - 1))
     return [first + timedelta(days=i) for i in range((newest - first).days + 1)]
 
@@ -240,5 +237,4 @@ def _tag_signer(cfg: Config) -> Callable[[bytes], bytes]:
 
 def _gc_auto(mirror: Mirror) -> None:
     """Each import adds a pack; let git consolidate them when it judges it worth it."""
-    subprocess.run(["git", f"--git-dir={mirror.path}", "gc", "--auto", "--quiet"], env=git_env(),
-                   capture_output=True)
+    git(mirror.path, "gc", "--auto", "--quiet", check=False)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import gnupg
 
+from snapshotter.config import normalize_fingerprint
 from snapshotter.errors import ConfigError, SignatureError, VerificationError
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class SignatureVerifier:
     """Checks detached signatures against pinned fingerprints with a throwaway keyring."""
 
     def __init__(self, key_files: list[Path], fingerprints: list[str]) -> None:
-        self.fingerprints = {f.replace(" ", "").upper() for f in fingerprints}
+        self.fingerprints = {normalize_fingerprint(f, f"sync.fingerprints[{i}]") for i, f in enumerate(fingerprints)}
         self._home = Path(tempfile.mkdtemp(prefix="snapshotter-gpg-"))
         self._home.chmod(0o700)
         try:
