@@ -28,6 +28,10 @@ class State:
         self.verbose = verbose
         self._config: configmod.Config | None = None
 
+    def repo(self, override: Path | None) -> Path:
+        """The mirror repository: the --repo flag if given, else `repo` of the configuration."""
+        return (override or self.config.repo).resolve()
+
     @property
     def config(self) -> configmod.Config:
         if self._config is None:

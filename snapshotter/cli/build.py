@@ -38,8 +38,7 @@ def build_cmd(state: State, profile: str, repo: Path | None, tag: str | None, ou
     from snapshotter.errors import ConfigError
 
     cfg = state.config
-    if repo is not None:
-        cfg.repo = repo.resolve()
+    cfg.repo = state.repo(repo)
     if work_dir is not None:
         cfg.build.work_dir = work_dir.resolve()
     refs: dict[str, str] = {}

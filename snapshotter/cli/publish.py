@@ -47,7 +47,7 @@ def publish_cmd(state: State, tags: tuple[str, ...], repo: Path | None, all_tags
     cfg = state.config
     opts = options_from_config(cfg, out=out, signing_key=signing_key, gnupghome=gnupghome, keep=keep,
                                xz_level=xz_level, xz_threads=xz_threads)
-    report = publish((repo or cfg.repo).resolve(), opts, list(tags), all_tags=all_tags, force=force,
+    report = publish(state.repo(repo), opts, list(tags), all_tags=all_tags, force=force,
                      lock_wait=wait)
     for p in report.published:
         click.echo(f"published {p.tag} {p.path} {p.size} bytes md5 {p.md5}")
@@ -67,7 +67,7 @@ def publish_cmd(state: State, tags: tuple[str, ...], repo: Path | None, all_tags
 @pass_state
 def export_cmd(state: State, tag: str, dest: Path, repo: Path | None) -> None:
     """Write the tree of TAG (YYYY-MM-DD) into DEST (created if missing; must be empty)."""
-    mirror = Mirror((repo or state.config.repo).resolve()).require()
+    mirror = Mirror(state.repo(repo)).require()
     t = mirror.find_tag(tag)
     export_tree(mirror.path, t.commit, dest)
     click.echo(f"exported {t.name} ({t.commit}) to {dest}")

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from snapshotter.cli import State, pass_state
-from snapshotter.config import Config, validate
+from snapshotter.config import validate
 from snapshotter.errors import EXIT_PUSH_FAILED, SnapshotterError
 from snapshotter.gitrepo import Mirror
 
@@ -56,10 +56,6 @@ class TerminalProgress:
             self._label = None
 
 
-def apply_repo(cfg: Config, repo: Path | None) -> Config:
-    return dataclasses.replace(cfg, repo=repo.resolve()) if repo else cfg
-
-
 @click.command()
 @click.option("--repo", type=click.Path(file_okay=False, path_type=Path),
               help="The bare git mirror (created if missing). Config: repo.")
@@ -101,7 +97,7 @@ def sync(state: State, repo: Path | None, mirrors: tuple[str, ...], keyrings: tu
     Exit status: 0 ok (or up to date), 1 error, 3 push failed (the import is kept
     and pushed by the next run), 75 another sync holds the repository lock.
     """
-    cfg = apply_repo(state.config, repo)
+    cfg = dataclasses.replace(state.config, repo=state.repo(repo))
     sync_cfg = cfg.sync
     if mirrors:
         sync_cfg = dataclasses.replace(sync_cfg, mirrors=list(mirrors))
@@ -148,8 +144,7 @@ def sync(state: State, repo: Path | None, mirrors: tuple[str, ...], keyrings: tu
 @pass_state
 def tags(state: State, repo: Path | None) -> None:
     """List imported snapshots as "YYYY-MM-DD <commit>" lines, newest last."""
-    cfg = apply_repo(state.config, repo)
-    mirror = Mirror(cfg.repo, cfg.git.branch).require()
+    mirror = Mirror(state.repo(repo), state.config.git.branch).require()
     for tag in mirror.tags():
         click.echo(f"{tag.name} {tag.commit}")
 
