@@ -20,6 +20,7 @@ import marshal
 import os
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
@@ -32,6 +33,12 @@ from snapshotter.gitrepo import Mirror, git, git_env, tag_date
 log = logging.getLogger(__name__)
 
 STAGING_REF = "refs/snapshotter/import"
+PART_REFS = ("refs/snapshotter/import-part-1", "refs/snapshotter/import-part-2")  # a split import's halves
+
+# After this many new blobs in one import, a second `git fast-import` takes part of the rest, so that
+# compressing them uses both cores (a first import: 114k blobs, 3.4 s of CPU in one process). A typical
+# day (under a thousand changed files) never gets there.
+PARALLEL_AFTER = 4000
 
 
 @dataclass(frozen=True)
@@ -152,6 +159,150 @@ class _FastImport:
                 pass
 
 
+def _unit(path: bytes) -> bytes:
+    """The part of the tree `path` belongs to when an import is split over two fast-imports.
+
+    A top-level directory (a category, eclass/, profiles/, ...) or one `metadata/md5-cache/<category>`;
+    b"metadata" for the rest of metadata/ and b"" for top-level files, which stay with the main process.
+    Parts never nest, so a part's subtree can be grafted whole.
+    """
+    top, slash, rest = path.partition(b"/")
+    if not slash:
+        return b""
+    if top == b"metadata":
+        if rest.startswith(b"md5-cache/"):
+            end = rest.find(b"/", 10)
+            if end > 0:
+                return path[:9 + end]
+        return b"metadata"
+    return top
+
+
+class _Split:
+    """Routes new blobs and the commit's lines to one fast-import, or to two on a big import.
+
+    Up to PARALLEL_AFTER new blobs everything goes to the main process. After that a second process
+    starts, and each part of the tree (`_unit`) seen from then on goes wholly to the process that has been
+    sent fewer bytes, so fast-import still finds its deltas (each blob is tried against the one before it
+    in the same stream: versions of one ebuild, neighbouring md5-cache entries). At the end both processes
+    commit their parts on the same parent, each writing its own share of the trees, and a short third
+    fast-import puts the two together. Hardlinks come last, when every blob is in place.
+    """
+
+    def __init__(self, mirror: Mirror) -> None:
+        self._mirror = mirror
+        self.procs = [_FastImport(mirror)]
+        self._sent = [0]
+        self.lines = [bytearray()]  # the commit's `M` lines for each process's parts
+        self.late = bytearray()  # hardlinks: their blob may be in either process's pack
+        self.owner: dict[bytes, int] = {}
+        self._count = 0
+        self._prefix = b"\0"  # paths starting with it belong to part self._i (b"\0": none do)
+        self._i = 0
+
+    def _route(self, path: bytes) -> int:
+        """Which process takes `path`: its part's owner, decided when the part is first seen."""
+        if path.startswith(self._prefix):  # the same part as the path before: the common case
+            return self._i
+        unit = _unit(path)
+        i = self.owner.get(unit)
+        if i is None:
+            i = 0
+            if len(self.procs) == 1 and self._count > PARALLEL_AFTER:
+                self.procs.append(_FastImport(self._mirror))
+                self._sent.append(0)
+                self.lines.append(bytearray())
+            if len(self.procs) == 2 and unit not in (b"", b"metadata") and self._sent[1] < self._sent[0]:
+                i = 1
+            self.owner[unit] = i
+        # b"metadata/" would also match the md5-cache parts: no shortcut for it (nor for top-level files)
+        self._prefix = unit + b"/" if unit not in (b"", b"metadata") else b"\0"
+        self._i = i
+        return i
+
+    def blob(self, path: bytes, data: bytes, line: bytes) -> None:
+        """A file with content that is new at this path."""
+        i = self._route(path)
+        self._count += 1
+        self._sent[i] += len(data) + 200  # + a per-object cost, in bytes
+        self.procs[i].write(b"blob\ndata %d\n%s\n" % (len(data), data))
+        self.lines[i] += line
+
+    def change(self, path: bytes, line: bytes) -> None:
+        """A mode change: the blob is already in the repository."""
+        self.lines[self._route(path)] += line
+
+    def commit(self, parent: str | None, header: bytes, deleted: list[bytes]) -> str:
+        """Write the commit to STAGING_REF: `header` (author, committer, message) on `parent`; its id.
+
+        Split: both processes commit their parts on `parent` at the same time (each writes its own share
+        of trees), then a short third fast-import takes the main part's tree, grafts the other part's
+        subtrees into it and adds the hardlinks.
+        """
+        base = b"from %s\n" % parent.encode() if parent else b"deleteall\n"
+        # Deletions first: a path that turned from a file into a directory (or back) needs it.
+        dels = [bytearray() for _ in self.procs]
+        for p in deleted:
+            dels[self.owner.get(_unit(p), 0)] += b"D %s\n" % _quote(p)
+        if len(self.procs) == 1:
+            self.procs[0].write(b"commit %s\n%s%s%s%s%s\n" % (STAGING_REF.encode(), header, base, dels[0],
+                                                               self.lines[0], self.late))
+            self.procs[0].finish()
+            return self._rev(f"{STAGING_REF}^{{commit}}")
+        failed: list[BaseException] = []
+        threads = [threading.Thread(target=self._commit_part, name=f"fast-import-{i}", args=(
+            i, b"commit %s\n%s%s%s%s\n" % (PART_REFS[i].encode(), header, base, dels[i], self.lines[i]), failed))
+            for i in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if failed:
+            raise failed[0]
+        final = _FastImport(self._mirror)
+        self.procs.append(final)
+        final.write(b"commit %s\n%s%sM 040000 %s \"\"\n%s%s\n" % (
+            STAGING_REF.encode(), header, base, self._rev(f"{PART_REFS[0]}^{{tree}}").encode(), self._grafts(),
+            self.late))
+        final.finish()
+        return self._rev(f"{STAGING_REF}^{{commit}}")
+
+    def _commit_part(self, i: int, command: bytes, failed: list[BaseException]) -> None:
+        try:
+            self.procs[i].write(command)
+            self.procs[i].finish()
+        except BaseException as e:  # handed to the committing thread
+            failed.append(e)
+
+    def _rev(self, rev: str) -> str:
+        return git(self._mirror.path, "rev-parse", "--verify", rev).stdout.decode().strip()
+
+    def _grafts(self) -> bytes:
+        """`M 040000` lines putting the second process's part subtrees in place."""
+        ids: dict[bytes, bytes] = {}
+        theirs = [unit for unit, i in self.owner.items() if i == 1]
+        for where, prefix in ((PART_REFS[1], b""), (f"{PART_REFS[1]}:metadata/md5-cache", b"metadata/md5-cache/")):
+            if prefix and not any(u.startswith(prefix) for u in theirs):
+                continue
+            for entry in git(self._mirror.path, "ls-tree", "-z", where).stdout.split(b"\0"):
+                if entry:
+                    meta, _, name = entry.partition(b"\t")
+                    ids[prefix + name] = meta.split()[2]
+        out = bytearray()
+        for unit in theirs:
+            if unit not in ids:
+                raise SnapshotterError(f"split import: {unit.decode(errors='replace')!r} is missing from {PART_REFS[1]}")
+            out += b"M 040000 %s %s\n" % (ids[unit], _quote(unit))
+        return bytes(out)
+
+    def changed(self) -> int:
+        return sum(lines.count(b"\n") for lines in self.lines) + self.late.count(b"\n")
+
+    def abort(self) -> None:
+        for proc in self.procs:
+            proc.abort()
+
+
 def import_tarball(mirror: Mirror, tarball: Path, identity: Identity, *, file_day: date | None = None,
                    sign_tag: Callable[[bytes], bytes] | None = None,
                    progress: Callable[[int, int], None] | None = None) -> ImportResult:
@@ -165,11 +316,10 @@ def import_tarball(mirror: Mirror, tarball: Path, identity: Identity, *, file_da
     parent = mirror.head()
     newest = mirror.newest_tag()
     seen: set[bytes] = set()
-    modified = bytearray()  # the commit's `M` lines, written once the timestamp is known
     timestamp: int | None = None
-    fi = _FastImport(mirror)
+    split = _Split(mirror)
     try:
-        write = fi.write
+        blob, change = split.blob, split.change
         with snapshot.decompressed(tarball, progress) as stream:
             # Loaded while the decompressor already runs ahead; becomes the new tree as the tarball
             # streams by.
@@ -181,7 +331,7 @@ def import_tarball(mirror: Mirror, tarball: Path, identity: Identity, *, file_da
                         raise SnapshotError(f"hardlink {path.decode(errors='replace')!r} points to "
                                             f"{link_to.decode(errors='replace')!r}, not an earlier file of the tree")
                     if tree.get(path) != entry:
-                        modified += b"M %s %s %s\n" % (entry[:6], entry[6:].hex().encode(), _quote(path))
+                        split.late += b"M %s %s %s\n" % (entry[:6], entry[6:].hex().encode(), _quote(path))
                     tree[path] = entry
                     seen.add(path)
                     continue
@@ -194,10 +344,12 @@ def import_tarball(mirror: Mirror, tarball: Path, identity: Identity, *, file_da
                 old = tree.get(path)
                 if old == entry:
                     continue
-                if old is None or old[6:] != entry[6:]:  # new content (a mode change alone needs no blob)
-                    write(b"blob\ndata %d\n%s\n" % (len(data), data))
                 tree[path] = entry
-                modified += b"M %s %s %s\n" % (mode, h.hexdigest().encode(), _quote(path))
+                line = b"M %s %s %s\n" % (mode, h.hexdigest().encode(), _quote(path))
+                if old is None or old[6:] != entry[6:]:
+                    blob(path, data, line)
+                else:  # a mode change alone needs no blob
+                    change(path, line)
         if timestamp is None:
             raise SnapshotError("snapshot has no metadata/timestamp.x")
         if file_day is not None:
@@ -212,32 +364,25 @@ def import_tarball(mirror: Mirror, tarball: Path, identity: Identity, *, file_da
             del tree[p]
         msg = commit_message(tag)
         who = identity.line(timestamp)
-        write(b"commit %s\n" % STAGING_REF.encode())
-        write(b"author %s\ncommitter %s\n" % (who, who))
-        write(b"data %d\n%s" % (len(msg), msg))
-        write(b"from %s\n" % parent.encode() if parent else b"deleteall\n")
-        # Deletions first: a path that turned from a file into a directory (or back) needs it.
-        write(b"".join(b"D %s\n" % _quote(p) for p in deleted))
-        write(modified)
-        write(b"\n")
-        fi.finish()
+        commit = split.commit(parent, b"author %s\ncommitter %s\ndata %d\n%s" % (who, who, len(msg), msg), deleted)
     except SnapshotError as e:
-        fi.abort()
+        split.abort()
         raise SnapshotError(f"{tarball.name}: {e}") from None
     except BaseException:
-        fi.abort()
+        split.abort()
         raise
 
-    commit = git(mirror.path, "rev-parse", "--verify", f"{STAGING_REF}^{{commit}}").stdout.decode().strip()
     tag_obj = make_tag(mirror, commit, tag, identity, timestamp, sign_tag)
     # Move main and create the tag in one transaction; the old value of main is checked.
     old = parent or "0" * 40
     transaction = (f"update {mirror.branch_ref} {commit} {old}\n"
                    f"create refs/tags/{tag} {tag_obj}\n"
-                   f"delete {STAGING_REF}\n").encode()
+                   f"delete {STAGING_REF}\n"
+                   f"delete {PART_REFS[0]}\n"
+                   f"delete {PART_REFS[1]}\n").encode()
     git(mirror.path, "update-ref", "--stdin", input=transaction)
     _save_tree(mirror, commit, tree)
-    changed = len(deleted) + modified.count(b"\n")
+    changed = len(deleted) + split.changed()
     log.debug("imported %s as %s (%d files changed)", tarball.name, commit, changed)
     return ImportResult(tag, commit, changed, timestamp)
 
