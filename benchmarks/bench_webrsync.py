@@ -108,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("bench: needs emerge-webrsync in this virtualenv (pip install portage==3.0.83) and rsync")
     if args.cold and os.geteuid() != 0:
         raise SystemExit("bench: --cold needs root (it writes /proc/sys/vm/drop_caches)")
+    args.work.mkdir(parents=True, exist_ok=True)
+    if bench_import.fs_type(args.work) in ("tmpfs", "ramfs"):
+        print(f"bench: {args.work} is on tmpfs; the targets are for a disk (use --work)", file=sys.stderr)
+        return 2
     heavy = round(args.heavy * args.scale)
     tarballs, _ = bench_import.ensure_tarballs(args.work, args.scale, args.seed, heavy)
     work = args.work / "webrsync"
@@ -144,7 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(fig, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)
-    return 0
+    same = all(v for k, v in fig.items() if k.startswith("same_tree_"))
+    ratio = fig["seed_daily"]["total"] / fig["ours_daily"]["total"]  # type: ignore[index]
+    print(f"target: the seed's daily procedure >= {bench_import.SEED_MIN:g}x `snapshotter sync`: {ratio:.1f}x "
+          f"{'PASS' if ratio >= bench_import.SEED_MIN else 'FAIL'}; same trees: {'yes' if same else 'NO'}")
+    return 0 if same and ratio >= bench_import.SEED_MIN else 1
 
 
 def report(fig: dict) -> str:
