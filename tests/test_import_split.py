@@ -8,7 +8,9 @@ import io
 import lzma
 import random
 import subprocess
+import sys
 import tarfile
+import time
 from datetime import date
 from pathlib import Path
 
@@ -204,3 +206,44 @@ def test_split_import_that_fails_moves_nothing(tmp_path: Path, processes: list[i
 ])
 def test_parts_of_the_tree(path: bytes, unit: bytes) -> None:
     assert importer._unit(path) == unit
+
+
+def test_kill_9_after_the_parts_are_committed(tmp_path: Path, processes: list[int],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed between the part commits and the final one: nothing moves, the stale part refs go with the
+    next import, and that import gives the same commit as an undisturbed one."""
+    t1 = _tree1()
+    repo = tmp_path / "repo.git"
+    _import(repo, _write(tmp_path, DAY1, t1, "sorted"), DAY1, 0, monkeypatch, processes)
+    before = _refs(repo)
+    big = dict(_tree2(t1))
+    for i in range(2000):
+        big[f"cat-{i % 50}/many{i % 97}/many-{i}.ebuild"] = ("file", b"EAPI=8\n# %d\n" % i * 4)
+    tarball = _write(tmp_path, DAY2, big, "sorted")
+    # The child waits a second between the part commits and the final one, so that the kill lands there.
+    code = ("import sys, time; from pathlib import Path; from snapshotter import importer;"
+            "from snapshotter.gitrepo import Mirror; importer.PARALLEL_AFTER = 0;"
+            "grafts = importer._Split._grafts;"
+            "importer._Split._grafts = lambda self: (time.sleep(1), grafts(self))[1];"
+            "importer.import_tarball(Mirror(Path(sys.argv[1])), Path(sys.argv[2]),"
+            " importer.Identity('Split Test', 'split@localhost'))")
+    part = repo / importer.PART_REFS[1]
+    proc = subprocess.Popen([sys.executable, "-c", code, str(repo), str(tarball)], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not part.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    if not part.exists():
+        pytest.fail(f"the parts were never committed: {proc.stderr.read().decode()[-500:] if proc.stderr else ''}")
+    assert [r for r in _refs(repo) if not r.startswith("refs/snapshotter/")] == before  # nothing moved
+    deadline = time.monotonic() + 10
+    while subprocess.run(["pgrep", "-f", "--", f"--git-dir={repo} fast-import"], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "a fast-import outlived its importer"
+        time.sleep(0.05)
+    subprocess.run(["git", f"--git-dir={repo}", "fsck", "--strict", "--no-progress"], check=True, capture_output=True)
+    again = _import(repo, tarball, DAY2, 0, monkeypatch, processes)
+    clean = _import(tmp_path / "clean.git", _write(tmp_path, DAY1, t1, "sorted"), DAY1, 10**9, monkeypatch, processes)
+    clean = _import(tmp_path / "clean.git", tarball, DAY2, 10**9, monkeypatch, processes)
+    assert again.commit == clean.commit
+    assert not any(r.startswith("refs/snapshotter/") for r in _refs(repo))
