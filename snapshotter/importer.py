@@ -39,8 +39,8 @@ PART_REFS = ("refs/snapshotter/import-part-1", "refs/snapshotter/import-part-2")
 
 # After this many new blobs in one import, a second `git fast-import` takes part of the rest, so that
 # compressing them uses both cores (a first import: 114k blobs, 3.4 s of CPU in one process). A typical
-# day (under a thousand changed files) never gets there.
-PARALLEL_AFTER = 4000
+# day (under a thousand changed files) never gets there. With a single usable CPU there is nothing to gain.
+PARALLEL_AFTER = 4000 if len(os.sched_getaffinity(0)) > 1 else 1 << 62
 
 
 @dataclass(frozen=True)
