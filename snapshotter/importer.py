@@ -29,7 +29,7 @@ from pathlib import Path
 
 from snapshotter import snapshot
 from snapshotter.errors import SnapshotError, SnapshotterError
-from snapshotter.gitrepo import Mirror, git, git_env, tag_date
+from snapshotter.gitrepo import Mirror, git, git_env, git_out, tag_date
 from snapshotter.snapshot import TIMESTAMP_PATH
 
 log = logging.getLogger(__name__)
@@ -280,7 +280,7 @@ class _Split:
             failed.append(e)
 
     def _rev(self, rev: str) -> str:
-        return git(self._mirror.path, "rev-parse", "--verify", rev).stdout.decode().strip()
+        return git_out(self._mirror.path, "rev-parse", "--verify", rev)
 
     def _grafts(self) -> bytes:
         """`M 040000` lines putting the second process's part subtrees in place."""
