@@ -35,7 +35,6 @@ import testlib  # noqa: E402
 
 BIN = Path(sys.executable).parent  # emerge-webrsync, emaint and snapshotter live in the same virtualenv
 DAYS = (bench_import.DAY1, bench_import.DAY2, bench_import.DAY3)
-SEED_ENV = bench_import.SEED_ENV
 
 
 def log(msg: str) -> None:
@@ -76,7 +75,7 @@ def seed_day(work: Path, tree: Path, url: str, key: testlib.Key, day: date, tag:
         webrsync = timed([str(BIN / "emerge-webrsync"), f"--revert={day:%Y%m%d}"], cold=cold, env=env)
     finally:
         shutil.rmtree(portage_tmp, ignore_errors=True)
-    genv = {**os.environ, **SEED_ENV}
+    genv = bench_import.git_env()  # the seed's identity, no user or system git config: as bench_import
     add = timed(["git", "add", "-A"], cold=cold, cwd=tree, env=genv)
     t0 = time.perf_counter()
     for cmd in (["git", "commit", "-q", "-m", f"Update portage tree to {tag}"],
@@ -126,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     server = testlib.serve(mirror)
     tree, repo = work / "seed", work / "ours.git"
     tree.mkdir()
-    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=tree, check=True)
+    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=tree, env=bench_import.git_env(), check=True)
     fig: dict[str, object] = {"code": bench_import.code_revision(), "cold": args.cold, "scale": args.scale,
                               "machine": bench_import.machine(), "load_before": os.getloadavg()[0]}
     try:
