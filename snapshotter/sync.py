@@ -236,5 +236,13 @@ def _tag_signer(cfg: Config) -> Callable[[bytes], bytes]:
 
 
 def _gc_auto(mirror: Mirror) -> None:
-    """Each import adds a pack; let git consolidate them when it judges it worth it."""
-    git(mirror.path, "gc", "--auto", "--quiet", check=False)
+    """Each import adds a pack; let git consolidate them when it judges it worth it (after 50 packs).
+
+    In the foreground, under the sync's lock: a detached `git gc --auto` (git's default) would repack
+    after this process has exited, beside the next sync or publish, and systemd kills what a oneshot
+    unit leaves behind, so a repack started from the timer unit would never finish.
+    """
+    proc = git(mirror.path, "-c", "gc.autoDetach=false", "gc", "--auto", "--quiet", check=False)
+    if proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace").strip().splitlines()
+        log.warning("git gc --auto failed (the import is kept): %s", err[-1] if err else f"exit {proc.returncode}")

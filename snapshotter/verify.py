@@ -62,7 +62,8 @@ class SignatureVerifier:
         self._home = Path(tempfile.mkdtemp(prefix="snapshotter-gpg-"))
         self._home.chmod(0o700)
         try:
-            self._gpg = gnupg.GPG(gnupghome=str(self._home))
+            # Public keys and signatures need no gpg-agent; one started here would outlive the run.
+            self._gpg = gnupg.GPG(gnupghome=str(self._home), options=["--no-autostart"])
             for i, path in enumerate(key_files):
                 self._import(path, i)
         except BaseException:

@@ -43,8 +43,9 @@ class Env:
 
     def sync(self, *args: str, now: datetime = NOW, mirrors: list[str] | None = None,
              repo: Path | None = None, keyring: Path | None = None, fingerprint: str | None = None,
-             config: str = "") -> subprocess.CompletedProcess[str]:
-        """Run the real `snapshotter sync` against this mirror; `config` is extra TOML for the file."""
+             config: str = "", left_behind: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run the real `snapshotter sync` against this mirror; `config` is extra TOML for the file;
+        `left_behind` collects the processes the sync leaves running (testlib.run_cli)."""
         path = self.tmp / f"snapshotter-{abs(hash(config))}.toml"
         # One retry, short backoff: the fault tests stay quick.
         path.write_text(config + "\n[sync]\nretries = 1\ntimeout = 10\n")
@@ -53,7 +54,8 @@ class Env:
                 "--fingerprint", fingerprint or self.key.fingerprint, "--cache-dir", str(self.tmp / "cache")]
         for m in mirrors or [self.mirror.url]:
             argv += ["--mirror", m]
-        return testlib.run_cli(*argv, *args, env={"SNAPSHOTTER_NOW": str(int(now.timestamp()))})
+        return testlib.run_cli(*argv, *args, env={"SNAPSHOTTER_NOW": str(int(now.timestamp()))},
+                               left_behind=left_behind)
 
 
 @pytest.fixture
@@ -143,6 +145,23 @@ def test_catch_up_three_missing_days_oldest_first_then_up_to_date(env: Env) -> N
     assert again.returncode == 0
     assert again.stdout == "already up to date (newest tag 2026-11-20)\n"
     assert refs(env.repo) == before
+
+
+def test_a_sync_leaves_no_process_behind_and_runs_git_gc_itself(env: Env) -> None:
+    """A detached `git gc --auto` (git's default) would outlive the sync's lock, and systemd kills what a
+    oneshot unit leaves behind; so the sync repacks in the foreground and exits with nothing left running."""
+    env.build(D18)
+    left: list[str] = []
+    assert env.sync("--date", "20261118", left_behind=left).returncode == 0
+    git(env.repo, "config", "fastimport.unpackLimit", "1")  # keep the imports' packs (small: loose by default)
+    git(env.repo, "config", "gc.autoPackLimit", "1")  # the second pack makes `git gc --auto` repack
+    for d in (D19, D20):
+        env.build(d, {**testlib.BASE_TREE, f"app-misc/day/day-{d.day}.ebuild": "EAPI=8\n"})
+        proc = env.sync("--date", f"{d:%Y%m%d}", left_behind=left)
+        assert proc.returncode == 0, proc.stderr
+    assert left == []
+    assert len(list((env.repo / "objects" / "pack").glob("*.pack"))) == 1  # the repack did run
+    assert git(env.repo, "fsck", "--no-dangling") == ""
 
 
 def test_catch_up_is_bounded_and_skips_days_not_on_the_mirror(env: Env) -> None:

@@ -9,6 +9,8 @@ import http.server
 import os
 import shutil
 import subprocess
+import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -224,12 +226,53 @@ def yesterday_utc(now: datetime | None = None) -> date:
     return (now - timedelta(days=1)).date()
 
 
+# Runs argv[2:] as a child subreaper: the processes the command leaves behind (daemons, orphans; running
+# or exited since) are re-parented to it; it writes their names to the file argv[1], kills and reaps them.
+_SUBREAPER = """
+import ctypes, os, signal, subprocess, sys
+ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+rc = subprocess.run(sys.argv[2:]).returncode
+left = []
+while True:
+    kids = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{d}/stat").read()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid():  # field 4, the parent pid
+            kids.append((int(d), stat.split("(", 1)[1].rsplit(")", 1)[0]))
+    if not kids:
+        break
+    for pid, comm in kids:
+        left.append(comm)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(pid, 0)
+open(sys.argv[1], "w").write("\\n".join(left))
+sys.exit(rc)
+"""
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
-            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the installed `snapshotter` console script for real, in a subprocess."""
+            cwd: Path | None = None, left_behind: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the installed `snapshotter` console script for real, in a subprocess.
+
+    With `left_behind` (a list), the command runs under a subreaper, and the names of the processes it
+    left behind (a detached `git gc`, a gpg-agent, ...; still running when it exits or not) are appended.
+    """
     full_env = dict(os.environ)
     full_env.pop("SNAPSHOTTER_CONFIG", None)
     if env:
         full_env.update(env)
-    return subprocess.run(["snapshotter", *args], capture_output=True, text=True, env=full_env,
-                          timeout=timeout, cwd=cwd)
+    argv = ["snapshotter", *args]
+    if left_behind is None:
+        return subprocess.run(argv, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd)
+    with tempfile.NamedTemporaryFile("r", prefix="left-behind-") as report:
+        proc = subprocess.run([sys.executable, "-c", _SUBREAPER, report.name, *argv], capture_output=True,
+                              text=True, env=full_env, timeout=timeout, cwd=cwd)
+        left_behind.extend(name for name in report.read().splitlines() if name)
+    proc.args = argv
+    return proc
