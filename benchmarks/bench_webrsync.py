@@ -61,7 +61,7 @@ def seed_day(work: Path, tree: Path, url: str, key: testlib.Key, day: date, tag:
     """seeds/001: emerge-webrsync into the git checkout, git add -A, commit, tag (no push)."""
     for d in ("configroot", "distfiles", "home"):
         (work / d).mkdir(parents=True, exist_ok=True)
-    portage_tmp = Path(tempfile.mkdtemp(prefix="ew-", dir="/var/tmp"))
+    portage_tmp = Path(tempfile.mkdtemp(prefix="ew-", dir=work))  # on the disk under test
     env = {
         "PATH": os.pathsep.join([str(BIN), "/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin"]),
         "HOME": str(work / "home"), "LC_ALL": "C", "TZ": "UTC",
@@ -77,11 +77,8 @@ def seed_day(work: Path, tree: Path, url: str, key: testlib.Key, day: date, tag:
         shutil.rmtree(portage_tmp, ignore_errors=True)
     genv = bench_import.git_env()  # the seed's identity, no user or system git config: as bench_import
     add = timed(["git", "add", "-A"], cold=cold, cwd=tree, env=genv)
-    t0 = time.perf_counter()
-    for cmd in (["git", "commit", "-q", "-m", f"Update portage tree to {tag}"],
-                ["git", "tag", "-a", "-m", f"Tagging {tag}", tag]):
-        subprocess.run(cmd, cwd=tree, env=genv, check=True, capture_output=True)
-    commit = time.perf_counter() - t0
+    drop_caches(cold)
+    commit = bench_import.seed_commit_tag(tree, tag, genv)
     return {"webrsync": webrsync, "add": add, "commit": commit, "total": webrsync + add + commit}
 
 
