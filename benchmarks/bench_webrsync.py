@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     tree.mkdir()
     subprocess.run(["git", "init", "-q", "-b", "main"], cwd=tree, env=bench_import.git_env(), check=True)
     fig: dict[str, object] = {"code": bench_import.code_revision(), "cold": args.cold, "scale": args.scale,
-                              "machine": bench_import.machine(), "load_before": os.getloadavg()[0]}
+                              "machine": bench_import.machine(), "load_before": os.getloadavg()[0],
+                              "work": str(args.work.resolve()), "filesystem": bench_import.filesystem(args.work)}
     try:
         for label, tarball, tag_day in zip(("first", "daily", "heavy"), tarballs, DAYS, strict=False):
             file_day = tag_day  # gentoo-D.tar.xz carries timestamp.x of D + 1 00:45: tag D
@@ -141,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         testlib.stop_agents()
     fig["load_after"] = os.getloadavg()[0]
     print(report(fig))
+    if fig["filesystem"] == "ext4, no journal":
+        print(bench_import.NO_JOURNAL_WARNING)
     if args.json:
         args.json.write_text(json.dumps(fig, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)
@@ -156,6 +159,7 @@ def report(fig: dict) -> str:
     lines = [f"The seed's procedure (real emerge-webrsync + git) against `snapshotter sync`, code {fig['code']}, "
              f"{'cold' if fig['cold'] else 'warm'} page cache",
              f"machine: {m['cores']} cores, load average before {fig['load_before']:.2f}, after {fig['load_after']:.2f}",
+             f"work dir: {fig['work']} ({fig['filesystem']})",
              "",
              f"{'day':8} {'seed total':>11} {'(webrsync + add + commit/tag)':>32} {'snapshotter sync':>17} {'ratio':>7}  same tree"]
     for label in ("first", "daily", "heavy"):
