@@ -3,11 +3,12 @@
 Builds (once, cached under WORK/trees/) day 1, day 2 and a heavy day of a realistic generated tree
 (benchmarks/treegen.py), then measures in one run, on the disk under WORK:
 
-  * `xz -dc TARBALL > /dev/null` of each tarball (best of 3; the baseline the targets are relative to);
   * our first import (day 1 into an empty bare repository), our daily import (day 2) and a heavy day,
     each a call of snapshotter.importer.import_tarball() in a fresh child process, which samples the
     resident memory of itself and its children (git fast-import, xz) from /proc every 10 ms; best of
     --repeat runs (3), each starting from a copy of the previous day's repository;
+  * before each of those runs, `xz -dc TARBALL > /dev/null` of its tarball: the baseline the targets are
+    relative to (best of as many runs; interleaved, so both see the machine in the same state);
   * the seed's procedure (seeds/001): extract day 1 + `git add -A` + commit + tag; then extract day 2,
     `rsync -a --delete --exclude=/.git` it over the work tree, `git add -A` + commit + tag;
   * the size of our repository after `git gc` following day 1 and day 2 (growth per typical day).
@@ -164,22 +165,25 @@ def child(params: dict) -> None:
     }))
 
 
-def best_import(repo: Path, tarball: Path, day: date, repeat: int, profile: Path | None = None) -> dict:
+def best_import(repo: Path, tarball: Path, day: date, repeat: int, profile: Path | None = None) -> tuple[dict, float]:
     """Import `tarball` into `repo` `repeat` times, each time starting again from the state `repo` is
-    in now (a copy; a fresh repository when there is none), and keep the fastest run, as the `xz -dc`
-    baseline keeps the fastest of its runs. Starting over from a copy matters: fast-import skips blobs
-    that are already in the repository, so importing the same day twice into one repository would be
-    faster than the real thing. `repo` ends in the state of the last run; the peak RSS is the largest."""
+    in now (a copy; a fresh repository when there is none), and keep the fastest run; return it and the
+    fastest of the `xz -dc` baseline runs, one of which runs just before each import, so that both
+    see the machine in the same state (its speed drifts by 10-20 % over minutes). Starting over from a
+    copy matters: fast-import skips blobs that are already in the repository, so importing the same
+    day twice into one repository would be faster than the real thing. `repo` ends in the state of the
+    last run; the peak RSS is the largest."""
     before = repo.with_name(repo.name + ".before")
     shutil.rmtree(before, ignore_errors=True)
     if repo.exists():
         shutil.copytree(repo, before, symlinks=True)
-    runs = []
+    runs, baseline = [], []
     for i in range(repeat):
         if i:
             shutil.rmtree(repo)
             if before.exists():
                 shutil.copytree(before, repo, symlinks=True)
+        baseline.append(time_cmd(["xz", "-dc", str(tarball)]))
         runs.append(run_import(repo, tarball, day, profile if i == 0 else None))
     shutil.rmtree(before, ignore_errors=True)
     best = dict(min(runs, key=lambda r: r["seconds"]))
@@ -187,7 +191,8 @@ def best_import(repo: Path, tarball: Path, day: date, repeat: int, profile: Path
     best["peak_tree_mb"] = max(r["peak_tree_mb"] for r in runs)
     best["maxrss_self_mb"] = max(r["maxrss_self_mb"] for r in runs)
     best["peak_tree_parts_mb"] = max(runs, key=lambda r: r["peak_tree_mb"])["peak_tree_parts_mb"]
-    return best
+    best["xz_dc_all_seconds"] = baseline
+    return best, min(baseline)
 
 
 def run_import(repo: Path, tarball: Path, day: date, profile: Path | None = None) -> dict:
@@ -210,10 +215,6 @@ def time_cmd(cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | N
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=cwd, env=env, stdout=stdout, check=True)
     return time.perf_counter() - t0
-
-
-def time_xz(tarball: Path, runs: int = 3) -> float:
-    return min(time_cmd(["xz", "-dc", str(tarball)]) for _ in range(runs))
 
 
 def git_env() -> dict[str, str]:
@@ -420,28 +421,24 @@ def main(argv: list[str] | None = None) -> int:
                               "repeat": max(1, args.repeat),
                               "filesystem": filesystem(work), "machine": machine(), "tree": info,
                               "started": datetime.now(UTC).isoformat(timespec="seconds")}
-    log("timing xz -dc ...")
-    xz = {"first": time_xz(day1), "daily": time_xz(day2)}
-    if day3:
-        xz["heavy"] = time_xz(day3)
-    fig["xz_dc"] = xz
     fig["tarball_bytes"] = {"first": day1.stat().st_size, "daily": day2.stat().st_size,
                             **({"heavy": day3.stat().st_size} if day3 else {})}
 
-    log("our imports ...")
+    log("our imports, each run after an `xz -dc` of its tarball ...")
     runs = work / "run"
     repo = runs / "ours.git"
     shutil.rmtree(repo, ignore_errors=True)
     prof = (lambda name: args.profile / f"{name}.txt") if args.profile else (lambda name: None)
     n = max(1, args.repeat)
-    ours = {"first": best_import(repo, day1, DAY1, n, prof("first"))}
+    ours, xz = {}, {}
+    ours["first"], xz["first"] = best_import(repo, day1, DAY1, n, prof("first"))
     size1 = gc(repo)
-    ours["daily"] = best_import(repo, day2, DAY2, n, prof("daily"))
+    ours["daily"], xz["daily"] = best_import(repo, day2, DAY2, n, prof("daily"))
     size2 = gc(repo)
     if day3:
-        ours["heavy"] = best_import(repo, day3, DAY3, n, prof("heavy"))
+        ours["heavy"], xz["heavy"] = best_import(repo, day3, DAY3, n, prof("heavy"))
         fig["repo_bytes_after_heavy_gc"] = gc(repo)
-    fig["ours"] = ours
+    fig["ours"], fig["xz_dc"] = ours, xz
     log("repacking day 1 and day 2 with fresh deltas ...")
     fig["repo_bytes"] = {"day1_gc": size1, "day2_gc": size2,
                          "day1_fresh": fresh_pack_bytes(repo, ours["first"]["commit"]),
@@ -510,7 +507,8 @@ def report(fig: dict) -> str:
     ]
     labels = {"first": "day 1", "daily": "day 2", "heavy": "heavy day"}
     for k in xz:
-        lines.append(f"{'xz -dc ' + labels[k] + ' > /dev/null (best of 3)':44} {xz[k]:8.2f} {1:9.2f}")
+        name = f"xz -dc {labels[k]} > /dev/null (best of {len(ours[k]['xz_dc_all_seconds'])})"
+        lines.append(f"{name:44} {xz[k]:8.2f} {1:9.2f}")
     for k, r in ours.items():
         name = {"first": "our first import (day 1)", "daily": "our daily import (day 2)",
                 "heavy": "our heavy-day import"}[k] + f" (best of {len(r.get('all_seconds', [0]))})"
@@ -535,8 +533,9 @@ def report(fig: dict) -> str:
     notes = ["growth: the larger of (object store after day 2 + `git gc`) - (after day 1 + `git gc`) and the "
              "same difference of packs made with fresh deltas (git gc reuses old deltas, so its difference "
              "depends on history and can be negative)",
-             "our imports, every run: " + "; ".join(f"{k} " + ", ".join(f"{v:.2f}" for v in r.get("all_seconds", []))
-                                                    for k, r in ours.items()),
+             "every run, xz -dc / our import: " + "; ".join(
+                 f"{k} " + ", ".join(f"{x:.2f}/{v:.2f}" for x, v in zip(r["xz_dc_all_seconds"], r["all_seconds"], strict=True))
+                 for k, r in ours.items()),
              "peak RSS: the largest over the runs of the importing process and its children (git fast-import, xz, ...) sampled every 10 ms, "
              "summed at the same moment (at least ru_maxrss of the importing process)",
              "at the peak: " + "; ".join(k + " " + ", ".join(f"{n} {v:.0f}" for n, v in r["peak_tree_parts_mb"].items())
