@@ -175,8 +175,8 @@ def best_import(repo: Path, tarball: Path, day: date, repeat: int, profile: Path
     fastest of the `xz -dc` baseline runs, one of which runs just before each import, so that both
     see the machine in the same state (its speed drifts by 10-20 % over minutes). Starting over from a
     copy matters: fast-import skips blobs that are already in the repository, so importing the same
-    day twice into one repository would be faster than the real thing. `repo` ends in the state of the
-    last run; the peak RSS is the largest."""
+    day twice into one repository would be faster than the real thing. One more run, from the same
+    state and not timed, samples the memory. `repo` ends in the state of that run."""
     before = repo.with_name(repo.name + ".before")
     shutil.rmtree(before, ignore_errors=True)
     if repo.exists():
