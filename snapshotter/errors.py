@@ -11,6 +11,12 @@ EXIT_BUILD_FAILED = 4  # emerge (or another build step) failed
 EXIT_LOCKED = 75  # EX_TEMPFAIL: another process holds the lock; try again later
 
 
+def child_failure(stderr: bytes, returncode: int) -> str:
+    """Why a child process failed, in one line: the last line it wrote to stderr, else its exit status."""
+    lines = stderr.decode(errors="replace").strip().splitlines()
+    return lines[-1] if lines else f"exit {returncode}"
+
+
 class SnapshotterError(Exception):
     """An error with a one-line message for the user and an exit status."""
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import git as git_lib
 
-from snapshotter.errors import SnapshotterError
+from snapshotter.errors import SnapshotterError, child_failure
 
 TAG_RE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})$")
 
@@ -48,8 +48,7 @@ def git(repo: Path, *args: str, input: bytes | None = None, check: bool = True,
     except subprocess.TimeoutExpired:
         raise SnapshotterError(f"git {args[0]} timed out after {timeout:.0f} s") from None
     if check and proc.returncode != 0:
-        msg = proc.stderr.decode(errors="replace").strip().splitlines()
-        raise SnapshotterError(f"git {args[0]} failed: {msg[-1] if msg else 'exit ' + str(proc.returncode)}")
+        raise SnapshotterError(f"git {args[0]} failed: {child_failure(proc.stderr, proc.returncode)}")
     return proc
 
 

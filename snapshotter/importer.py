@@ -28,7 +28,7 @@ from datetime import date
 from pathlib import Path
 
 from snapshotter import snapshot
-from snapshotter.errors import SnapshotError, SnapshotterError
+from snapshotter.errors import SnapshotError, SnapshotterError, child_failure
 from snapshotter.gitrepo import Mirror, git, git_env, git_out, tag_date
 from snapshotter.snapshot import TIMESTAMP_PATH
 
@@ -151,8 +151,7 @@ class _FastImport:
             pass
         if self.proc.wait() != 0:
             self._err.seek(0)
-            lines = self._err.read().decode(errors="replace").strip().splitlines()
-            raise SnapshotterError(f"git fast-import failed: {lines[-1] if lines else 'exit ' + str(self.proc.returncode)}")
+            raise SnapshotterError(f"git fast-import failed: {child_failure(self._err.read(), self.proc.returncode)}")
 
     def abort(self) -> None:
         self.proc.kill()

@@ -25,7 +25,7 @@ from datetime import date
 from pathlib import Path
 
 from snapshotter.config import Config
-from snapshotter.errors import SnapshotterError
+from snapshotter.errors import SnapshotterError, child_failure
 from snapshotter.export import BlobReader, check_symlink, copy_exact, resolve, tree_entries
 from snapshotter.gitrepo import Mirror, Tag, tag_date
 from snapshotter.lock import flocked
@@ -260,8 +260,7 @@ def write_tarball(repo: Path, commit: str, mtime: int, topdir: str, out_fd: int,
     rc = proc.wait()
     drain.join()
     if rc != 0:
-        msg = b"".join(errors).decode(errors="replace").strip().splitlines()
-        raise SnapshotterError(f"xz failed: {msg[-1] if msg else 'exit ' + str(rc)}")
+        raise SnapshotterError(f"xz failed: {child_failure(b''.join(errors), rc)}")
     return size
 
 

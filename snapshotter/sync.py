@@ -23,7 +23,7 @@ from pathlib import Path
 
 from snapshotter import syncstate
 from snapshotter.config import Config
-from snapshotter.errors import FetchError, SnapshotterError, VerificationError
+from snapshotter.errors import FetchError, SnapshotterError, VerificationError, child_failure
 from snapshotter.gitrepo import Mirror, git
 from snapshotter.importer import Identity, ImportResult, import_tarball
 from snapshotter.lock import flocked
@@ -244,5 +244,4 @@ def _gc_auto(mirror: Mirror) -> None:
     """
     proc = git(mirror.path, "-c", "gc.autoDetach=false", "gc", "--auto", "--quiet", check=False)
     if proc.returncode != 0:
-        err = proc.stderr.decode(errors="replace").strip().splitlines()
-        log.warning("git gc --auto failed (the import is kept): %s", err[-1] if err else f"exit {proc.returncode}")
+        log.warning("git gc --auto failed (the import is kept): %s", child_failure(proc.stderr, proc.returncode))
