@@ -423,9 +423,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
+    repeat = max(1, args.repeat)
 
     fig: dict[str, object] = {"code": code_revision(), "scale": args.scale, "seed": args.seed, "heavy_entries": heavy, "work": str(work),
-                              "repeat": max(1, args.repeat),
+                              "repeat": repeat,
                               "filesystem": filesystem(work), "machine": machine(), "tree": info,
                               "started": datetime.now(UTC).isoformat(timespec="seconds")}
     fig["tarball_bytes"] = {"first": day1.stat().st_size, "daily": day2.stat().st_size,
@@ -436,14 +437,13 @@ def main(argv: list[str] | None = None) -> int:
     repo = runs / "ours.git"
     shutil.rmtree(repo, ignore_errors=True)
     prof = (lambda name: args.profile / f"{name}.txt") if args.profile else (lambda name: None)
-    n = max(1, args.repeat)
     ours, xz = {}, {}
-    ours["first"], xz["first"] = best_import(repo, day1, DAY1, n, prof("first"))
+    ours["first"], xz["first"] = best_import(repo, day1, DAY1, repeat, prof("first"))
     size1 = gc(repo)
-    ours["daily"], xz["daily"] = best_import(repo, day2, DAY2, n, prof("daily"))
+    ours["daily"], xz["daily"] = best_import(repo, day2, DAY2, repeat, prof("daily"))
     size2 = gc(repo)
     if day3:
-        ours["heavy"], xz["heavy"] = best_import(repo, day3, DAY3, n, prof("heavy"))
+        ours["heavy"], xz["heavy"] = best_import(repo, day3, DAY3, repeat, prof("heavy"))
         fig["repo_bytes_after_heavy_gc"] = gc(repo)
     fig["ours"], fig["xz_dc"] = ours, xz
     log("repacking day 1 and day 2 with fresh deltas ...")
@@ -518,7 +518,7 @@ def report(fig: dict) -> str:
         lines.append(f"{name:44} {xz[k]:8.2f} {1:9.2f}")
     for k, r in ours.items():
         name = {"first": "our first import (day 1)", "daily": "our daily import (day 2)",
-                "heavy": "our heavy-day import"}[k] + f" (best of {len(r.get('all_seconds', [0]))})"
+                "heavy": "our heavy-day import"}[k] + f" (best of {len(r['all_seconds'])})"
         rss = f"{max(r['maxrss_self_mb'], r['peak_tree_mb']):.0f}"
         lines.append(f"{name:44} {r['seconds']:8.2f} {r['seconds'] / xz[k]:9.2f} {rss:>12} {r['changed']:14,}")
     for k, s in fig.get("seed_procedure", {}).items():

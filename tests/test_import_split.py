@@ -214,7 +214,8 @@ def test_kill_9_after_the_parts_are_committed(tmp_path: Path, processes: list[in
     next import, and that import gives the same commit as an undisturbed one."""
     t1 = _tree1()
     repo = tmp_path / "repo.git"
-    _import(repo, _write(tmp_path, DAY1, t1, "sorted"), DAY1, 0, monkeypatch, processes)
+    day1 = _write(tmp_path, DAY1, t1, "sorted")
+    _import(repo, day1, DAY1, 0, monkeypatch, processes)
     before = _refs(repo)
     big = dict(_tree2(t1))
     for i in range(2000):
@@ -243,7 +244,7 @@ def test_kill_9_after_the_parts_are_committed(tmp_path: Path, processes: list[in
         time.sleep(0.05)
     subprocess.run(["git", f"--git-dir={repo}", "fsck", "--strict", "--no-progress"], check=True, capture_output=True)
     again = _import(repo, tarball, DAY2, 0, monkeypatch, processes)
-    clean = _import(tmp_path / "clean.git", _write(tmp_path, DAY1, t1, "sorted"), DAY1, 10**9, monkeypatch, processes)
+    _import(tmp_path / "clean.git", day1, DAY1, 10**9, monkeypatch, processes)
     clean = _import(tmp_path / "clean.git", tarball, DAY2, 10**9, monkeypatch, processes)
     assert again.commit == clean.commit
     assert not any(r.startswith("refs/snapshotter/") for r in _refs(repo))
