@@ -128,10 +128,10 @@ class TreeRss:
 
 def child(params: dict) -> None:
     """Run in a fresh interpreter: time one import and print figures as JSON on stdout."""
-    from snapshotter.gitrepo import Mirror
-    from snapshotter.importer import Identity, import_tarball
+    from snapshotter.git.repository import Repository
+    from snapshotter.sync.importer import Identity, import_tarball
 
-    mirror = Mirror(Path(params["repo"]))
+    mirror = Repository(Path(params["repo"]))
     identity = Identity("Portage Snapshotter Bench", "bench@localhost")
     tarball = Path(params["tarball"])
     day = date.fromisoformat(params["day"])
@@ -225,7 +225,7 @@ def time_cmd(cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | N
 
 
 def git_env() -> dict[str, str]:
-    from snapshotter.gitrepo import git_env as env
+    from snapshotter.git.repository import git_env as env
 
     return env(SEED_ENV)
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_import  # noqa: E402
 
-from snapshotter.publish import xz_block_size  # noqa: E402
+from snapshotter.publish.snapshots import xz_block_size  # noqa: E402
 
 TARGET = 1.1
 
@@ -55,10 +55,10 @@ def make_key(home: Path) -> str:
 
 def ensure_mirror(repo: Path, tarball: Path) -> str:
     """Import the day-1 tarball once; return its tag."""
-    from snapshotter.gitrepo import Mirror
-    from snapshotter.importer import Identity, import_tarball
+    from snapshotter.git.repository import Repository
+    from snapshotter.sync.importer import Identity, import_tarball
 
-    mirror = Mirror(repo)
+    mirror = Repository(repo)
     tag = mirror.newest_tag() if mirror.exists() else None
     if tag is not None:
         return tag.name

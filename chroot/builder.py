@@ -1,7 +1,7 @@
-"""Orchestration of one chroot build: `emerge` of a profile's world against a pinned tag.
+"""Orchestration of one chroot build: `emerge` of a profile's world against a pinned tree.
 
-Order (everything that can fail cheaply comes before anything is extracted):
-lock the profile -> clean stale roots -> resolve tag and overlays -> fetch + verify the stage sha256 ->
+The caller hands a resolved `BuildSpec` (chroot.spec) and holds the profile's lock. Order (everything
+that can fail cheaply comes before anything is extracted): clean stale roots -> verify the stage sha256 ->
 extract into a fresh root -> place the trees and the Portage config -> run emerge in private namespaces
 (nsrun.py) with the output's packages/ bind-mounted as PKGDIR -> build.json -> remove the root.
 
@@ -22,37 +22,25 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
 import chroot
 from chroot import manifest as manifestmod
-from chroot import portageconf, stage, tree
+from chroot import portageconf, stage
+from chroot.errors import ChrootError, Terminated
 from chroot.mounts import assert_unmounted, inside, mounts_under, safe_rmtree
 from chroot.procs import die_with_parent
-from chroot.profile import Profile, validate_name
-from snapshotter import __version__
-from snapshotter.config import Config
-from snapshotter.errors import ConfigError, SnapshotterError
-from snapshotter.gitrepo import Mirror
-from snapshotter.lock import flocked
+from chroot.spec import BuildSpec, PortageSettings, TreeSource
 
 log = logging.getLogger(__name__)
 
 CHROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+REPOS_DIR = "var/db/repos"
 KEEP_MARKER = "KEPT"  # a kept root (--keep-root) is not stale; delete its build dir by hand
 LOG_TAIL_LINES = 20
-
-
-@dataclass
-class BuildRequest:
-    profile: str
-    tag: str | None = None  # default: the newest tag of the mirror
-    overlay_refs: dict[str, str] = field(default_factory=dict)  # overlay name -> ref, overriding the profile
-    output: Path | None = None  # default: [build].output
-    keep_root: bool = False
 
 
 @dataclass
@@ -65,12 +53,6 @@ class BuildResult:
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> list[str]:
         return read_tail(self.log, lines)
-
-
-class Terminated(SnapshotterError):
-    """The builder got SIGTERM (or SIGHUP); everything was cleaned up."""
-
-    exit_code = 143
 
 
 def read_tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
@@ -87,26 +69,6 @@ def _utc_now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
-def _profile(cfg: Config, req: BuildRequest) -> Profile:
-    validate_name(req.profile)
-    prof = cfg.profiles.get(req.profile)
-    if prof is None:
-        known = ", ".join(sorted(cfg.profiles)) or "none configured"
-        raise ConfigError(f"unknown build profile {req.profile!r} (profiles: {known})")
-    if req.overlay_refs:
-        names = {o.name for o in prof.overlays}
-        for name in req.overlay_refs:
-            if name not in names:
-                raise ConfigError(f"overlay {name!r} is not an overlay of profile {req.profile}")
-        from chroot.profile import _overlays
-
-        prof = Profile(**{**prof.__dict__, "overlays": _overlays(
-            f"profiles.{prof.name}.overlays",
-            [{"name": o.name, "url": o.url, "ref": req.overlay_refs.get(o.name, o.ref)} for o in prof.overlays],
-            Path("/"))})
-    return prof
-
-
 def clean_stale(profile_dir: Path) -> None:
     """Remove build dirs of crashed runs (called with the profile lock held, so none is in use)."""
     if not profile_dir.is_dir():
@@ -119,13 +81,13 @@ def clean_stale(profile_dir: Path) -> None:
             continue
         found = mounts_under(d)
         if found:
-            raise SnapshotterError(f"stale build root {d} still has mounts ({', '.join(found)}); unmount them "
+            raise ChrootError(f"stale build root {d} still has mounts ({', '.join(found)}); unmount them "
                                    "(umount -R) and retry; nothing was deleted")
         log.warning("removing stale build dir %s from an earlier run", d)
         try:
             safe_rmtree(d)
         except OSError as e:
-            raise SnapshotterError(f"cannot remove stale build dir {d}: {e.strerror or e}; is a process of "
+            raise ChrootError(f"cannot remove stale build dir {d}: {e.strerror or e}; is a process of "
                                    "a crashed build still running in it?") from None
 
 
@@ -213,7 +175,7 @@ def run_in_namespace(root: Path, pkgdir: Path, argv: list[str], spec_path: Path,
             proc.stdout.close()
 
 
-def emerge_argv(root: Path, profile: Profile) -> list[str]:
+def emerge_argv(root: Path, profile: PortageSettings) -> list[str]:
     term = os.environ.get("TERM", "dumb")
     if not term.replace("-", "").replace("_", "").isalnum():
         term = "dumb"
@@ -232,47 +194,44 @@ def _replace_dir(src: Path, dest: Path) -> None:
         safe_rmtree(old)
 
 
-def run_build(cfg: Config, req: BuildRequest, *, console: bool = False) -> BuildResult:
-    """Build `req.profile` at `req.tag`; see the module docstring.
-
-    Setup problems (unknown profile or tag, bad stage_sha256, overlay ref, locked profile) raise
-    SnapshotterError before anything is built; an emerge failure returns ok=False (exit_status != 0).
-    """
-    profile = _profile(cfg, req)
+def check_host() -> None:
+    """The builder needs root and a few host tools; say which is missing before anything is done."""
     if os.geteuid() != 0:
-        raise SnapshotterError("snapshotter build must run as root (it extracts stages with their owners, "
-                               "mounts and chroots)")
+        raise ChrootError("snapshotter build must run as root (it extracts stages with their owners, "
+                          "mounts and chroots)")
     for tool in ("unshare", "chroot", "mount", "tar"):
         if shutil.which(tool) is None:
-            raise SnapshotterError(f"snapshotter build needs `{tool}` on PATH (util-linux / coreutils / tar)")
-    mirror = Mirror(cfg.repo, cfg.git.branch).require()
-    if req.tag is None:
-        newest = mirror.newest_tag()
-        if newest is None:
-            raise SnapshotterError(f"{cfg.repo} has no snapshot tags yet; run `snapshotter sync` first")
-        tag = newest
-    else:
-        tag = mirror.find_tag(req.tag)
-    out_base = (req.output or cfg.build.output) / profile.name
-    work = cfg.build.work_dir
-    with _sigterm_raises(), flocked(work / f"{profile.name}.lock", f"build profile {profile.name}"):
-        clean_stale(work / profile.name)
-        out_base.mkdir(parents=True, exist_ok=True)
-        for d in [*out_base.glob(".*.partial-*"), *out_base.glob(".*.old-*")]:  # left by a crashed run
+            raise ChrootError(f"snapshotter build needs `{tool}` on PATH (util-linux / coreutils / tar)")
+
+
+def _place_tree(root: Path, source: TreeSource) -> None:
+    dest = inside(root, f"{REPOS_DIR}/{source.name}")
+    if dest.exists():
+        safe_rmtree(dest)  # whatever the stage shipped there is replaced by the pinned tree
+    source.place(dest)
+
+
+def run_build(spec: BuildSpec, *, console: bool = False) -> BuildResult:
+    """Build `spec`; see the module docstring. The caller holds the profile's lock.
+
+    Setup problems (bad stage sha256, unsafe stage, missing host tools) raise ChrootError before
+    anything is built; an emerge failure returns ok=False (exit_status != 0).
+    """
+    check_host()
+    profile = spec.settings
+    with _sigterm_raises():
+        clean_stale(spec.work_dir)
+        spec.output.mkdir(parents=True, exist_ok=True)
+        for d in [*spec.output.glob(".*.partial-*"), *spec.output.glob(".*.old-*")]:  # left by a crashed run
             safe_rmtree(d)
-        return _build_locked(cfg, req, profile, mirror, tag.name, tag.commit, out_base, console)
+        stage_sha = stage.verify_stage(spec.stage.path, spec.stage.sha256)
+        return _build(spec, profile, stage_sha, console)
 
 
-def _build_locked(cfg: Config, req: BuildRequest, profile: Profile, mirror: Mirror, tag: str, commit: str,
-                  out_base: Path, console: bool) -> BuildResult:
-    # Everything that can be checked without a root is checked first: nothing is created on failure.
-    overlays = [tree.fetch_overlay(o, cfg.build.cache_dir) for o in profile.overlays]
-    stage_file = stage.fetch_stage(profile.stage, cfg.build.cache_dir / "stages", profile.stage_sha256,
-                                   timeout=cfg.sync.timeout)
-    stage_sha = stage.verify_stage(stage_file, profile.stage_sha256)
-
+def _build(spec: BuildSpec, profile: PortageSettings, stage_sha: str, console: bool) -> BuildResult:
+    tag, commit, out_base = spec.tag, spec.commit, spec.output
     stamp = _utc_now().strftime("%Y%m%dT%H%M%SZ")
-    build_dir = cfg.build.work_dir / profile.name / f"{tag}-{stamp}-{os.getpid()}"
+    build_dir = spec.work_dir / f"{tag}-{stamp}-{os.getpid()}"
     build_dir.mkdir(parents=True)
     build_dir = build_dir.resolve()
     root = build_dir / "root"
@@ -282,18 +241,19 @@ def _build_locked(cfg: Config, req: BuildRequest, profile: Profile, mirror: Mirr
     pkgdir.mkdir()
     log_path = staging / "build.log"
     ok = False
+    status = 1
     try:
-        log.info("build %s at %s (%s): extracting %s", profile.name, tag, commit[:12], stage_file.name)
-        stage.extract_stage(stage_file, root)
-        tree.place_gentoo(root, mirror.path, commit)
-        for ov in overlays:
-            tree.place_overlay(root, ov)
+        log.info("build %s at %s (%s): extracting %s", profile.name, tag, commit[:12], spec.stage.path.name)
+        stage.extract_stage(spec.stage.path, root)
+        _place_tree(root, spec.gentoo)
+        for ov in spec.overlays:
+            _place_tree(root, ov)
         confdir_hash = None
         if profile.portage_confdir is not None:
             portageconf.copy_confdir(profile.portage_confdir, root)
             confdir_hash = portageconf.tree_hash(profile.portage_confdir)
         make_conf = portageconf.write_make_conf(root, profile)
-        repos_conf = portageconf.write_repos_conf(root, [o.name for o in overlays])
+        repos_conf = portageconf.write_repos_conf(root, [o.name for o in spec.overlays])
         if profile.portage_profile:
             portageconf.set_make_profile(root, profile.portage_profile)
         if profile.world is not None:
@@ -302,29 +262,28 @@ def _build_locked(cfg: Config, req: BuildRequest, profile: Profile, mirror: Mirr
         for d in ("proc", "dev", "sys", portageconf.PKGDIR.lstrip("/"), portageconf.DISTDIR.lstrip("/")):
             t = inside(root, d)
             if t.is_symlink():
-                raise SnapshotterError(f"{t} is a symlink in the stage; refusing to mount there")
+                raise ChrootError(f"{t} is a symlink in the stage; refusing to mount there")
             t.mkdir(parents=True, exist_ok=True)
         argv = emerge_argv(root, profile)
         man = manifestmod.Manifest(
-            profile=profile.name, tag=tag, commit=commit, repo=str(mirror.path),
-            stage={"source": profile.stage, "sha256": stage_sha},
-            overlays=[{"name": o.name, "url": o.url, "ref": o.ref, "commit": o.commit} for o in overlays],
+            profile=profile.name, tag=tag, commit=commit, repo=spec.repo,
+            stage={"source": spec.stage.source, "sha256": stage_sha},
+            overlays=[o.describe() for o in spec.overlays],
             portage_profile=profile.portage_profile,
             make_conf={"content": make_conf, "sha256": manifestmod.sha256_text(make_conf)},
             portage_confdir=None if confdir_hash is None else {"path": str(profile.portage_confdir),
                                                                "sha256": confdir_hash},
             repos_conf=repos_conf, world=profile.world,
             emerge_command=["emerge", *profile.emerge_args],
-            snapshotter_version=__version__)
+            snapshotter_version=spec.tool_version)
         started = time.time()
         man.started = _utc_now().isoformat()
         log.info("build %s at %s: emerge %s", profile.name, tag, " ".join(profile.emerge_args))
         with open(log_path, "ab") as logf:
             logf.write(f">>> snapshotter: build {profile.name} tag {tag} commit {commit}\n".encode())
-            distfiles = cfg.build.distfiles or cfg.build.cache_dir / "distfiles"
-            distfiles.mkdir(parents=True, exist_ok=True)
+            spec.distfiles.mkdir(parents=True, exist_ok=True)
             status = run_in_namespace(root, pkgdir.resolve(), argv, build_dir / "nsrun.json", logf, console,
-                                      distfiles=distfiles.resolve())
+                                      distfiles=spec.distfiles.resolve())
         man.finished = _utc_now().isoformat()
         man.duration_seconds = round(time.time() - started, 1)
         man.exit_status = status
@@ -332,7 +291,7 @@ def _build_locked(cfg: Config, req: BuildRequest, profile: Profile, mirror: Mirr
         man.packages, man.packages_index = manifestmod.list_packages(pkgdir)
         manifestmod.write(man, staging / "build.json")
     finally:
-        _finish_root(build_dir, root, req.keep_root)
+        _finish_root(build_dir, root, spec.keep_root)
         if not ok and not (staging / "build.json").exists():
             safe_rmtree(staging)  # setup failed or interrupted: nothing was built
     final = out_base / (tag if ok else f"{tag}.failed")
@@ -352,5 +311,5 @@ def _finish_root(build_dir: Path, root: Path, keep: bool) -> None:
     try:
         _wait_namespace_gone(root)
         safe_rmtree(build_dir)
-    except (SnapshotterError, OSError) as e:
+    except (ChrootError, OSError) as e:
         log.error("could not remove build dir %s (%s); the next build of this profile retries", build_dir, e)

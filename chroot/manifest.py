@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from snapshotter.verify import file_digest
 
 FORMAT = 1
 
@@ -53,7 +52,7 @@ def list_packages(pkgdir: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | 
             rel = full.relative_to(pkgdir).as_posix()
             if full.is_symlink():
                 continue
-            entry = {"path": rel, "sha256": file_digest(full, "sha256"), "size": full.stat().st_size}
+            entry = {"path": rel, "sha256": _sha256(full), "size": full.stat().st_size}
             if rel == "Packages":
                 index = {"sha256": entry["sha256"], "size": entry["size"]}
             else:
@@ -72,7 +71,10 @@ def load(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def sha256_text(text: str) -> str:
-    import hashlib
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
+
+def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()

@@ -18,16 +18,12 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from snapshotter.errors import SnapshotterError
+from chroot.errors import ChrootError, MountedError
 
 log = logging.getLogger(__name__)
 
 MOUNTINFO = "/proc/self/mountinfo"
 _OCTAL = re.compile(r"\\([0-7]{3})")
-
-
-class MountedError(SnapshotterError):
-    """Something is still mounted where we were about to delete."""
 
 
 @dataclass(frozen=True)
@@ -134,10 +130,10 @@ def inside(root: Path, rel: str) -> Path:
     cur = Path(root)
     for i, part in enumerate(parts):
         if part in ("..", "/", "."):
-            raise SnapshotterError(f"unsafe path {rel!r} in the build root")
+            raise ChrootError(f"unsafe path {rel!r} in the build root")
         cur = cur / part
         if i < len(parts) - 1 and cur.is_symlink():
-            raise SnapshotterError(f"{cur} is a symlink in the build root; refusing to write through it")
+            raise ChrootError(f"{cur} is a symlink in the build root; refusing to write through it")
     return cur
 
 
@@ -145,4 +141,4 @@ def mount(*args: str) -> None:
     """Run mount(8) with an argument list."""
     proc = subprocess.run(["mount", *args], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SnapshotterError(f"mount {' '.join(args)} failed: {proc.stderr.strip()}")
+        raise ChrootError(f"mount {' '.join(args)} failed: {proc.stderr.strip()}")

@@ -8,9 +8,9 @@ import shutil
 import stat
 from pathlib import Path
 
+from chroot.errors import ChrootError
 from chroot.mounts import inside, safe_rmtree
-from chroot.profile import Profile
-from snapshotter.errors import SnapshotterError
+from chroot.spec import PortageSettings
 
 PKGDIR = "/var/cache/binpkgs"
 DISTDIR = "/var/cache/distfiles"
@@ -23,7 +23,7 @@ def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def make_conf_block(profile: Profile) -> str:
+def make_conf_block(profile: PortageSettings) -> str:
     """The make.conf lines this profile adds (deterministic: FEATURES, PKGDIR, DISTDIR, then sorted)."""
     lines = [_MAKE_CONF_HEADER.format(name=profile.name),
              f"FEATURES={_quote(' '.join(profile.features()))}\n",
@@ -83,13 +83,13 @@ def copy_confdir(src: Path, root: Path) -> None:
                 t.unlink()
 
 
-def write_make_conf(root: Path, profile: Profile) -> str:
+def write_make_conf(root: Path, profile: PortageSettings) -> str:
     """Append the profile's block to ROOT/etc/portage/make.conf (created if missing); return the file."""
     path = inside(root, "etc/portage/make.conf")
     if path.is_symlink():
-        raise SnapshotterError(f"{path} is a symlink; refusing to write through it")
+        raise ChrootError(f"{path} is a symlink; refusing to write through it")
     if path.is_dir():
-        raise SnapshotterError(f"{path} is a directory; the builder needs a make.conf file")
+        raise ChrootError(f"{path} is a directory; the builder needs a make.conf file")
     old = path.read_text() if path.exists() else ""
     if old and not old.endswith("\n"):
         old += "\n"
@@ -118,7 +118,7 @@ def write_repos_conf(root: Path, overlays: list[str]) -> str:
 def set_make_profile(root: Path, portage_profile: str) -> None:
     target = inside(root, f"var/db/repos/gentoo/profiles/{portage_profile}")
     if not target.is_dir():
-        raise SnapshotterError(f"portage_profile {portage_profile!r}: no such profile directory in the tree "
+        raise ChrootError(f"portage_profile {portage_profile!r}: no such profile directory in the tree "
                                "(profiles/ of the tag)")
     link = inside(root, "etc/portage/make.profile")
     if link.is_symlink() or link.is_file():

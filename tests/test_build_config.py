@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import testlib
 
-from chroot.profile import DEFAULT_EMERGE_ARGS, Overlay, parse_profile
 from snapshotter import config
+from snapshotter.config import DEFAULT_EMERGE_ARGS, Overlay, is_url, parse_profile
 from snapshotter.errors import ConfigError
+from snapshotter.service.build import portage_settings
 
 
 @pytest.fixture
@@ -32,12 +33,12 @@ def test_full_profile(base):
         "overlays": [{"name": "extra", "url": "overlay.git", "ref": "v1.0"},
                      {"name": "other", "url": "https://git.example.org/o.git", "ref": "0123abcd"}],
     }, base)
-    assert p.stage == str(base / "stage3.tar.xz") and not p.stage_is_url
+    assert p.stage == str(base / "stage3.tar.xz") and not is_url(p.stage)
     assert p.stage_sha256 == "ab" * 32
     assert p.portage_profile == "default/linux/amd64/23.0"
     assert p.portage_confdir == base / "confdir"
     assert p.make_conf == {"CFLAGS": "-O2 -pipe", "USE": "ssl -X", "FEATURES": "ccache"}
-    assert p.features() == ["buildpkg", "ccache"]  # buildpkg is always there
+    assert portage_settings(p).features() == ["buildpkg", "ccache"]  # buildpkg is always there
     assert p.world == ["app-misc/hello", ">=dev-libs/libfoo-1.0:0", "@custom"]
     assert p.emerge_args == ["--emptytree", "--jobs=2", "@world"]
     assert p.overlays == [Overlay("extra", str(base / "overlay.git"), "v1.0"),
@@ -46,9 +47,9 @@ def test_full_profile(base):
 
 def test_defaults(base):
     p = parse_profile("p", {"stage": "https://example.org/stage3-amd64.tar.xz"}, base)
-    assert p.stage_is_url and p.stage_sha256 is None
-    assert p.features() == ["buildpkg", "cgroup", "ipc-sandbox", "network-sandbox", "parallel-fetch"]
-    assert p.emerge_args == DEFAULT_EMERGE_ARGS and p.world is None and p.overlays == []
+    assert is_url(p.stage) and p.stage_sha256 is None
+    assert portage_settings(p).features() == ["buildpkg", "cgroup", "ipc-sandbox", "network-sandbox", "parallel-fetch"]
+    assert p.emerge_args == list(DEFAULT_EMERGE_ARGS) and p.world is None and p.overlays == []
     assert p.portage_profile is None and p.portage_confdir is None and p.make_conf == {}
 
 

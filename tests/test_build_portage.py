@@ -26,10 +26,11 @@ import pytest
 import stage as test_stage
 import testlib
 
-from chroot import builder, portageconf, tree
+from chroot import builder, portageconf
 from chroot.mounts import mounts_under, parse_mountinfo, safe_rmtree
-from chroot.profile import Overlay, parse_profile
 from chroot.stage import extract_stage
+from snapshotter.config import Overlay, parse_profile
+from snapshotter.service import build as buildsvc
 
 pytestmark = pytest.mark.portage
 
@@ -311,17 +312,18 @@ def test_packages_install_with_usepkgonly_into_fresh_root(env):
                                 "world": ["app-misc/hello", "app-misc/extra"],
                                 "emerge_args": ["--usepkgonly", "--emptytree", "@world"]}, rt)
     extract_stage(env["stage"], root)
-    ov = tree.fetch_overlay(Overlay("extra", str(env["base"] / "overlay"), "v1"), rt / "cache")
-    tree.place_gentoo(root, env["base"] / "mirror.git", env["tags"][TAG1])
-    tree.place_overlay(root, ov)
-    portageconf.write_make_conf(root, prof)
+    ov = buildsvc.fetch_overlay(Overlay("extra", str(env["base"] / "overlay"), "v1"), rt / "cache")
+    buildsvc.GitTree("gentoo", env["base"] / "mirror.git", env["tags"][TAG1]).place(root / "var/db/repos/gentoo")
+    ov.place(root / "var/db/repos/extra")
+    settings = buildsvc.portage_settings(prof)
+    portageconf.write_make_conf(root, settings)
     portageconf.write_repos_conf(root, ["extra"])
     portageconf.set_make_profile(root, "default")
     portageconf.write_world(root, prof.world)
     for d in ("proc", "dev", "sys", "var/cache/binpkgs"):
         (root / d).mkdir(parents=True, exist_ok=True)
     with open(rt / "install.log", "wb") as logf:
-        rc = builder.run_in_namespace(root.resolve(), pkgdir.resolve(), builder.emerge_argv(root.resolve(), prof),
+        rc = builder.run_in_namespace(root.resolve(), pkgdir.resolve(), builder.emerge_argv(root.resolve(), settings),
                                       rt / "spec.json", logf, console=False)
     log_text = (rt / "install.log").read_text()
     assert rc == 0, log_text[-3000:]

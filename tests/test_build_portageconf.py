@@ -13,8 +13,9 @@ import pytest
 import testlib
 
 from chroot import manifest, portageconf
-from chroot.profile import parse_profile
-from snapshotter.errors import SnapshotterError
+from chroot.errors import ChrootError
+from snapshotter.config import parse_profile
+from snapshotter.service.build import portage_settings
 
 
 @pytest.fixture
@@ -28,7 +29,7 @@ def root(tmp_path):
 
 
 def profile(tmp_path, **kw):
-    return parse_profile("basic", {"stage": str(tmp_path / "stage.tar.xz"), **kw}, tmp_path)
+    return portage_settings(parse_profile("basic", {"stage": str(tmp_path / "stage.tar.xz"), **kw}, tmp_path))
 
 
 def test_make_conf_appended_exactly(tmp_path, root):
@@ -54,7 +55,7 @@ def test_make_conf_never_written_through_symlink(tmp_path, root):
     outside.write_text("host\n")
     (root / "etc/portage/make.conf").unlink()
     (root / "etc/portage/make.conf").symlink_to(outside)
-    with pytest.raises(SnapshotterError, match="symlink"):
+    with pytest.raises(ChrootError, match="symlink"):
         portageconf.write_make_conf(root, profile(tmp_path))
     assert outside.read_text() == "host\n"
 
@@ -77,7 +78,7 @@ def test_make_profile(root):
     link = root / "etc/portage/make.profile"
     assert link.readlink() == Path("../../var/db/repos/gentoo/profiles/default")
     assert link.resolve() == (root / "var/db/repos/gentoo/profiles/default").resolve()
-    with pytest.raises(SnapshotterError, match="no such profile directory"):
+    with pytest.raises(ChrootError, match="no such profile directory"):
         portageconf.set_make_profile(root, "default/linux/amd64/23.0")
 
 

@@ -11,7 +11,7 @@ import pytest
 import testlib
 
 from snapshotter.errors import SnapshotError, SnapshotterError
-from snapshotter.export import export_tree
+from snapshotter.git.export import export_tree
 
 
 def git(repo: Path, *args: str, input: bytes | None = None) -> str:
@@ -145,7 +145,7 @@ def test_export_many_directories_with_few_file_descriptors(tmp_path: Path) -> No
     """Only the directories along the current path are held open: 300 directories under a limit of 64."""
     files = {f"cat-{i // 20}/pkg-{i}/pkg-{i}-1.ebuild": f"EAPI=8 # {i}\n" for i in range(300)}
     repo = bare_repo_from(tmp_path, files)
-    code = ("import resource, sys; from pathlib import Path; from snapshotter.export import export_tree; "
+    code = ("import resource, sys; from pathlib import Path; from snapshotter.git.export import export_tree; "
             "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)); "
             "export_tree(Path(sys.argv[1]), '2026-01-01', Path(sys.argv[2]))")
     subprocess.run([sys.executable, "-c", code, str(repo), str(tmp_path / "out")], check=True, timeout=120)

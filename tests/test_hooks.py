@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import testlib
 
-from snapshotter import hooks
-from snapshotter.queue import SqliteQueue, queue_path
+from snapshotter.service import hooks
+from snapshotter.service.jobqueue import SqliteQueue, queue_path
 
 GIT_ENV = {"GIT_AUTHOR_NAME": "T", "GIT_AUTHOR_EMAIL": "t@example.org", "GIT_COMMITTER_NAME": "T",
            "GIT_COMMITTER_EMAIL": "t@example.org", "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull}

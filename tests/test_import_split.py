@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from testlib import snapshot_time, timestamp_line
 
-from snapshotter import importer
 from snapshotter.errors import SnapshotError
-from snapshotter.gitrepo import Mirror
+from snapshotter.git.repository import Repository
+from snapshotter.sync import importer
 
 IDENTITY = importer.Identity("Split Test", "split@localhost")
 DAY1, DAY2, DAY3 = date(2026, 11, 1), date(2026, 11, 2), date(2026, 11, 3)
@@ -136,7 +136,7 @@ def _import(repo: Path, tarball: Path, day: date, parallel_after: int, monkeypat
             processes: list[int]) -> importer.ImportResult:
     monkeypatch.setattr(importer, "PARALLEL_AFTER", parallel_after)
     before = processes[0]
-    result = importer.import_tarball(Mirror(repo), tarball, IDENTITY, file_day=day)
+    result = importer.import_tarball(Repository(repo), tarball, IDENTITY, file_day=day)
     processes.append(processes[0] - before)
     return result
 
@@ -147,7 +147,7 @@ def processes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     count = [0]
     real = importer._FastImport.__init__
 
-    def counting(self: importer._FastImport, mirror: Mirror) -> None:
+    def counting(self: importer._FastImport, mirror: Repository) -> None:
         count[0] += 1
         real(self, mirror)
 
@@ -222,11 +222,11 @@ def test_kill_9_after_the_parts_are_committed(tmp_path: Path, processes: list[in
         big[f"cat-{i % 50}/many{i % 97}/many-{i}.ebuild"] = ("file", b"EAPI=8\n# %d\n" % i * 4)
     tarball = _write(tmp_path, DAY2, big, "sorted")
     # The child waits a second between the part commits and the final one, so that the kill lands there.
-    code = ("import sys, time; from pathlib import Path; from snapshotter import importer;"
-            "from snapshotter.gitrepo import Mirror; importer.PARALLEL_AFTER = 0;"
+    code = ("import sys, time; from pathlib import Path; from snapshotter.sync import importer;"
+            "from snapshotter.git.repository import Repository; importer.PARALLEL_AFTER = 0;"
             "grafts = importer._Split._grafts;"
             "importer._Split._grafts = lambda self: (time.sleep(1), grafts(self))[1];"
-            "importer.import_tarball(Mirror(Path(sys.argv[1])), Path(sys.argv[2]),"
+            "importer.import_tarball(Repository(Path(sys.argv[1])), Path(sys.argv[2]),"
             " importer.Identity('Split Test', 'split@localhost'))")
     part = repo / importer.PART_REFS[1]
     proc = subprocess.Popen([sys.executable, "-c", code, str(repo), str(tarball)], stderr=subprocess.PIPE)

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import testlib
 
-from snapshotter import publish as pub
-from snapshotter.export import export_tree
+from snapshotter.git.export import export_tree
 from snapshotter.lock import flocked
+from snapshotter.publish import snapshots as pub
 
 LONG_DIR = "dev-python/" + "a-very-long-package-name-" * 4 + "x"
 DAYS: dict[date, dict] = {

@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.queue import DONE, FAILED, QUEUED, RUNNING, Job, LeaseLost, QueueError, SqliteQueue
+from snapshotter.service.jobqueue import (
+    DONE,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    Job,
+    LeaseLost,
+    QueueError,
+    SqliteQueue,
+)
 
 C1 = "a" * 40
 C2 = "b" * 40

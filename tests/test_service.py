@@ -15,7 +15,7 @@ import testlib
 from test_hooks import jobs
 
 from snapshotter.config import load
-from snapshotter.service import retry_delay, window_start
+from snapshotter.service.loop import retry_delay, window_start
 
 NOW = datetime(2026, 11, 21, 2, 0, tzinfo=UTC)  # newest possible snapshot: 2026-11-20
 D19, D20, D21 = date(2026, 11, 19), date(2026, 11, 20), date(2026, 11, 21)

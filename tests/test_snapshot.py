@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter import snapshot
 from snapshotter.errors import SnapshotError
+from snapshotter.sync import tarstream as snapshot
 
 LONG = "gentoo/" + "/".join(f"very-long-directory-name-{i:02d}" for i in range(6)) + "/file.ebuild"
 USTAR_LONG = "gentoo/" + "d" * 90 + "/" + "f" * 90  # ustar: split into its 155-byte prefix + 100-byte name

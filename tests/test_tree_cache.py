@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from test_import_split import DAY1, DAY2, DAY3, IDENTITY, _expected, _ls, _tree1, _tree2, _tree3, _write
 
-from snapshotter import importer
-from snapshotter.gitrepo import Mirror
+from snapshotter.git.repository import Repository
+from snapshotter.sync import importer
 
 
 @pytest.fixture
@@ -43,8 +43,8 @@ def _import_all(repo: Path, days: list, damage=None) -> list[str]:  # type: igno
     commits = []
     for i, (tarball, day, tree) in enumerate(days):
         if damage is not None and i:
-            damage(Mirror(repo))
-        commits.append(importer.import_tarball(Mirror(repo), tarball, IDENTITY, file_day=day).commit)
+            damage(Repository(repo))
+        commits.append(importer.import_tarball(Repository(repo), tarball, IDENTITY, file_day=day).commit)
         assert _ls(repo, "main") == _expected(tree)
     return commits
 
@@ -52,7 +52,7 @@ def _import_all(repo: Path, days: list, damage=None) -> list[str]:  # type: igno
 def test_the_cache_of_the_head_is_used(tmp_path: Path, days: list, ls_tree_calls: list[str]) -> None:
     _import_all(tmp_path / "repo.git", days)
     assert ls_tree_calls == []  # days 2 and 3 started from the cache the import before left
-    assert importer._cache_path(Mirror(tmp_path / "repo.git")).is_file()
+    assert importer._cache_path(Repository(tmp_path / "repo.git")).is_file()
 
 
 @pytest.mark.parametrize("damage", ["missing", "garbage", "truncated"])
@@ -60,7 +60,7 @@ def test_a_missing_or_broken_cache_is_ignored(tmp_path: Path, days: list, ls_tre
                                               damage: str) -> None:
     clean = _import_all(tmp_path / "clean.git", days)
 
-    def spoil(mirror: Mirror) -> None:
+    def spoil(mirror: Repository) -> None:
         path = importer._cache_path(mirror)
         if damage == "missing":
             path.unlink()
@@ -80,11 +80,11 @@ def test_a_cache_left_from_an_older_commit_is_ignored(tmp_path: Path, days: list
     repo = tmp_path / "crashed.git"
     saved = tmp_path / "day1.cache"
     (t1, d1, _), (t2, d2, _), (t3, d3, tree3) = days
-    importer.import_tarball(Mirror(repo), t1, IDENTITY, file_day=d1)
-    shutil.copy(importer._cache_path(Mirror(repo)), saved)
-    importer.import_tarball(Mirror(repo), t2, IDENTITY, file_day=d2)
-    shutil.copy(saved, importer._cache_path(Mirror(repo)))  # as if the save after day 2 never happened
+    importer.import_tarball(Repository(repo), t1, IDENTITY, file_day=d1)
+    shutil.copy(importer._cache_path(Repository(repo)), saved)
+    importer.import_tarball(Repository(repo), t2, IDENTITY, file_day=d2)
+    shutil.copy(saved, importer._cache_path(Repository(repo)))  # as if the save after day 2 never happened
     assert ls_tree_calls == []
-    assert importer.import_tarball(Mirror(repo), t3, IDENTITY, file_day=d3).commit == clean[2]
+    assert importer.import_tarball(Repository(repo), t3, IDENTITY, file_day=d3).commit == clean[2]
     assert ls_tree_calls == [clean[1]]
     assert _ls(repo, "main") == _expected(tree3)

@@ -15,7 +15,7 @@ import pytest
 import testlib
 from test_publish import DAYS, build_synced, expected_listing, run_publish, tree_listing
 
-from snapshotter.export import export_tree
+from snapshotter.git.export import export_tree
 
 pytestmark = pytest.mark.portage
 

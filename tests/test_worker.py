@@ -20,7 +20,7 @@ import pytest
 import testlib
 from test_hooks import git_run, make_config
 
-from snapshotter.queue import DONE, FAILED, QUEUED, Job, SqliteQueue, queue_path
+from snapshotter.service.jobqueue import DONE, FAILED, QUEUED, Job, SqliteQueue, queue_path
 
 STAND_IN_EMERGE = """#!/bin/bash
 echo "stand-in emerge $*"

@@ -146,7 +146,7 @@ class _MirrorHandler(http.server.SimpleHTTPRequestHandler):
         srv.headers_seen.append((self.path, dict(self.headers)))  # type: ignore[attr-defined]
         fault = srv.faults.get(self.path)  # type: ignore[attr-defined]
         if fault == "html":
-            body = b"<html><body>Mirror maintenance</body></html>"
+            body = b"<html><body>Repository maintenance</body></html>"
             self.send_response(200)
             self.send_header("Content-Type", "text/html")
             self.send_header("Content-Length", str(len(body)))

@@ -7,7 +7,6 @@ and registers them on `main` at the bottom of this file.
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import click
 from snapshotter import __version__
 from snapshotter import config as configmod
 from snapshotter.errors import SnapshotterError
+from snapshotter.logs import setup_logging
 
 log = logging.getLogger("snapshotter")
 
@@ -63,18 +63,6 @@ class _Group(click.Group):
                 raise
             click.echo(f"snapshotter: internal error: {type(e).__name__}: {e} (run with -v for details)", err=True)
             ctx.exit(1)
-
-
-def setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose else "%(message)s"
-    handler.setFormatter(logging.Formatter(fmt))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    logging.getLogger("urllib3").setLevel(logging.WARNING if verbose < 2 else logging.DEBUG)
-    logging.getLogger("gnupg").setLevel(logging.WARNING if verbose < 2 else logging.DEBUG)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

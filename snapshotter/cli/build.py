@@ -7,13 +7,14 @@ from pathlib import Path
 import click
 
 from snapshotter.cli import State, pass_state
-from snapshotter.errors import BuildFailed
+from snapshotter.errors import BuildFailed, ConfigError
+from snapshotter.service.build import BuildRequest, run_build
 
 
 @click.command("build")
 @click.option("--profile", "profile", required=True, metavar="NAME", help="Build profile ([profiles.NAME]).")
 @click.option("--repo", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="The bare git mirror (default: `repo` of the config).")
+              help="The snapshot repository (default: `repo` of the config).")
 @click.option("--tag", default=None, metavar="YYYY-MM-DD", help="Snapshot tag to build (default: the newest).")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output directory; results go to OUTPUT/PROFILE/TAG/ (default: [build].output).")
@@ -34,9 +35,6 @@ def build_cmd(state: State, profile: str, repo: Path | None, tag: str | None, ou
     failed build goes to OUTPUT/PROFILE/TAG.failed/. -v streams emerge's output live.
     Exit status: 0 built, 1 setup error, 4 emerge failed (log tail shown), 75 profile locked.
     """
-    from chroot.builder import BuildRequest, run_build
-    from snapshotter.errors import ConfigError
-
     cfg = state.config
     cfg.repo = state.repo(repo)
     if work_dir is not None:

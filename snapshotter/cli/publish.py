@@ -8,10 +8,10 @@ from pathlib import Path
 import click
 
 from snapshotter.cli import State, pass_state
-from snapshotter.clientconfig import DEFAULT_KEY_PATH, DEFAULT_LOCATION, client_config
-from snapshotter.export import export_tree
-from snapshotter.gitrepo import Mirror
-from snapshotter.publish import options_from_config, publish
+from snapshotter.git.export import export_tree
+from snapshotter.git.repository import Repository
+from snapshotter.publish.clientconfig import DEFAULT_KEY_PATH, DEFAULT_LOCATION, client_config
+from snapshotter.publish.snapshots import options_from_config, publish
 
 log = logging.getLogger("snapshotter")
 
@@ -67,7 +67,7 @@ def publish_cmd(state: State, tags: tuple[str, ...], repo: Path | None, all_tags
 @pass_state
 def export_cmd(state: State, tag: str, dest: Path, repo: Path | None) -> None:
     """Write the tree of TAG (YYYY-MM-DD) into DEST (created if missing; must be empty)."""
-    mirror = Mirror(state.repo(repo)).require()
+    mirror = Repository(state.repo(repo)).require()
     t = mirror.find_tag(tag)
     export_tree(mirror.path, t.commit, dest)
     click.echo(f"exported {t.name} ({t.commit}) to {dest}")

@@ -50,7 +50,7 @@ def hooks_install(state: State, repo: Path, executable: str | None, force: bool)
     The hook runs `snapshotter [--config FILE] hooks enqueue` with this executable and the
     configuration given with the global --config (or $SNAPSHOTTER_CONFIG) baked in.
     """
-    from snapshotter import hooks
+    from snapshotter.service import hooks
 
     config = state.config_path
     if config is None and os.environ.get("SNAPSHOTTER_CONFIG"):
@@ -66,7 +66,7 @@ def hooks_install(state: State, repo: Path, executable: str | None, force: bool)
 @pass_state
 def hooks_enqueue(state: State, repo: Path | None) -> None:
     """Read post-receive lines ("<old> <new> <ref>") on stdin and queue the builds they ask for."""
-    from snapshotter import triggers
+    from snapshotter.service import triggers
 
     if repo is None:
         repo = Path(os.environ.get("GIT_DIR") or ".")
@@ -84,7 +84,7 @@ def queue_group(ctx: click.Context, states: tuple[str, ...], limit: int | None) 
     """List the build jobs (oldest first); subcommands act on one job."""
     if ctx.invoked_subcommand is not None:
         return
-    from snapshotter.queue import open_queue
+    from snapshotter.service.jobqueue import open_queue
 
     state = ctx.find_object(State)
     assert state is not None
@@ -101,7 +101,7 @@ def queue_group(ctx: click.Context, states: tuple[str, ...], limit: int | None) 
 @pass_state
 def queue_retry(state: State, job_id: int) -> None:
     """Queue the failed job JOB_ID again."""
-    from snapshotter.queue import open_queue
+    from snapshotter.service.jobqueue import open_queue
 
     rec = open_queue(state.config).retry(job_id)
     click.echo(f"job {rec.id} queued again: {rec.job.describe()}")
@@ -112,7 +112,7 @@ def queue_retry(state: State, job_id: int) -> None:
 @pass_state
 def queue_show(state: State, job_id: int) -> None:
     """Everything about job JOB_ID."""
-    from snapshotter.queue import open_queue
+    from snapshotter.service.jobqueue import open_queue
 
     rec = open_queue(state.config).get(job_id)
     pins = " ".join(f"{n}={c}" for n, c in rec.job.overlays) or "-"
@@ -132,11 +132,11 @@ def queue_show(state: State, job_id: int) -> None:
 def queue_add(state: State, profiles: tuple[str, ...], tag: str | None, overlays: tuple[str, ...]) -> None:
     """Queue builds by hand."""
     from snapshotter.errors import SnapshotterError
-    from snapshotter.gitrepo import Mirror
-    from snapshotter.queue import Job, open_queue
+    from snapshotter.git.repository import Repository
+    from snapshotter.service.jobqueue import Job, open_queue
 
     cfg = state.config
-    mirror = Mirror(cfg.repo, cfg.git.branch)
+    mirror = Repository(cfg.repo, cfg.git.branch)
     if tag is None:
         newest = mirror.newest_tag()
         if newest is None:
@@ -176,7 +176,7 @@ def queue_add(state: State, profiles: tuple[str, ...], tag: str | None, overlays
 @pass_state
 def worker_cmd(state: State, once: bool, lease: float | None, poll: float | None) -> None:
     """Build queued jobs one at a time. Several workers may run (here or on other hosts)."""
-    from snapshotter.worker import Worker
+    from snapshotter.service.worker import Worker
 
     worker = Worker(state.config, state.config_path, lease_seconds=lease, poll_interval=poll)
     _stop_on_signals(worker.stop)
@@ -196,7 +196,7 @@ def run_cmd(state: State, once: bool) -> None:
     Exit status with --once: 0 ok (also when the day's snapshot is not out yet), 1 sync or publish
     failed, 3 a push failed (the import is kept).
     """
-    from snapshotter.service import Service, run_cycle
+    from snapshotter.service.loop import Service, run_cycle
 
     cfg = state.config
     if cfg.service.publish and cfg.publish.out is None:
@@ -214,7 +214,7 @@ def run_cmd(state: State, once: bool) -> None:
 @pass_state
 def status_cmd(state: State) -> None:
     """Newest tag, last sync success and failure, pending pushes, queued/running/failed builds."""
-    from snapshotter import status
+    from snapshotter.service import status
 
     for line in status.render(status.collect(state.config)):
         click.echo(line)

@@ -13,7 +13,7 @@ import click
 from snapshotter.cli import State, pass_state
 from snapshotter.config import validate
 from snapshotter.errors import EXIT_PUSH_FAILED, SnapshotterError
-from snapshotter.gitrepo import Mirror
+from snapshotter.git.repository import Repository
 
 log = logging.getLogger("snapshotter")
 
@@ -115,7 +115,7 @@ def sync(state: State, repo: Path | None, mirrors: tuple[str, ...], keyrings: tu
     except SnapshotterError as e:
         raise click.UsageError(str(e)) from None
 
-    from snapshotter.sync import run_sync
+    from snapshotter.sync.run import run_sync
 
     progress = TerminalProgress()
     try:
@@ -124,10 +124,10 @@ def sync(state: State, repo: Path | None, mirrors: tuple[str, ...], keyrings: tu
         progress.close()
     for result in report.imported:
         click.echo(f"{result.tag} {result.commit} {result.changed}")
-    from snapshotter.triggers import queue_builds_for_tags  # new tags queue builds, as a push would
+    from snapshotter.service.triggers import queue_builds_for_tags  # new tags queue builds, as a push would
     queue_builds_for_tags(cfg, [r.tag for r in report.imported])
     if report.up_to_date:
-        newest = Mirror(cfg.repo, cfg.git.branch).newest_tag()
+        newest = Repository(cfg.repo, cfg.git.branch).newest_tag()
         click.echo(f"already up to date (newest tag {newest.name})" if newest
                    else "no snapshot found on the mirrors")
     for remote in report.pushed:
@@ -144,7 +144,7 @@ def sync(state: State, repo: Path | None, mirrors: tuple[str, ...], keyrings: tu
 @pass_state
 def tags(state: State, repo: Path | None) -> None:
     """List imported snapshots as "YYYY-MM-DD <commit>" lines, newest last."""
-    mirror = Mirror(state.repo(repo), state.config.git.branch).require()
+    mirror = Repository(state.repo(repo), state.config.git.branch).require()
     for tag in mirror.tags():
         click.echo(f"{tag.name} {tag.commit}")
 

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from snapshotter.errors import SnapshotterError
-from snapshotter.gitrepo import Mirror, git, git_env, tag_date
-from snapshotter.queue import BuildQueue, Job, open_queue
+from snapshotter.git.repository import Repository, git, git_env, tag_date
+from snapshotter.service.jobqueue import BuildQueue, Job, open_queue
 
 if TYPE_CHECKING:
     from snapshotter.config import Config
@@ -165,7 +165,7 @@ def overlay_jobs(cfg: Config, repo: Path, update: RefUpdate) -> list[Job]:
                 users.append((name, ov.name))
     if not users:
         return []
-    newest = Mirror(cfg.repo, cfg.git.branch).newest_tag()
+    newest = Repository(cfg.repo, cfg.git.branch).newest_tag()
     if newest is None:
         raise SnapshotterError(f"the mirror {cfg.repo} has no snapshot tag yet; nothing to build against")
     commit = peel_commit(repo, update.new)

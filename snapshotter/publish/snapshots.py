@@ -26,11 +26,11 @@ from pathlib import Path
 
 from snapshotter.config import Config
 from snapshotter.errors import SnapshotterError, child_failure
-from snapshotter.export import BlobReader, check_symlink, copy_exact, resolve, tree_entries
-from snapshotter.gitrepo import Mirror, Tag, tag_date
+from snapshotter.fsutil import file_digest
+from snapshotter.git.export import BlobReader, check_symlink, copy_exact, resolve, tree_entries
+from snapshotter.git.repository import Repository, Tag, tag_date
 from snapshotter.lock import flocked
-from snapshotter.signing import SigningError, detach_sign, normalize_fingerprint
-from snapshotter.verify import file_digest
+from snapshotter.openpgp import SigningError, detach_sign, signing_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -466,7 +466,7 @@ def _clean_stale_temps(snapdir: Path) -> None:
             p.unlink(missing_ok=True)
 
 
-def select_tags(mirror: Mirror, names: list[str], *, all_tags: bool, published: set[date],
+def select_tags(mirror: Repository, names: list[str], *, all_tags: bool, published: set[date],
                 keep: int, force: bool) -> tuple[list[Tag], list[str]]:
     """(tags to publish, tags skipped as already published)."""
     tags = mirror.tags()
@@ -502,12 +502,12 @@ def publish(repo: Path, opts: PublishOptions, tags: list[str] | None = None, *, 
     """
     if not opts.signing_key:
         raise SigningError("no signing key: set publish.signing_key or pass --signing-key FPR")
-    opts.signing_key = normalize_fingerprint(opts.signing_key)
+    opts.signing_key = signing_fingerprint(opts.signing_key)
     if not 0 <= opts.xz_level <= 9:
         raise SnapshotterError(f"xz level must be 0..9, got {opts.xz_level}")
     if opts.keep < 0 or opts.xz_threads < 0:
         raise SnapshotterError("keep and xz threads must not be negative")
-    mirror = Mirror(repo).require()
+    mirror = Repository(repo).require()
     snapdir = opts.out / "snapshots"
     try:
         snapdir.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,6 @@ and writes a small JSON result file.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -29,15 +28,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from chroot.procs import die_with_parent
+from snapshotter import config as configmod
 from snapshotter.errors import EXIT_BUILD_FAILED, EXIT_LOCKED, SnapshotterError
-from snapshotter.queue import BuildQueue, JobRecord, LeaseLost, QueueError, open_queue
+from snapshotter.logs import setup_logging
+from snapshotter.service.build import BuildRequest, run_build
+from snapshotter.service.jobqueue import BuildQueue, JobRecord, LeaseLost, QueueError, open_queue
 
 if TYPE_CHECKING:
     from snapshotter.config import Config
 
 log = logging.getLogger(__name__)
 
-PR_SET_PDEATHSIG = 1
 STOP_GRACE = 30.0  # seconds a stopping build gets to clean up before it is killed
 
 
@@ -51,13 +53,6 @@ class Outcome:
 
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _die_with_parent(parent: int) -> None:  # runs in the forked child, before exec
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before prctl: do not outlive it
-        os._exit(1)
 
 
 class Worker:
@@ -169,12 +164,11 @@ class Worker:
                            "profile": rec.job.profile, "tag": rec.job.tag,
                            "overlays": dict(rec.job.overlays), "job": rec.id})
         cmd = ["unshare", "--pid", "--fork", "--kill-child", "--",
-               sys.executable, "-m", "snapshotter.worker", "--build-child", spec, str(result)]
-        parent = os.getpid()
+               sys.executable, "-m", "snapshotter.service.worker", "--build-child", spec, str(result)]
         with open(capture, "wb") as out:
             try:
                 self._child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                               preexec_fn=lambda: _die_with_parent(parent))
+                                               preexec_fn=die_with_parent())
             except OSError as e:
                 return Outcome(False, str(capture), f"cannot start the build: {e.strerror}: {cmd[0]}")
             try:
@@ -221,16 +215,11 @@ class Worker:
 
 def _build_child(spec_json: str, result_path: str) -> int:
     """In the build's PID namespace: run the real build, write the result file."""
-    from snapshotter import config as configmod
-    from snapshotter.cli import setup_logging
-
     setup_logging(0, False)
     spec = json.loads(spec_json)
     result: dict[str, object] = {"ok": False}
     status = 1
     try:
-        from chroot.builder import BuildRequest, run_build
-
         cfg = configmod.load(Path(spec["config"]) if spec["config"] else None)
         req = BuildRequest(profile=spec["profile"], tag=spec["tag"], overlay_refs=dict(spec["overlays"]))
         res = run_build(cfg, req)

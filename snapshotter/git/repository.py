@@ -74,7 +74,7 @@ class Tag:
     commit: str
 
 
-class Mirror:
+class Repository:
     """A bare repository holding one commit and one annotated tag per imported snapshot."""
 
     def __init__(self, path: Path, branch: str = "main") -> None:
@@ -88,12 +88,12 @@ class Mirror:
     def exists(self) -> bool:
         return (self.path / "HEAD").is_file() and (self.path / "objects").is_dir()
 
-    def require(self) -> Mirror:
+    def require(self) -> Repository:
         if not self.exists():
             raise SnapshotterError(f"{self.path} is not a git mirror (no bare repository there); run `snapshotter sync` first")
         return self
 
-    def create(self) -> Mirror:
+    def create(self) -> Repository:
         """Create the bare repository if it does not exist (idempotent)."""
         if self.exists():
             return self

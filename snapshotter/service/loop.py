@@ -33,7 +33,7 @@ from snapshotter.errors import (
     LockedError,
     SnapshotterError,
 )
-from snapshotter.gitrepo import Mirror
+from snapshotter.git.repository import Repository
 
 if TYPE_CHECKING:
     from snapshotter.config import Config
@@ -71,7 +71,7 @@ class CycleResult:
 
 def now_utc() -> datetime:
     """The current time (SNAPSHOTTER_NOW=<unix time> fixes it, as for sync)."""
-    from snapshotter.sync import now_from_env
+    from snapshotter.sync.run import now_from_env
 
     return now_from_env()
 
@@ -92,16 +92,16 @@ def retry_delay(cfg: Config, attempt: int, now: datetime) -> float | None:
     return float(min(cfg.service.retry_interval * 2 ** (attempt - 1), left))
 
 
-def _new_tags(before: set[str], mirror: Mirror) -> list[str]:
+def _new_tags(before: set[str], mirror: Repository) -> list[str]:
     return [t.name for t in mirror.tags() if t.name not in before]
 
 
 def step_sync(cfg: Config, result: CycleResult) -> None:
     """Sync (with push), then queue builds for every tag that appeared (even if the sync failed later)."""
-    from snapshotter.sync import newest_possible_day, run_sync
-    from snapshotter.triggers import queue_builds_for_tags
+    from snapshotter.service.triggers import queue_builds_for_tags
+    from snapshotter.sync.run import newest_possible_day, run_sync
 
-    mirror = Mirror(cfg.repo, cfg.git.branch)
+    mirror = Repository(cfg.repo, cfg.git.branch)
     before = {t.name for t in mirror.tags()}
     now = now_utc()
     try:
@@ -137,7 +137,7 @@ def step_sync(cfg: Config, result: CycleResult) -> None:
 
 
 def step_publish(cfg: Config, result: CycleResult) -> None:
-    from snapshotter.publish import run_publish
+    from snapshotter.publish.snapshots import run_publish
 
     try:
         report = run_publish(cfg, all_tags=True)  # every tag not yet published (within publish.keep)

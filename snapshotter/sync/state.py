@@ -8,7 +8,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
-from snapshotter.gitrepo import Mirror
+from snapshotter.git.repository import Repository
 
 
 @dataclass
@@ -20,11 +20,11 @@ class SyncState:
     pushed: dict[str, str] = field(default_factory=dict)  # remote -> commit of main it has
 
 
-def _path(mirror: Mirror) -> os.PathLike[str]:
+def _path(mirror: Repository) -> os.PathLike[str]:
     return mirror.state_dir / "state.json"
 
 
-def load(mirror: Mirror) -> SyncState:
+def load(mirror: Repository) -> SyncState:
     try:
         with open(_path(mirror)) as f:
             data = json.load(f)
@@ -34,7 +34,7 @@ def load(mirror: Mirror) -> SyncState:
     return SyncState(**{k: v for k, v in data.items() if k in known})
 
 
-def save(mirror: Mirror, state: SyncState) -> None:
+def save(mirror: Repository, state: SyncState) -> None:
     """Write atomically (temp file, fsync, rename)."""
     mirror.state_dir.mkdir(parents=True, exist_ok=True)
     tmp = mirror.state_dir / f".state.json.{os.getpid()}"
@@ -50,7 +50,7 @@ def now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def pending_pushes(remotes: list[str], mirror: Mirror, state: SyncState | None = None) -> list[str]:
+def pending_pushes(remotes: list[str], mirror: Repository, state: SyncState | None = None) -> list[str]:
     """Remotes that have not yet received the current `main`."""
     head = mirror.head() if mirror.exists() else None
     if head is None:

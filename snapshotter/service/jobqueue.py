@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from snapshotter.errors import SnapshotterError
-from snapshotter.gitrepo import tag_date
+from snapshotter.git.repository import tag_date
 
 if TYPE_CHECKING:
     from snapshotter.config import Config

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from snapshotter import syncstate
-from snapshotter.gitrepo import Mirror
-from snapshotter.queue import FAILED, QUEUED, RUNNING, STATES, JobRecord, open_queue, queue_exists
+from snapshotter.git.repository import Repository
+from snapshotter.service.jobqueue import FAILED, QUEUED, RUNNING, STATES, JobRecord, open_queue, queue_exists
+from snapshotter.sync import state as syncstate
 
 if TYPE_CHECKING:
     from snapshotter.config import Config
@@ -31,7 +31,7 @@ class Status:
 
 
 def collect(cfg: Config, show: int = 10) -> Status:
-    mirror = Mirror(cfg.repo, cfg.git.branch)
+    mirror = Repository(cfg.repo, cfg.git.branch)
     tags = mirror.tags()
     state = syncstate.load(mirror) if mirror.exists() else syncstate.SyncState()
     pending = syncstate.pending_pushes(cfg.git.push, mirror, state) if mirror.exists() else []

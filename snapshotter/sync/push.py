@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import logging
 
-from snapshotter import syncstate
 from snapshotter.errors import SnapshotterError
-from snapshotter.gitrepo import Mirror, git
+from snapshotter.git.repository import Repository, git
+from snapshotter.sync import state as syncstate
 
 log = logging.getLogger(__name__)
 
 PUSH_TIMEOUT = 900.0
 
 
-def push_pending(mirror: Mirror, remotes: list[str], state: syncstate.SyncState) -> list[tuple[str, str]]:
+def push_pending(mirror: Repository, remotes: list[str], state: syncstate.SyncState) -> list[tuple[str, str]]:
     """Push to every remote that lacks the current `main`; record successes in `state`.
 
     Returns the failures as (remote, reason). Never forces: a remote that diverged is a failure to look at.

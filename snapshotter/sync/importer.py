@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
-from snapshotter import snapshot
 from snapshotter.errors import SnapshotError, SnapshotterError, child_failure
-from snapshotter.gitrepo import Mirror, git, git_env, git_out, tag_date
-from snapshotter.snapshot import TIMESTAMP_PATH
+from snapshotter.git.repository import Repository, git, git_env, git_out, tag_date
+from snapshotter.sync import tarstream as snapshot
+from snapshotter.sync.tarstream import TIMESTAMP_PATH
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,11 @@ def _quote(path: bytes) -> bytes:
 Tree = dict[bytes, bytes]
 
 
-def _cache_path(mirror: Mirror) -> Path:
+def _cache_path(mirror: Repository) -> Path:
     return mirror.state_dir / "tree.cache"
 
 
-def previous_tree(mirror: Mirror, commit: str | None) -> Tree:
+def previous_tree(mirror: Repository, commit: str | None) -> Tree:
     """The tree of `commit`: from the cache the last import left, else from `git ls-tree`."""
     if commit is None:
         return {}
@@ -112,7 +112,7 @@ def previous_tree(mirror: Mirror, commit: str | None) -> Tree:
     return tree
 
 
-def _save_tree(mirror: Mirror, commit: str, tree: Tree) -> None:
+def _save_tree(mirror: Repository, commit: str, tree: Tree) -> None:
     """Cache the new tree for the next import (atomic; a stale or missing cache only costs time)."""
     path = _cache_path(mirror)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -125,7 +125,7 @@ def _save_tree(mirror: Mirror, commit: str, tree: Tree) -> None:
 class _FastImport:
     """A `git fast-import` child fed through a pipe; its errors are kept for the message."""
 
-    def __init__(self, mirror: Mirror) -> None:
+    def __init__(self, mirror: Repository) -> None:
         self._err = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
             ["git", f"--git-dir={mirror.path}", "fast-import", "--quiet", "--done", "--force",
@@ -193,7 +193,7 @@ class _Split:
     fast-import puts the two together. Hardlinks come last, when every blob is in place.
     """
 
-    def __init__(self, mirror: Mirror) -> None:
+    def __init__(self, mirror: Repository) -> None:
         self._mirror = mirror
         self.procs = [_FastImport(mirror)]
         self._sent = [0]
@@ -307,7 +307,7 @@ class _Split:
             proc.abort()
 
 
-def import_tarball(mirror: Mirror, tarball: Path, identity: Identity, *, file_day: date | None = None,
+def import_tarball(mirror: Repository, tarball: Path, identity: Identity, *, file_day: date | None = None,
                    sign_tag: Callable[[bytes], bytes] | None = None,
                    progress: Callable[[int, int], None] | None = None) -> ImportResult:
     """Import `tarball` as the next commit of `mirror` and tag it; return what was done.
@@ -394,7 +394,7 @@ def import_tarball(mirror: Mirror, tarball: Path, identity: Identity, *, file_da
     return ImportResult(tag, commit, changed, timestamp)
 
 
-def make_tag(mirror: Mirror, commit: str, tag: str, identity: Identity, timestamp: int,
+def make_tag(mirror: Repository, commit: str, tag: str, identity: Identity, timestamp: int,
              sign_tag: Callable[[bytes], bytes] | None = None) -> str:
     """Write the annotated tag object (optionally signed) and return its id; no ref is touched."""
     body = (b"object %s\ntype commit\ntag %s\ntagger %s\n\n%s"

@@ -21,15 +21,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
-from snapshotter import syncstate
 from snapshotter.config import Config
+from snapshotter.download import Downloader, NotFound, Unreachable
 from snapshotter.errors import FetchError, SnapshotterError, VerificationError, child_failure
-from snapshotter.gitrepo import Mirror, git
-from snapshotter.importer import Identity, ImportResult, import_tarball
+from snapshotter.git.repository import Repository, git
 from snapshotter.lock import flocked
-from snapshotter.mirror import Downloader, NotFound, Unreachable
-from snapshotter.push import push_pending
-from snapshotter.verify import SignatureVerifier, check_md5
+from snapshotter.openpgp import SignatureVerifier
+from snapshotter.sync import state as syncstate
+from snapshotter.sync.importer import Identity, ImportResult, import_tarball
+from snapshotter.sync.md5sum import check_md5
+from snapshotter.sync.push import push_pending
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ def run_sync(cfg: Config, *, day: date | None = None, push: bool = True, now: da
     Holds the repository's flock for the whole run (LockedError, exit 75, if another run holds it).
     Raises SnapshotterError subclasses; days imported before an error stay imported.
     """
-    mirror = Mirror(cfg.repo, cfg.git.branch)
+    mirror = Repository(cfg.repo, cfg.git.branch)
     with flocked(mirror.lock_path, f"repository {mirror.path}"):
         mirror.create()
         state = syncstate.load(mirror)
@@ -174,7 +175,7 @@ def run_sync(cfg: Config, *, day: date | None = None, push: bool = True, now: da
         return report
 
 
-def _import_days(cfg: Config, mirror: Mirror, day: date | None, now: datetime, progress: Progress | None,
+def _import_days(cfg: Config, mirror: Repository, day: date | None, now: datetime, progress: Progress | None,
                  report: SyncReport) -> None:
     newest = mirror.newest_tag()
     if day is not None:
@@ -224,7 +225,7 @@ def _import_days(cfg: Config, mirror: Mirror, day: date | None, now: datetime, p
 def _tag_signer(cfg: Config) -> Callable[[bytes], bytes]:
     if not cfg.git.signing_key:
         raise SnapshotterError("git.sign_tags is on but git.signing_key is not set")
-    from snapshotter.signing import detach_sign
+    from snapshotter.openpgp import detach_sign
 
     def sign(body: bytes) -> bytes:
         with tempfile.NamedTemporaryFile(prefix="snapshotter-tag-") as f:
@@ -235,7 +236,7 @@ def _tag_signer(cfg: Config) -> Callable[[bytes], bytes]:
     return sign
 
 
-def _gc_auto(mirror: Mirror) -> None:
+def _gc_auto(mirror: Repository) -> None:
     """Each import adds a pack; let git consolidate them when it judges it worth it (after 50 packs).
 
     In the foreground, under the sync's lock: a detached `git gc --auto` (git's default) would repack

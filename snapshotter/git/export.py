@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from snapshotter.errors import SnapshotError, SnapshotterError
-from snapshotter.gitrepo import git, git_env
+from snapshotter.git.repository import git, git_env
 
 log = logging.getLogger(__name__)
 

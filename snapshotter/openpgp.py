@@ -1,16 +1,17 @@
-"""Verifying snapshots, fail closed: the md5 from `.md5sum`, then the detached OpenPGP signature.
+"""OpenPGP with python-gnupg over the real gpg: verifying detached signatures (fail closed) and making them.
 
-Signatures are checked with python-gnupg in a private, temporary GNUPGHOME that holds only the configured
+Verifying: signatures are checked with python-gnupg in a private, temporary GNUPGHOME that holds only the configured
 key files, so nothing in root's keyring (or its trust database) can vouch for a snapshot. A signature
 counts only if GnuPG reports it good and valid, it was made by a pinned fingerprint (primary key or
 subkey), and nothing about it is expired, revoked or bad.
+
+Signing: detached armored signatures by a fingerprint from a given GNUPGHOME, with no pinentry (a key
+that needs a passphrase fails with one line instead of waiting for a terminal).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,40 +19,12 @@ from pathlib import Path
 import gnupg
 
 from snapshotter.config import normalize_fingerprint
-from snapshotter.errors import ConfigError, SignatureError, VerificationError
+from snapshotter.errors import ConfigError, SignatureError, SnapshotterError
 
 log = logging.getLogger(__name__)
 
-_MD5_RE = re.compile(rb"^([0-9a-fA-F]{32})(?:\s+\*?(\S+))?\s*$")
 # Any of these in GnuPG's status output rejects the signature, whatever else it says.
 _REJECT = {"BADSIG", "ERRSIG", "EXPSIG", "EXPKEYSIG", "REVKEYSIG", "NO_PUBKEY", "FAILURE"}
-
-
-def file_digest(path: Path, algorithm: str) -> str:
-    """Hex digest of a file's content ("md5", "sha256", ...), read in chunks."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, algorithm).hexdigest()
-
-
-def parse_md5sum(text: bytes, name: str) -> str:
-    """The md5 a `.md5sum` file gives for `name` (its first field; the file name, if given, must match)."""
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        m = _MD5_RE.match(line.strip())
-        if not m:
-            raise VerificationError(f"{name}.md5sum is not an md5sum file")
-        listed = m[2].decode(errors="replace") if m[2] else None
-        if listed is None or listed.rsplit("/", 1)[-1] == name:
-            return m[1].decode().lower()
-    raise VerificationError(f"{name}.md5sum does not list {name}")
-
-
-def check_md5(tarball: Path, md5sum: bytes) -> None:
-    want = parse_md5sum(md5sum, tarball.name)
-    got = file_digest(tarball, "md5")
-    if got != want:
-        raise VerificationError(f"{tarball.name}: md5 mismatch (file {got}, .md5sum says {want})")
 
 
 class SignatureVerifier:
@@ -113,3 +86,67 @@ class SignatureVerifier:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class SigningError(SnapshotterError):
+    """The signing key is missing, unusable, or gpg failed to sign."""
+
+
+def signing_fingerprint(key: str, what: str = "signing key") -> str:
+    """`key` as 40 upper-case hex digits (spaces allowed in the input); SigningError otherwise."""
+    return normalize_fingerprint(key, what, SigningError)
+
+
+def _gpg(gnupghome: Path | None) -> gnupg.GPG:
+    if gnupghome is not None and not Path(gnupghome).is_dir():
+        raise SigningError(f"gnupghome {gnupghome} does not exist or is not a directory")
+    try:
+        return gnupg.GPG(gnupghome=str(gnupghome) if gnupghome is not None else None)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise SigningError(f"cannot run gpg: {e}") from None
+
+
+def _secret_key(gpg: gnupg.GPG, fpr: str, gnupghome: Path | None) -> dict:
+    where = f" in {gnupghome}" if gnupghome else ""
+    for k in gpg.list_keys(secret=True):
+        if k["fingerprint"] == fpr or any(len(sub) > 2 and sub[2] == fpr for sub in k.get("subkeys", [])):
+            return k
+    raise SigningError(f"no secret key {fpr}{where}")
+
+
+def detach_sign(path: Path, key: str, gnupghome: Path | None, *, name: str | None = None) -> bytes:
+    """An armored detached signature of the file `path` by `key` (a fingerprint) from `gnupghome`.
+
+    Raises SigningError (one clear line) when the key is missing, expired, revoked, needs a passphrase
+    that is not available, or gpg fails. `name` is how the file is called in messages.
+    """
+    fpr = signing_fingerprint(key)
+    gpg = _gpg(gnupghome)
+    _secret_key(gpg, fpr, gnupghome)
+    try:
+        with open(path, "rb") as f:
+            result = gpg.sign_file(f, keyid=fpr, detach=True, binary=False,
+                                   extra_args=["--pinentry-mode", "error", "--digest-algo", "SHA512"])
+    except OSError as e:
+        raise SigningError(f"cannot sign {path}: {e.strerror}") from None
+    data: bytes = result.data or b""
+    if getattr(result, "status", None) != "signature created" or not data.startswith(b"-----BEGIN PGP SIGNATURE"):
+        reason = getattr(result, "status", None) or ""
+        detail = [line for line in (result.stderr or "").splitlines()
+                  if line.startswith("gpg:")]
+        msg = reason or (detail[-1].removeprefix("gpg: ") if detail else "gpg failed")
+        if msg.startswith("invalid signer"):
+            msg = "the key is expired, revoked or cannot sign"
+        raise SigningError(f"signing {name or path.name} with {fpr} failed: {msg}")
+    log.debug("signed %s with %s (signing subkey %s)", path, fpr, getattr(result, "fingerprint", "?"))
+    return data
+
+
+def export_public_key(key: str, gnupghome: Path | None) -> bytes:
+    """The armored public key `key` from `gnupghome` (for clients' sync-openpgp-key-path)."""
+    fpr = signing_fingerprint(key)
+    gpg = _gpg(gnupghome)
+    armored = gpg.export_keys(fpr)
+    if not armored:
+        raise SigningError(f"no public key {fpr}" + (f" in {gnupghome}" if gnupghome else ""))
+    return armored.encode() if isinstance(armored, str) else armored

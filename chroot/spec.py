@@ -1,0 +1,75 @@
+"""What a caller hands the builder: a typed, fully resolved build spec.
+
+The library does not read configuration files or repositories: the caller resolves the tag to a commit,
+fetches and pins the stage and the overlays, and passes them here. Trees reach the root through the
+`TreeSource` protocol, which the caller implements (e.g. by exporting a git commit).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+DEFAULT_FEATURES = ("buildpkg", "cgroup", "ipc-sandbox", "network-sandbox", "parallel-fetch")
+DEFAULT_EMERGE_ARGS = ("--emptytree", "@world")
+# Variables the builder owns: both directories are bind-mounted from the host.
+RESERVED_VARS = frozenset({"PKGDIR", "DISTDIR"})
+
+
+class TreeSource(Protocol):
+    """An ebuild repository pinned at one commit, placed into the root by `place`."""
+
+    @property
+    def name(self) -> str: ...
+
+    def place(self, dest: Path) -> None:
+        """Write the tree into `dest` (which does not exist yet)."""
+
+    def describe(self) -> dict[str, str]:
+        """What build.json records about it (name, url, ref, commit)."""
+
+
+@dataclass(frozen=True)
+class PortageSettings:
+    """The root's Portage configuration for one build profile."""
+
+    name: str  # the build profile's name (make.conf header, log lines)
+    make_conf: dict[str, str] = field(default_factory=dict)
+    portage_profile: str | None = None  # relative to the gentoo tree's profiles/; None keeps the stage's
+    portage_confdir: Path | None = None
+    world: list[str] | None = None  # None keeps the stage's /var/lib/portage/world
+    emerge_args: list[str] = field(default_factory=lambda: list(DEFAULT_EMERGE_ARGS))
+
+    def features(self) -> list[str]:
+        """FEATURES for make.conf: the configured (or default) ones, always with buildpkg."""
+        given = self.make_conf.get("FEATURES")
+        feats = given.split() if given is not None else list(DEFAULT_FEATURES)
+        if "buildpkg" not in feats:
+            feats.insert(0, "buildpkg")
+        return feats
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A local stage tarball and the sha256 it must have (None: not pinned, only recorded)."""
+
+    path: Path
+    source: str  # what build.json records: the configured path or URL
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    settings: PortageSettings
+    tag: str
+    commit: str
+    repo: str  # where the gentoo tree comes from (recorded in build.json)
+    stage: Stage
+    gentoo: TreeSource
+    overlays: list[TreeSource]
+    work_dir: Path  # this profile's build roots: WORK/<profile>/<tag>-<time>-<pid>/root
+    output: Path  # this profile's results: OUTPUT/<profile>/<tag>/
+    distfiles: Path  # DISTDIR, shared by builds, bind-mounted
+    keep_root: bool = False
+    tool_version: str = ""  # recorded in build.json

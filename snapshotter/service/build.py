@@ -1,0 +1,192 @@
+"""A build of one profile at one tag, as the service runs it: resolve, pin, lock, then hand the chroot
+library a typed `BuildSpec`.
+
+Here the configuration meets the builder: the tag is resolved to a commit of the snapshot repository,
+overlays are fetched into bare cache clones and pinned to commits, the stage is fetched with the same
+downloader as snapshots (retries, resume, size checks) and its sha256 checked, and the profile's lock is
+held for the whole build (one build per profile at a time). Errors of the chroot library come back as
+SnapshotterError with the same message and exit status.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from chroot import builder
+from chroot.builder import BuildResult
+from chroot.errors import ChrootError
+from chroot.spec import BuildSpec, PortageSettings, Stage
+from snapshotter import __version__
+from snapshotter.config import STAGE_SUFFIXES, Config, Overlay, Profile, is_url, parse_overlays, validate_name
+from snapshotter.download import Downloader
+from snapshotter.errors import ConfigError, SnapshotterError
+from snapshotter.fsutil import file_digest
+from snapshotter.git.export import export_tree
+from snapshotter.git.repository import Repository, git
+from snapshotter.lock import flocked
+
+log = logging.getLogger(__name__)
+
+
+
+
+@dataclass
+class BuildRequest:
+    profile: str
+    tag: str | None = None  # default: the newest tag of the snapshot repository
+    overlay_refs: dict[str, str] = field(default_factory=dict)  # overlay name -> ref, overriding the profile
+    output: Path | None = None  # default: [build].output
+    keep_root: bool = False
+
+
+@dataclass(frozen=True)
+class GitTree:
+    """A commit of a git repository, placed into the root by exporting its tree (chroot.spec.TreeSource)."""
+
+    name: str
+    repo: Path
+    commit: str
+    url: str = ""
+    ref: str = ""
+
+    def place(self, dest: Path) -> None:
+        export_tree(self.repo, self.commit, dest)
+
+    def describe(self) -> dict[str, str]:
+        return {"name": self.name, "url": self.url, "ref": self.ref, "commit": self.commit}
+
+
+@contextmanager
+def chroot_errors() -> Iterator[None]:
+    """Errors of the chroot library as SnapshotterError: same one line, same exit status."""
+    try:
+        yield
+    except ChrootError as e:
+        raise SnapshotterError(str(e), e.exit_code) from None
+
+
+def portage_settings(profile: Profile) -> PortageSettings:
+    return PortageSettings(name=profile.name, make_conf=dict(profile.make_conf),
+                           portage_profile=profile.portage_profile, portage_confdir=profile.portage_confdir,
+                           world=None if profile.world is None else list(profile.world),
+                           emerge_args=list(profile.emerge_args))
+
+
+def resolve_profile(cfg: Config, name: str, overlay_refs: dict[str, str] | None = None) -> Profile:
+    """The configured profile `name`, with overlay refs overridden (every name must be one of its overlays)."""
+    validate_name(name)
+    prof = cfg.profiles.get(name)
+    if prof is None:
+        known = ", ".join(sorted(cfg.profiles)) or "none configured"
+        raise ConfigError(f"unknown build profile {name!r} (profiles: {known})")
+    if overlay_refs:
+        names = {o.name for o in prof.overlays}
+        for ov in overlay_refs:
+            if ov not in names:
+                raise ConfigError(f"overlay {ov!r} is not an overlay of profile {name}")
+        prof = replace(prof, overlays=parse_overlays(
+            f"profiles.{prof.name}.overlays",
+            [{"name": o.name, "url": o.url, "ref": overlay_refs.get(o.name, o.ref)} for o in prof.overlays],
+            Path("/")))
+    return prof
+
+
+def fetch_overlay(overlay: Overlay, cache_dir: Path) -> GitTree:
+    """Fetch the overlay's git repository into a bare cache clone and resolve its ref to a commit.
+
+    The ref is tried as a tag, then a branch, then a commit id (hex); anything else is an error naming
+    the overlay.
+    """
+    cache = cache_dir / "overlays" / f"{overlay.name}.git"
+    # Builds of different profiles may share an overlay cache: one fetch at a time.
+    with flocked(cache_dir / "overlays" / f"{overlay.name}.lock", f"overlay cache {overlay.name}", wait=600):
+        if not (cache / "HEAD").is_file():
+            cache.mkdir(parents=True, exist_ok=True)
+            git(cache, "init", "--quiet", "--bare")
+        log.info("overlay %s: fetching %s", overlay.name, overlay.url)
+        try:
+            git(cache, "fetch", "--quiet", "--force", "--prune", "--no-write-fetch-head", "--end-of-options",
+                overlay.url, "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*")
+        except SnapshotterError as e:
+            raise SnapshotterError(f"overlay {overlay.name}: fetching {overlay.url} failed: {e}") from None
+    candidates = [f"refs/tags/{overlay.ref}", f"refs/heads/{overlay.ref}"]
+    if all(c in "0123456789abcdef" for c in overlay.ref.lower()) and 7 <= len(overlay.ref) <= 64:
+        candidates.append(overlay.ref)
+    for cand in candidates:
+        proc = git(cache, "rev-parse", "--verify", "--quiet", f"{cand}^{{commit}}", check=False)
+        if proc.returncode == 0:
+            commit = proc.stdout.decode().strip()
+            log.info("overlay %s: %s is %s", overlay.name, overlay.ref, commit)
+            return GitTree(overlay.name, cache, commit, overlay.url, overlay.ref)
+    raise SnapshotterError(f"overlay {overlay.name}: ref {overlay.ref!r} is not a tag, branch or commit of "
+                           f"{overlay.url}")
+
+
+
+
+def fetch_stage(source: str, cache_dir: Path, expected_sha256: str | None, *, timeout: float = 60.0,
+                retries: int = 4) -> Path:
+    """The stage as a local file: `source` itself, or a download of the URL into `cache_dir`.
+
+    A cached download whose sha256 matches `expected_sha256` is reused; without a pinned sha256 the URL
+    is downloaded again every time.
+    """
+    if not is_url(source):
+        p = Path(source)
+        if not p.is_file():
+            raise SnapshotterError(f"stage {p} does not exist")
+        return p
+    name = source.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    if not name.endswith(STAGE_SUFFIXES):
+        raise SnapshotterError(f"{name}: unknown stage compression (expected .tar.xz, .tar.bz2 or .tar.zst)")
+    if not expected_sha256:
+        log.warning("stage %s has no stage_sha256: it is downloaded every time and not verified", source)
+    dest_name = f"{expected_sha256[:16]}-{name}" if expected_sha256 else name
+    dest = cache_dir / dest_name
+    if expected_sha256 and dest.is_file() and file_digest(dest, "sha256") == expected_sha256:
+        log.info("stage: using cached %s", dest)
+        return dest
+    log.info("stage: downloading %s", source)
+    downloader = Downloader(cache_dir, timeout=timeout, retries=retries)
+    try:
+        return downloader.fetch(source, dest_name)
+    finally:
+        downloader.close()
+
+
+def run_build(cfg: Config, req: BuildRequest, *, console: bool = False) -> BuildResult:
+    """Build `req.profile` at `req.tag` (default: the newest tag) under the profile's lock.
+
+    Setup problems (unknown profile or tag, bad stage_sha256, overlay ref, locked profile) raise
+    SnapshotterError before anything is built; an emerge failure returns ok=False (exit_status != 0).
+    """
+    profile = resolve_profile(cfg, req.profile, req.overlay_refs)
+    with chroot_errors():
+        builder.check_host()
+    repo = Repository(cfg.repo, cfg.git.branch).require()
+    if req.tag is None:
+        newest = repo.newest_tag()
+        if newest is None:
+            raise SnapshotterError(f"{cfg.repo} has no snapshot tags yet; run `snapshotter sync` first")
+        tag = newest
+    else:
+        tag = repo.find_tag(req.tag)
+    work = cfg.build.work_dir
+    with flocked(work / f"{profile.name}.lock", f"build profile {profile.name}"):
+        # Everything that can be checked without a root is checked first: nothing is created on failure.
+        overlays = [fetch_overlay(o, cfg.build.cache_dir) for o in profile.overlays]
+        stage_file = fetch_stage(profile.stage, cfg.build.cache_dir / "stages", profile.stage_sha256,
+                                 timeout=cfg.sync.timeout, retries=cfg.sync.retries)
+        spec = BuildSpec(
+            settings=portage_settings(profile), tag=tag.name, commit=tag.commit, repo=str(repo.path),
+            stage=Stage(stage_file, profile.stage, profile.stage_sha256),
+            gentoo=GitTree("gentoo", repo.path, tag.commit), overlays=list(overlays),
+            work_dir=work / profile.name, output=(req.output or cfg.build.output) / profile.name,
+            distfiles=cfg.build.distfiles or cfg.build.cache_dir / "distfiles",
+            keep_root=req.keep_root, tool_version=__version__)
+        with chroot_errors():
+            return builder.run_build(spec, console=console)
