@@ -97,8 +97,7 @@ class Downloader:
         resp = self._get(url, headers)
         with resp:
             if resp.status_code == 416 and have:  # the part file is already complete (or bogus)
-                total = _range_total(resp.headers.get("Content-Range", ""))
-                if total == have:
+                if _range_total(resp.headers.get("Content-Range", "")) == have:
                     return
                 part.unlink()
                 raise requests.ConnectionError("range not satisfiable; restarting")

@@ -106,11 +106,12 @@ def _gpg(gnupghome: Path | None) -> gnupg.GPG:
         raise SigningError(f"cannot run gpg: {e}") from None
 
 
-def _secret_key(gpg: gnupg.GPG, fpr: str, gnupghome: Path | None) -> dict:
+def _require_secret_key(gpg: gnupg.GPG, fpr: str, gnupghome: Path | None) -> None:
+    """SigningError unless `gnupghome` holds the secret key (or subkey) `fpr`."""
     where = f" in {gnupghome}" if gnupghome else ""
     for k in gpg.list_keys(secret=True):
         if k["fingerprint"] == fpr or any(len(sub) > 2 and sub[2] == fpr for sub in k.get("subkeys", [])):
-            return k
+            return
     raise SigningError(f"no secret key {fpr}{where}")
 
 
@@ -122,7 +123,7 @@ def detach_sign(path: Path, key: str, gnupghome: Path | None, *, name: str | Non
     """
     fpr = signing_fingerprint(key)
     gpg = _gpg(gnupghome)
-    _secret_key(gpg, fpr, gnupghome)
+    _require_secret_key(gpg, fpr, gnupghome)
     try:
         with open(path, "rb") as f:
             result = gpg.sign_file(f, keyid=fpr, detach=True, binary=False,

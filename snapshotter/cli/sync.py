@@ -7,6 +7,7 @@ import logging
 import sys
 from datetime import date, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -14,6 +15,9 @@ from snapshotter.cli import State, pass_state
 from snapshotter.config import validate
 from snapshotter.errors import EXIT_PUSH_FAILED, SnapshotterError
 from snapshotter.git.repository import Repository
+
+if TYPE_CHECKING:
+    from click._termui_impl import ProgressBar
 
 log = logging.getLogger("snapshotter")
 
@@ -33,7 +37,7 @@ class TerminalProgress:
     def __init__(self) -> None:
         self.enabled = sys.stderr.isatty()
         self._label: str | None = None
-        self._bar = None
+        self._bar: ProgressBar[int] | None = None
 
     def __call__(self, label: str, done: int, total: int | None) -> None:
         if not self.enabled:

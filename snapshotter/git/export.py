@@ -192,8 +192,8 @@ def export_tree(repo: Path, rev: str, dest: Path) -> None:
     dest = Path(dest)
     try:
         dest.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SnapshotterError(f"cannot create {dest}: {e.strerror}") from None
+    except OSError as err:
+        raise SnapshotterError(f"cannot create {dest}: {err.strerror}") from None
     if not dest.is_dir() or dest.is_symlink():
         raise SnapshotterError(f"{dest} is not a directory")
     if any(dest.iterdir()):

@@ -302,7 +302,8 @@ class SqliteQueue(BuildQueue):
         for s in states or ():
             if s not in STATES:
                 raise QueueError(f"unknown job state {s!r} (known: {', '.join(STATES)})")
-        sql, args = "SELECT * FROM jobs", []
+        sql = "SELECT * FROM jobs"
+        args: list[str | int] = []
         if states:
             sql += f" WHERE state IN ({', '.join('?' * len(states))})"
             args.extend(states)

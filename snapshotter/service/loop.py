@@ -190,7 +190,7 @@ class Service:
         self._cancel_retry()
         self.cycle()
 
-    def _retry(self) -> schedule.CancelJob:
+    def _retry(self) -> type[schedule.CancelJob]:
         self._retry_job = None
         self.cycle()
         return schedule.CancelJob

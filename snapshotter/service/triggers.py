@@ -148,7 +148,7 @@ def tag_profiles(cfg: Config) -> list[str]:
 
 
 def tag_jobs(cfg: Config, tags: list[str]) -> list[Job]:
-    jobs = []
+    jobs: list[Job] = []
     for tag in tags:
         if tag_date(tag) is None:
             raise RefError(f"not a snapshot tag (YYYY-MM-DD): {tag!r}")

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 from chroot.procs import die_with_parent
 from snapshotter import config as configmod
 from snapshotter.errors import EXIT_BUILD_FAILED, EXIT_LOCKED, SnapshotterError
+from snapshotter.fsutil import atomic_write
 from snapshotter.logs import setup_logging
 from snapshotter.service.build import BuildRequest, run_build
 from snapshotter.service.jobqueue import BuildQueue, JobRecord, LeaseLost, QueueError, open_queue
@@ -92,7 +93,11 @@ class Worker:
         if not kids:
             child.kill()
             return
-        timer = threading.Timer(STOP_GRACE, lambda: child.poll() is None and child.kill())
+        def kill_if_running() -> None:
+            if child.poll() is None:
+                child.kill()
+
+        timer = threading.Timer(STOP_GRACE, kill_if_running)
         timer.daemon = True
         timer.start()
 
@@ -233,9 +238,7 @@ def _build_child(spec_json: str, result_path: str) -> int:
     except Exception as e:  # a bug: keep the traceback in the job's log
         log.exception("build crashed")
         result["detail"] = f"internal error: {type(e).__name__}: {e}"
-    tmp = Path(result_path + ".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, result_path)
+    atomic_write(Path(result_path), json.dumps(result).encode(), durable=False)
     return status
 
 

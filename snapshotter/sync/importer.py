@@ -28,6 +28,7 @@ from datetime import date
 from pathlib import Path
 
 from snapshotter.errors import SnapshotError, SnapshotterError, child_failure
+from snapshotter.fsutil import atomic_write
 from snapshotter.git.repository import Repository, git, git_env, git_out, tag_date
 from snapshotter.sync import tarstream as snapshot
 from snapshotter.sync.tarstream import TIMESTAMP_PATH
@@ -116,10 +117,7 @@ def _save_tree(mirror: Repository, commit: str, tree: Tree) -> None:
     """Cache the new tree for the next import (atomic; a stale or missing cache only costs time)."""
     path = _cache_path(mirror)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tree.cache.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        marshal.dump((commit, tree), f)
-    os.replace(tmp, path)
+    atomic_write(path, marshal.dumps((commit, tree)), durable=False)
 
 
 class _FastImport:
@@ -381,8 +379,8 @@ def import_tarball(mirror: Repository, tarball: Path, identity: Identity, *, fil
 
     tag_obj = make_tag(mirror, commit, tag, identity, timestamp, sign_tag)
     # Move main and create the tag in one transaction; the old value of main is checked.
-    old = parent or "0" * 40
-    transaction = (f"update {mirror.branch_ref} {commit} {old}\n"
+    old_head = parent or "0" * 40
+    transaction = (f"update {mirror.branch_ref} {commit} {old_head}\n"
                    f"create refs/tags/{tag} {tag_obj}\n"
                    f"delete {STAGING_REF}\n"
                    f"delete {PART_REFS[0]}\n"

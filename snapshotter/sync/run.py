@@ -110,7 +110,8 @@ class _DayFetcher:
                 files: list[Path] = []
                 try:
                     files.append(self.dl.fetch(url + ".gpgsig", name + ".gpgsig"))
-                    tick = (lambda done, total, n=name: self.progress(f"fetch {n}", done, total)) if self.progress else None
+                    progress = self.progress
+                    tick = (lambda done, total, n=name: progress(f"fetch {n}", done, total)) if progress else None
                     files.append(self.dl.fetch(url, name, tick))
                     check_md5(files[1], md5sum)
                 except (FetchError, VerificationError) as e:
