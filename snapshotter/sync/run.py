@@ -90,6 +90,7 @@ class _DayFetcher:
         stamp = f"{day:%Y%m%d}"
         bad: list[str] = []  # copies that exist but are broken
         unreachable: list[str] = []  # mirrors we could not talk to
+        progress = self.progress
         for base in self.cfg.sync.mirrors:
             base = base.rstrip("/")
             for pattern in NAMES:
@@ -110,7 +111,6 @@ class _DayFetcher:
                 files: list[Path] = []
                 try:
                     files.append(self.dl.fetch(url + ".gpgsig", name + ".gpgsig"))
-                    progress = self.progress
                     tick = (lambda done, total, n=name: progress(f"fetch {n}", done, total)) if progress else None
                     files.append(self.dl.fetch(url, name, tick))
                     check_md5(files[1], md5sum)
