@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +37,31 @@ class Manifest:
     format: int = FORMAT
 
     def to_json(self) -> str:
-        data = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+        """build.json's text: every field, keys sorted, indented by 2, with a final newline."""
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        """The manifest `to_json` wrote; ValueError if `text` is not one (bad JSON, unknown or missing
+        keys, another format)."""
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("build.json: not a JSON object")
+        if data.get("format") != FORMAT:
+            raise ValueError(f"build.json: format {data.get('format')!r}, not {FORMAT}")
+        known = fields(cls)
+        unknown = sorted(data.keys() - {f.name for f in known})
+        missing = [f.name for f in known if f.name not in data and f.default is MISSING
+                   and f.default_factory is MISSING]
+        if unknown or missing:
+            raise ValueError(f"build.json: unknown keys {unknown}, missing keys {missing}")
+        return cls(**data)
 
 
 def list_packages(pkgdir: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Every file below `pkgdir` except the `Packages` index, sorted by path, with sha256 and size."""
-    pkgs = []
-    index = None
+    pkgs: list[dict[str, Any]] = []
+    index: dict[str, Any] | None = None
     for dirpath, dirnames, filenames in os.walk(pkgdir):
         dirnames.sort()
         for name in sorted(filenames):
@@ -52,7 +69,7 @@ def list_packages(pkgdir: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | 
             rel = full.relative_to(pkgdir).as_posix()
             if full.is_symlink():
                 continue
-            entry = {"path": rel, "sha256": _sha256(full), "size": full.stat().st_size}
+            entry: dict[str, Any] = {"path": rel, "sha256": _sha256(full), "size": full.stat().st_size}
             if rel == "Packages":
                 index = {"sha256": entry["sha256"], "size": entry["size"]}
             else:
@@ -67,8 +84,8 @@ def write(manifest: Manifest, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
+def load(path: Path) -> Manifest:
+    return Manifest.from_json(path.read_text())
 
 
 def _sha256(path: Path) -> str:

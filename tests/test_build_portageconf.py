@@ -134,6 +134,9 @@ def test_manifest_json_is_stable(tmp_path):
     manifest.write(m, tmp_path / "build.json")
     text = (tmp_path / "build.json").read_text()
     assert text == m.to_json() and list(json.loads(text)) == sorted(json.loads(text))
+    assert manifest.load(tmp_path / "build.json") == m  # one format, read back as written
+    with pytest.raises(ValueError, match="unknown keys"):
+        manifest.Manifest.from_json(text.replace('"ok"', '"okay"'))
 
 
 def test_documented_example_profile_parses(tmp_path):
