@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite, on a fresh Debian machine as root: installs what it needs, then ruff + pytest.
+# The whole test suite, on a fresh Debian machine as root: installs what it needs, then ruff + mypy + pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,4 +18,5 @@ python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
 export PATH="$PWD/.venv/bin:$PATH"
 ruff check .
+mypy  # strict for snapshotter/ and chroot/: [tool.mypy] in pyproject.toml
 exec pytest "$@"
