@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from snapshotter.errors import SnapshotterError
+from snapshotter.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +84,6 @@ def install(repo: Path, executable: str, config: Path | None, force: bool = Fals
             raise SnapshotterError(f"{target}: {e.strerror}") from None
         if not ours:
             raise SnapshotterError(f"{target} exists and was not installed by snapshotter; use --force to replace it")
-    tmp = hooks_dir / ".post-receive.snapshotter.tmp"
-    tmp.write_text(render(str(exe), config))
-    tmp.chmod(0o755)
-    os.replace(tmp, target)
+    atomic_write(target, render(str(exe), config).encode(), mode=0o755, durable=True)
     log.info("installed %s (runs %s%s)", target, exe, f" --config {config}" if config else "")
     return target

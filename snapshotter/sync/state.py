@@ -4,10 +4,11 @@ last success and failure (for `snapshotter status`) and what each push remote ha
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
+from snapshotter.fsutil import atomic_write
 from snapshotter.git.repository import Repository
 
 
@@ -20,7 +21,7 @@ class SyncState:
     pushed: dict[str, str] = field(default_factory=dict)  # remote -> commit of main it has
 
 
-def _path(mirror: Repository) -> os.PathLike[str]:
+def _path(mirror: Repository) -> Path:
     return mirror.state_dir / "state.json"
 
 
@@ -35,15 +36,10 @@ def load(mirror: Repository) -> SyncState:
 
 
 def save(mirror: Repository, state: SyncState) -> None:
-    """Write atomically (temp file, fsync, rename)."""
+    """Write atomically and durably (fsutil.atomic_write)."""
     mirror.state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = mirror.state_dir / f".state.json.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(asdict(state), f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, _path(mirror))
+    data = json.dumps(asdict(state), indent=2, sort_keys=True) + "\n"
+    atomic_write(_path(mirror), data.encode(), durable=True)
 
 
 def now_iso() -> str:
