@@ -79,9 +79,26 @@ def list_packages(pkgdir: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | 
 
 
 def write(manifest: Manifest, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(manifest.to_json())
-    os.replace(tmp, path)
+    """Create build.json at `path`, in the build's fresh staging directory (builder.py).
+
+    No write-temp-then-rename here: only the builder writes in the staging directory, and it is
+    published as a whole by one directory rename (builder._replace_dir), so no reader ever sees a part.
+    The file is created with O_CREAT|O_EXCL|O_NOFOLLOW (never through a planted symlink) and removed
+    again if writing fails, so a staging directory holds a build.json only when it is complete. (The
+    snapshotter's own atomic writes go through snapshotter.fsutil.atomic_write; this library imports
+    nothing of snapshotter.)
+    """
+    data = memoryview(manifest.to_json().encode())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        finally:
+            os.close(fd)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
 
 def load(path: Path) -> Manifest:
