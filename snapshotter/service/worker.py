@@ -8,8 +8,9 @@ lease; if the lease is lost (or cannot be renewed before it runs out) the build 
 result discarded. On SIGTERM/SIGINT the worker kills the current build and gives its job back to
 the queue at once.
 
-The child (`python -m snapshotter.worker --build-child SPEC RESULT`) calls chroot.builder.run_build
-and writes a small JSON result file.
+The child (`python -m snapshotter.service.worker --build-child SPEC RESULT`) runs the build
+(service.build.run_build) and writes a small JSON result file. SPEC is a `BuildChildSpec`, RESULT a
+`BuildChildResult`; their to_json/from_json are the only writer and reader of each.
 """
 
 from __future__ import annotations
@@ -50,6 +51,61 @@ class Outcome:
     log_path: str | None
     detail: str
     locked: bool = False  # the build could not start: another build holds the profile's lock
+
+
+@dataclass(frozen=True)
+class BuildChildSpec:
+    """What the worker hands its build child (the SPEC argument): one job of the queue."""
+
+    config: Path | None  # the configuration file the worker was started with (None: the default)
+    profile: str
+    tag: str
+    overlays: dict[str, str]  # overlay name -> commit
+    job: int  # the job's id (shows in `ps`)
+
+    def to_json(self) -> str:
+        return json.dumps({"config": str(self.config) if self.config else None, "profile": self.profile,
+                           "tag": self.tag, "overlays": self.overlays, "job": self.job})
+
+    @classmethod
+    def from_json(cls, text: str) -> BuildChildSpec:
+        """The spec `to_json` wrote; ValueError if `text` is not one."""
+        data = json.loads(text)
+        try:
+            config, profile, tag, overlays, job = (data[k] for k in ("config", "profile", "tag", "overlays", "job"))
+        except (TypeError, KeyError) as e:
+            raise ValueError(f"not a build child spec: {e!r}") from None
+        if not (isinstance(config, str | None) and isinstance(profile, str) and isinstance(tag, str)
+                and isinstance(overlays, dict) and all(isinstance(v, str) for v in [*overlays, *overlays.values()])
+                and isinstance(job, int)):
+            raise ValueError(f"not a build child spec: {text}")
+        return cls(Path(config) if config else None, profile, tag, overlays, job)
+
+
+@dataclass(frozen=True)
+class BuildChildResult:
+    """What the build child reports back (the RESULT file)."""
+
+    ok: bool
+    detail: str  # "ok", or why the build failed or could not start
+    log: str | None = None  # the build's log (None: the build did not start; the child's output is the log)
+    output: str | None = None  # the build's output directory
+
+    def to_json(self) -> str:
+        return json.dumps({"ok": self.ok, "detail": self.detail, "log": self.log, "output": self.output})
+
+    @classmethod
+    def from_json(cls, text: str) -> BuildChildResult:
+        """The result `to_json` wrote; ValueError if `text` is not one."""
+        data = json.loads(text)
+        try:
+            ok, detail, log_path, output = (data[k] for k in ("ok", "detail", "log", "output"))
+        except (TypeError, KeyError) as e:
+            raise ValueError(f"not a build child result: {e!r}") from None
+        if not (isinstance(ok, bool) and isinstance(detail, str) and isinstance(log_path, str | None)
+                and isinstance(output, str | None)):
+            raise ValueError(f"not a build child result: {text}")
+        return cls(ok, detail, log_path, output)
 
 
 def worker_id() -> str:
@@ -163,13 +219,11 @@ class Worker:
     def _build(self, rec: JobRecord) -> Outcome:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         capture = self.log_dir / f"job-{rec.id}-{rec.attempts}.log"
-        result = self.log_dir / f"job-{rec.id}-{rec.attempts}.result.json"
-        result.unlink(missing_ok=True)
-        spec = json.dumps({"config": str(self.config_path) if self.config_path else None,
-                           "profile": rec.job.profile, "tag": rec.job.tag,
-                           "overlays": dict(rec.job.overlays), "job": rec.id})
+        result_path = self.log_dir / f"job-{rec.id}-{rec.attempts}.result.json"
+        result_path.unlink(missing_ok=True)
+        spec = BuildChildSpec(self.config_path, rec.job.profile, rec.job.tag, dict(rec.job.overlays), rec.id)
         cmd = ["unshare", "--pid", "--fork", "--kill-child", "--",
-               sys.executable, "-m", "snapshotter.service.worker", "--build-child", spec, str(result)]
+               sys.executable, "-m", "snapshotter.service.worker", "--build-child", spec.to_json(), str(result_path)]
         with open(capture, "wb") as out:
             try:
                 self._child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -181,20 +235,21 @@ class Worker:
             finally:
                 self._child = None
         try:
-            data = json.loads(result.read_text())
+            result: BuildChildResult | None = BuildChildResult.from_json(result_path.read_text())
         except (OSError, ValueError):
-            data = {}
-        log_path = data.get("log") or str(capture)
-        if status == 0 and data.get("ok"):
-            return Outcome(True, log_path, data.get("detail") or "ok")
+            result = None  # the child died before writing it
+        given = result.detail if result is not None else ""
+        log_path = (result.log if result is not None else None) or str(capture)
+        if status == 0 and result is not None and result.ok:
+            return Outcome(True, log_path, given or "ok")
         if status == EXIT_LOCKED:
-            return Outcome(False, log_path, data.get("detail") or "locked", locked=True)
+            return Outcome(False, log_path, given or "locked", locked=True)
         if status < 0:
             detail = f"build killed by signal {-status}"
-        elif status == 137 and not data:
+        elif status == 137 and result is None:
             detail = "build killed"
         else:
-            detail = data.get("detail") or f"build exited with status {status}"
+            detail = given or f"build exited with status {status}"
         return Outcome(False, log_path, detail)
 
     # -- the loop ------------------------------------------------------------------------------
@@ -221,28 +276,26 @@ class Worker:
 def _build_child(spec_json: str, result_path: str) -> int:
     """In the build's PID namespace: run the real build, write the result file."""
     setup_logging(0, False)
-    spec = json.loads(spec_json)
-    result: dict[str, object] = {"ok": False}
-    status = 1
     try:
-        cfg = configmod.load(Path(spec["config"]) if spec["config"] else None)
-        req = BuildRequest(profile=spec["profile"], tag=spec["tag"], overlay_refs=dict(spec["overlays"]))
-        res = run_build(cfg, req)
-        result = {"ok": bool(res.ok), "log": str(res.log), "output": str(res.output_dir),
-                  "detail": "ok" if res.ok else f"build failed (exit {res.exit_status})"}
+        spec = BuildChildSpec.from_json(spec_json)
+        cfg = configmod.load(spec.config)
+        res = run_build(cfg, BuildRequest(profile=spec.profile, tag=spec.tag, overlay_refs=dict(spec.overlays)))
+        result = BuildChildResult(ok=res.ok, detail="ok" if res.ok else f"build failed (exit {res.exit_status})",
+                                  log=str(res.log), output=str(res.output_dir))
         status = 0 if res.ok else EXIT_BUILD_FAILED
     except SnapshotterError as e:
-        result["detail"] = str(e)
+        result = BuildChildResult(ok=False, detail=str(e))
         log.error("snapshotter: error: %s", e)
         status = e.exit_code
     except Exception as e:  # a bug: keep the traceback in the job's log
         log.exception("build crashed")
-        result["detail"] = f"internal error: {type(e).__name__}: {e}"
-    atomic_write(Path(result_path), json.dumps(result).encode(), durable=False)
+        result = BuildChildResult(ok=False, detail=f"internal error: {type(e).__name__}: {e}")
+        status = 1
+    atomic_write(Path(result_path), result.to_json().encode(), durable=False)
     return status
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--build-child":
         sys.exit(_build_child(sys.argv[2], sys.argv[3]))
-    sys.exit("usage: python -m snapshotter.worker --build-child SPEC RESULT (internal)")
+    sys.exit("usage: python -m snapshotter.service.worker --build-child SPEC RESULT (internal)")
