@@ -11,7 +11,6 @@ OUTPUT/<profile>/<tag>.failed/ so it never replaces the packages of a good build
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -32,6 +31,7 @@ from chroot import manifest as manifestmod
 from chroot import portageconf, stage
 from chroot.errors import ChrootError, Terminated
 from chroot.mounts import assert_unmounted, inside, mounts_under, safe_rmtree
+from chroot.nsrun import NamespaceSpec
 from chroot.procs import die_with_parent
 from chroot.spec import BuildSpec, PortageSettings, TreeSource
 
@@ -152,7 +152,7 @@ def run_in_namespace(root: Path, pkgdir: Path, argv: list[str], spec_path: Path,
     binds = [(str(pkgdir), portageconf.PKGDIR.lstrip("/"))]
     if distfiles is not None:
         binds.append((str(distfiles), portageconf.DISTDIR.lstrip("/")))
-    spec_path.write_text(json.dumps({"root": str(root), "binds": binds, "argv": argv}))
+    spec_path.write_text(NamespaceSpec(root, binds, argv).to_json())
     pkg_parent = str(Path(chroot.__file__).resolve().parent.parent)
     env = {"PATH": os.environ.get("PATH", CHROOT_PATH), "PYTHONPATH": pkg_parent, "LC_ALL": "C.UTF-8"}
     cmd = ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child", "--",

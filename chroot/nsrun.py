@@ -7,8 +7,10 @@ namespace lives only as long as its processes: if the builder dies (even kill -9
 `--kill-child` kills this PID 1, the kernel kills every other process of the PID namespace (emerge and all
 its children) and the mounts vanish with the last of them. Nothing here ever deletes anything.
 
-SPEC.json: {"root": ..., "binds": [[host_dir, dir_in_root], ...], "argv": [...]}; argv is run as is (the
-builder makes it `chroot ROOT env -i ... emerge ...`).
+SPEC.json is a `NamespaceSpec` (its to_json/from_json are the format's only writer and reader):
+{"root": ..., "binds": [[host_dir, dir_in_root], ...], "argv": [...]}; argv is run as is (the builder
+makes it `chroot ROOT env -i ... emerge ...`). This module imports nothing but the standard library: it
+runs as `python -m chroot.nsrun` with only the directory holding `chroot/` on the path.
 """
 
 from __future__ import annotations
@@ -18,9 +20,36 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 PREFIX = ">>> snapshotter:"
+
+
+@dataclass(frozen=True)
+class NamespaceSpec:
+    """What the builder hands the namespace runner: the root, the bind mounts into it, the command."""
+
+    root: Path
+    binds: list[tuple[str, str]]  # (host directory, directory in the root, relative)
+    argv: list[str]  # the chroot command, run as is
+
+    def to_json(self) -> str:
+        return json.dumps({"root": str(self.root), "binds": [list(b) for b in self.binds], "argv": self.argv})
+
+    @classmethod
+    def from_json(cls, text: str) -> NamespaceSpec:
+        """The spec `to_json` wrote; ValueError if `text` is not one."""
+        data = json.loads(text)
+        try:
+            root, binds, argv = data["root"], data["binds"], data["argv"]
+            spec = cls(Path(root), [(h, r) for h, r in binds], list(argv))
+        except (TypeError, KeyError, ValueError) as e:
+            raise ValueError(f"not a namespace spec: {e!r}") from None
+        if not (isinstance(root, str) and all(isinstance(s, str) for b in spec.binds for s in b)
+                and all(isinstance(a, str) for a in spec.argv)):
+            raise ValueError("not a namespace spec: root, binds and argv must be strings")
+        return spec
 
 
 def say(msg: str) -> None:
@@ -53,19 +82,18 @@ def setup_mounts(root: Path, binds: list[tuple[str, str]]) -> None:
 
 
 def main(spec_path: str) -> int:
-    spec = json.loads(Path(spec_path).read_text())
-    root = Path(spec["root"])
+    spec = NamespaceSpec.from_json(Path(spec_path).read_text())
     if os.getpid() != 1:
         say("warning: not PID 1 of a new PID namespace")
     try:
-        setup_mounts(root, [(h, r) for h, r in spec["binds"]])
+        setup_mounts(spec.root, spec.binds)
     except RuntimeError as e:
         say(f"error: {e}")
         return 125
-    say("mounted proc, dev (rslave), sys (rslave), " + ", ".join(r for _h, r in spec["binds"]) + "; entering the root")
-    say("running: " + " ".join(spec["argv"][2:]))
+    say("mounted proc, dev (rslave), sys (rslave), " + ", ".join(r for _h, r in spec.binds) + "; entering the root")
+    say("running: " + " ".join(spec.argv[2:]))
     sys.stdout.flush()
-    proc = subprocess.Popen(spec["argv"], stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(spec.argv, stdin=subprocess.DEVNULL)
     # As PID 1, signals without a handler are ignored: pass SIGTERM/SIGINT on to the build.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, _f: proc.send_signal(s))
