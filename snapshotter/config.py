@@ -69,10 +69,14 @@ class Profile:
     world: list[str] | None = None  # None keeps the stage's /var/lib/portage/world
     emerge_args: list[str] = field(default_factory=lambda: list(DEFAULT_EMERGE_ARGS))
     overlays: list[Overlay] = field(default_factory=list)
+    # Per-profile overrides of [binhost] signing_key / gnupghome / passphrase_file (see signing_for).
+    signing_key: str | None = None
+    gnupghome: Path | None = None
+    passphrase_file: Path | None = None
 
 
 KNOWN_KEYS = ("stage", "stage_sha256", "portage_profile", "portage_confdir", "make_conf", "world",
-              "emerge_args", "overlays")
+              "emerge_args", "overlays", "signing_key", "gnupghome", "passphrase_file")
 
 
 def is_url(value: str) -> bool:
@@ -230,6 +234,13 @@ def parse_profile(name: str, table: Any, base: Path) -> Profile:
         prof.emerge_args = args
     if "overlays" in table:
         prof.overlays = parse_overlays(f"{pre}.overlays", table["overlays"], base)
+    if "signing_key" in table:
+        prof.signing_key = normalize_fingerprint(_str(f"{pre}.signing_key", table["signing_key"]),
+                                                 f"{pre}.signing_key")
+    if "gnupghome" in table:
+        prof.gnupghome = _path(f"{pre}.gnupghome", table["gnupghome"], base)
+    if "passphrase_file" in table:
+        prof.passphrase_file = _path(f"{pre}.passphrase_file", table["passphrase_file"], base)
     return prof
 
 
@@ -301,6 +312,29 @@ class ServiceSettings:
 
 
 @dataclass
+class BinhostSettings:
+    """[binhost]: delivering builds to clients (signed packages, editions, retention; docs/binhost.md)."""
+
+    web_root: Path | None = None  # WEB_ROOT/<edition>/<profile> are the editions' document roots
+    editions: list[str] = field(default_factory=lambda: ["testing", "production"])
+    automatic_edition: str = "testing"  # moved to each successful build (forward only); "" for none
+    signing_key: str = ""  # fingerprint: signs gpkgs, edition.json and settings tarballs
+    gnupghome: Path | None = None  # keyring holding signing_key's secret key; default gpg's own
+    passphrase_file: Path | None = None  # the key's passphrase (loopback pinentry); default none
+    keep_builds: int = 5  # purge keeps the newest N builds of each profile
+    rollback_days: int = 14  # ... and whatever an edition pointed at within this many days
+
+
+@dataclass(frozen=True)
+class SigningSettings:
+    """The key that signs a profile's packages and published files (see `signing_for`)."""
+
+    fingerprint: str
+    gnupghome: Path | None
+    passphrase_file: Path | None
+
+
+@dataclass
 class Config:
     path: Path | None = None
     repo: Path = Path("/var/lib/snapshotter/gentoo.git")
@@ -310,6 +344,7 @@ class Config:
     publish: PublishSettings = field(default_factory=PublishSettings)
     build: BuildSettings = field(default_factory=BuildSettings)
     service: ServiceSettings = field(default_factory=ServiceSettings)
+    binhost: BinhostSettings = field(default_factory=BinhostSettings)
     profiles: dict[str, Profile] = field(default_factory=dict)
 
 
@@ -319,6 +354,7 @@ _SECTIONS: dict[str, type] = {
     "publish": PublishSettings,
     "build": BuildSettings,
     "service": ServiceSettings,
+    "binhost": BinhostSettings,
 }
 _TOP_LEVEL = {"repo": Path, "state_dir": Path}
 
@@ -427,7 +463,42 @@ def validate(cfg: Config) -> Config:
     for i, name in enumerate(cfg.service.build_profiles):
         if cfg.profiles and name not in cfg.profiles:
             raise ConfigError(f"service.build_profiles[{i}]: no profile {name!r} (known: {', '.join(sorted(cfg.profiles))})")
+    _validate_binhost(cfg.binhost)
     return cfg
+
+
+def _validate_binhost(b: BinhostSettings) -> None:
+    if not b.editions:
+        raise ConfigError("binhost.editions: at least one edition is required")
+    for i, name in enumerate(b.editions):
+        if not NAME_RE.match(name):
+            raise ConfigError(f"binhost.editions[{i}]: not a valid edition name (letters, digits, '.', '_', '-'; "
+                              f"not starting with '.' or '-'): {name!r}")
+        if name in b.editions[:i]:
+            raise ConfigError(f"binhost.editions[{i}]: edition {name!r} is listed twice")
+    if b.automatic_edition and b.automatic_edition not in b.editions:
+        raise ConfigError(f"binhost.automatic_edition: {b.automatic_edition!r} is not one of binhost.editions "
+                          f"({', '.join(b.editions)}); \"\" for none")
+    if b.signing_key:
+        b.signing_key = normalize_fingerprint(b.signing_key, "binhost.signing_key")
+    if b.keep_builds < 1:
+        raise ConfigError(f"binhost.keep_builds: must be at least 1, got {b.keep_builds}")
+    if b.rollback_days < 0:
+        raise ConfigError(f"binhost.rollback_days: must not be negative, got {b.rollback_days}")
+
+
+def signing_for(cfg: Config, profile: Profile | str) -> SigningSettings | None:
+    """The signing key of `profile`: each of signing_key, gnupghome and passphrase_file is taken from
+    `[profiles.NAME]` when set there, else from `[binhost]`. None when neither names a signing key."""
+    prof = cfg.profiles.get(profile) if isinstance(profile, str) else profile
+    b = cfg.binhost
+    fpr = (prof.signing_key if prof is not None else None) or b.signing_key
+    if not fpr:
+        return None
+    home = prof.gnupghome if prof is not None and prof.gnupghome is not None else b.gnupghome
+    passphrase = (prof.passphrase_file if prof is not None and prof.passphrase_file is not None
+                  else b.passphrase_file)
+    return SigningSettings(fingerprint=fpr, gnupghome=home, passphrase_file=passphrase)
 
 
 def load(path: Path | None = None, required: bool | None = None) -> Config:
