@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
+from snapshotter import tarformat as tar
 from snapshotter.config import Config
 from snapshotter.errors import SnapshotterError, child_failure
-from snapshotter.fsutil import file_digest
+from snapshotter.fsutil import create_temp, file_digest, fsync_dir, is_temp, temp_name, write_temp
 from snapshotter.git.export import BlobReader, check_symlink, copy_exact, resolve, tree_entries
 from snapshotter.git.repository import Repository, Tag, tag_date
 from snapshotter.lock import flocked
@@ -53,59 +54,53 @@ def xz_block_size(level: int) -> str:
 
 # ---- deterministic tar stream ------------------------------------------------------------------------
 
-BLOCK = 512
-RECORD = 20 * BLOCK  # GNU tar's default blocking factor
-
 PORTAGE_ID = 250
 PORTAGE_NAME = b"portage"
 
-TYPE_FILE = b"0"
-TYPE_SYMLINK = b"2"
-TYPE_DIR = b"5"
-TYPE_PAX = b"x"
 
-_MAX_OCTAL_SIZE = 8**11 - 1
-
-
-def _octal(value: int, width: int) -> bytes:
-    """A NUL-terminated, zero-padded octal field of `width` bytes."""
+def _octal(value: int, field: slice) -> bytes:
+    """A NUL-terminated, zero-padded octal header field."""
+    width = field.stop - field.start
     digits = f"{value:o}".encode()
     if len(digits) > width - 1:
         raise ValueError(f"{value} does not fit a {width}-byte tar field")
     return digits.rjust(width - 1, b"0") + b"\0"
 
 
-def _field(value: bytes, width: int) -> bytes:
-    return value.ljust(width, b"\0")
+def _field(value: bytes, field: slice) -> bytes:
+    return value.ljust(field.stop - field.start, b"\0")
 
 
 def _split_ustar(name: bytes) -> tuple[bytes, bytes] | None:
-    """(prefix, name) fitting ustar's 155 + 100 bytes, split at a slash; None when impossible."""
-    if len(name) <= 100:
+    """(prefix, name) fitting ustar's prefix and name fields, split at a slash; None when impossible."""
+    if len(name) <= tar.NAME_LEN:
         return b"", name
     for i in range(len(name) - 1, 0, -1):
-        if name[i:i + 1] == b"/" and i <= 155 and len(name) - i - 1 <= 100 and len(name) - i - 1 > 0:
+        if name[i:i + 1] == b"/" and i <= tar.PREFIX_LEN and 0 < len(name) - i - 1 <= tar.NAME_LEN:
             return name[:i], name[i + 1:]
     return None
 
 
-_IDS = _octal(PORTAGE_ID, 8) * 2
-_MAGIC_OWNERS_DEVICES = b"ustar\0" + b"00" + _field(PORTAGE_NAME, 32) * 2 + _octal(0, 8) * 2
+_IDS = _octal(PORTAGE_ID, tar.UID) + _octal(PORTAGE_ID, tar.GID)
+_MAGIC_OWNERS_DEVICES = (tar.USTAR_MAGIC + tar.USTAR_VERSION + _field(PORTAGE_NAME, tar.UNAME)
+                         + _field(PORTAGE_NAME, tar.GNAME) + _octal(0, tar.DEVMAJOR) + _octal(0, tar.DEVMINOR))
+_CHKSUM_PLACEHOLDER = b" " * (tar.CHKSUM.stop - tar.CHKSUM.start)
+_TAIL_PAD = b"\0" * (tar.BLOCK - tar.PREFIX.stop)
 
 
 def header(name: bytes, *, mode: int, size: int, mtime: int, typeflag: bytes, linkname: bytes = b"",
            prefix: bytes = b"") -> bytes:
     """One 512-byte ustar header block with its checksum (fields: name, mode, uid, gid, size, mtime,
     checksum, type, linkname, magic, version, uname, gname, devmajor, devminor, prefix)."""
-    if len(name) > 100 or len(linkname) > 100 or len(prefix) > 155 or not 0 <= size <= _MAX_OCTAL_SIZE \
-            or not 0 <= mtime <= _MAX_OCTAL_SIZE or not 0 <= mode <= 0o7777777:
+    if len(name) > tar.NAME_LEN or len(linkname) > tar.LINKNAME_LEN or len(prefix) > tar.PREFIX_LEN \
+            or not 0 <= size <= tar.MAX_OCTAL_11 or not 0 <= mtime <= tar.MAX_OCTAL_11 or not 0 <= mode <= 0o7777777:
         raise ValueError(f"tar header field out of range for {name!r}")
     block = b"".join((
-        name.ljust(100, b"\0"), b"%07o\0" % mode, _IDS, b"%011o\0" % size, b"%011o\0" % mtime,
-        b" " * 8,  # checksum placeholder
-        typeflag, linkname.ljust(100, b"\0"), _MAGIC_OWNERS_DEVICES, prefix.ljust(155, b"\0"), b"\0" * 12,
-    ))
-    return b"%s%06o\0 %s" % (block[:148], sum(block), block[156:])
+        name.ljust(tar.NAME_LEN, b"\0"), b"%07o\0" % mode, _IDS, b"%011o\0" % size, b"%011o\0" % mtime,
+        _CHKSUM_PLACEHOLDER, typeflag, linkname.ljust(tar.LINKNAME_LEN, b"\0"), _MAGIC_OWNERS_DEVICES,
+        prefix.ljust(tar.PREFIX_LEN, b"\0"), _TAIL_PAD,
+    ))  # the %-formats are the widths of the MODE (8), SIZE and MTIME (12) fields
+    return b"%s%06o\0 %s" % (block[:tar.CHKSUM.start], tar.checksum(block), block[tar.CHKSUM.stop:])
 
 
 def _pax_record(key: str, value: bytes) -> bytes:
@@ -117,7 +112,7 @@ def _pax_record(key: str, value: bytes) -> bytes:
 
 
 def padding(size: int) -> bytes:
-    return b"\0" * (-size % BLOCK)
+    return b"\0" * (-size % tar.BLOCK)
 
 
 class TarWriter:
@@ -140,31 +135,31 @@ class TarWriter:
             pax.append(_pax_record("path", name))
             short = name.rstrip(b"/").rsplit(b"/", 1)[-1][:99]
             split = (b"", short + (b"/" if name.endswith(b"/") else b""))
-        if len(linkname) > 100:
+        if len(linkname) > tar.LINKNAME_LEN:
             pax.append(_pax_record("linkpath", linkname))
-            linkname = linkname[:100]
+            linkname = linkname[:tar.LINKNAME_LEN]
         ustar_size = size
-        if size > _MAX_OCTAL_SIZE:
+        if size > tar.MAX_OCTAL_11:
             pax.append(_pax_record("size", str(size).encode()))
             ustar_size = 0
         if pax:
             records = b"".join(pax)
             pax_name = b"PaxHeaders/" + split[1].rstrip(b"/")[:80]
-            self._emit(header(pax_name, mode=0o644, size=len(records), mtime=self.mtime, typeflag=TYPE_PAX))
+            self._emit(header(pax_name, mode=0o644, size=len(records), mtime=self.mtime, typeflag=tar.XHDTYPE))
             self._emit(records + padding(len(records)))
         prefix, short = split
         self._emit(header(short, mode=mode, size=ustar_size, mtime=self.mtime, typeflag=typeflag,
                           linkname=linkname, prefix=prefix))
 
     def add_dir(self, name: str) -> None:
-        self._member_header(name.rstrip("/").encode() + b"/", mode=0o755, size=0, typeflag=TYPE_DIR)
+        self._member_header(name.rstrip("/").encode() + b"/", mode=0o755, size=0, typeflag=tar.DIRTYPE)
 
     def add_symlink(self, name: str, target: bytes) -> None:
-        self._member_header(name.encode(), mode=0o777, size=0, typeflag=TYPE_SYMLINK, linkname=target)
+        self._member_header(name.encode(), mode=0o777, size=0, typeflag=tar.SYMTYPE, linkname=target)
 
     def begin_file(self, name: str, size: int, executable: bool) -> None:
         """Header of a regular file; then send exactly `size` bytes with `data()` and call `end_file`."""
-        self._member_header(name.encode(), mode=0o755 if executable else 0o644, size=size, typeflag=TYPE_FILE)
+        self._member_header(name.encode(), mode=0o755 if executable else 0o644, size=size, typeflag=tar.REGTYPE)
 
     def data(self, chunk: bytes) -> None:
         self._emit(chunk)
@@ -173,8 +168,8 @@ class TarWriter:
         self._emit(padding(size))
 
     def close(self) -> None:
-        self._emit(b"\0" * (2 * BLOCK))
-        self._emit(b"\0" * (-self.written % RECORD))
+        self._emit(b"\0" * (2 * tar.BLOCK))
+        self._emit(b"\0" * (-self.written % tar.RECORD))
 
 
 # ---- tree -> tar -> xz -------------------------------------------------------------------------------
@@ -264,33 +259,6 @@ def write_tarball(repo: Path, commit: str, mtime: int, topdir: str, out_fd: int,
     return size
 
 
-# ---- atomic files ------------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _temp_name(directory: Path, name: str) -> Path:
-    return directory / f".{name}.tmp.{os.getpid()}"
-
-
-def _write_temp(directory: Path, name: str, data: bytes) -> Path:
-    tmp = _temp_name(directory, name)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fchmod(fd, 0o644)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return tmp
-
-
 # ---- publication -------------------------------------------------------------------------------------
 def snapshot_name(day: date) -> str:
     return f"{FAMILY}-{day:%Y%m%d}.tar.xz"
@@ -351,14 +319,12 @@ def publish_tag(repo: Path, tag: Tag, opts: PublishOptions) -> Published:
     snapdir = opts.out / "snapshots"
     name = snapshot_name(tag.day)
     commit, mtime = resolve(repo, tag.commit)
-    tmp = _temp_name(snapdir, name)
-    temps = [tmp]
+    fd, tmp = create_temp(snapdir / name)
+    temps = {"": tmp}
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
             tar_size = write_tarball(repo, commit, mtime, topdir_name(tag.day), fd,
                                      xz_level=opts.xz_level, xz_threads=opts.xz_threads)
-            os.fchmod(fd, 0o644)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -369,18 +335,23 @@ def publish_tag(repo: Path, tag: Tag, opts: PublishOptions) -> Published:
             ".gpgsig": signature,
         }
         for suffix, data in side.items():
-            temps.append(_write_temp(snapdir, name + suffix, data))
-        # Side files first: a client never sees a tarball without its checksum and signature.
-        for suffix in side:
-            os.rename(_temp_name(snapdir, name + suffix), snapdir / (name + suffix))
-        os.rename(tmp, snapdir / name)
-        _fsync_dir(snapdir)
+            temps[suffix] = write_temp(snapdir / (name + suffix), data, durable=True)
+        _rename_side_files_first(temps, snapdir / name)
     finally:
-        for t in temps:
+        for t in temps.values():
             t.unlink(missing_ok=True)
     size = (snapdir / name).stat().st_size
     log.info("published %s (%s, %d bytes, md5 %s)", name, tag.name, size, md5)
     return Published(tag.name, snapdir / name, md5, size, tar_size)
+
+
+def _rename_side_files_first(temps: dict[str, Path], target: Path) -> None:
+    """Rename the fsynced temporary files {suffix: temp} over `target` + suffix, the side files first and
+    the tarball ("" suffix) last, then fsync the directory: a client never sees a tarball without its
+    checksum and signature. The parts of fsutil.atomic_write, in an order that spans files."""
+    for suffix in (*SIDE_SUFFIXES, ""):
+        os.rename(temps[suffix], target.with_name(target.name + suffix))
+    fsync_dir(target.parent)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -414,25 +385,37 @@ def update_latest(snapdir: Path, day: date) -> None:
     if _same_file(src, latest):
         return
     md5 = (src.with_name(src.name + ".md5sum")).read_text().split()[0]
-    temps = [_write_temp(snapdir, LATEST + ".md5sum", f"{md5}  {LATEST}\n".encode()),
-             _write_temp(snapdir, LATEST + ".gpgsig", src.with_name(src.name + ".gpgsig").read_bytes())]
-    tmp = _temp_name(snapdir, LATEST)
-    temps.append(tmp)
+    temps: dict[str, Path] = {}
     try:
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        for suffix in SIDE_SUFFIXES:
-            os.rename(_temp_name(snapdir, LATEST + suffix), snapdir / (LATEST + suffix))
-        os.rename(tmp, latest)
-        _fsync_dir(snapdir)
+        temps[".md5sum"] = write_temp(snapdir / (LATEST + ".md5sum"), f"{md5}  {LATEST}\n".encode(), durable=True)
+        temps[".gpgsig"] = write_temp(snapdir / (LATEST + ".gpgsig"),
+                                      src.with_name(src.name + ".gpgsig").read_bytes(), durable=True)
+        temps[""] = _link_or_copy_temp(src, latest)
+        _rename_side_files_first(temps, latest)
     finally:
-        for t in temps:
+        for t in temps.values():
             t.unlink(missing_ok=True)
+
+
+def _link_or_copy_temp(src: Path, target: Path) -> Path:
+    """A temporary name next to `target` for the content of `src`: a hard link (link() never follows or
+    replaces what is at the new name), else a fsynced copy in a file from fsutil.create_temp."""
+    tmp = temp_name(target)
+    try:
+        os.link(src, tmp)
+        return tmp
+    except OSError:
+        pass
+    fd, tmp = create_temp(target)
+    try:
+        with open(src, "rb") as f, os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(f, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
 
 
 def prune(snapdir: Path, keep: int) -> list[str]:
@@ -454,14 +437,14 @@ def prune(snapdir: Path, keep: int) -> list[str]:
                 removed.append(p.name)
         log.info("pruned %s", name)
     if removed:
-        _fsync_dir(snapdir)
+        fsync_dir(snapdir)
     return removed
 
 
 def _clean_stale_temps(snapdir: Path) -> None:
     """Remove temporary files left by a publisher that died (we hold the lock: nobody else writes)."""
     for p in snapdir.iterdir():
-        if p.name.startswith(".") and ".tmp." in p.name and p.is_file():
+        if is_temp(p.name) and p.is_file():
             log.debug("removing stale %s", p)
             p.unlink(missing_ok=True)
 

@@ -24,9 +24,10 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
 
+from snapshotter import tarformat as tar
 from snapshotter.errors import SnapshotError
+from snapshotter.tarformat import BLOCK
 
-BLOCK = 512
 TIMESTAMP_PATH = b"metadata/timestamp.x"
 
 MODE_FILE = b"100644"
@@ -210,9 +211,12 @@ def _relative(name: bytes, what: str) -> list[bytes]:
 
 
 _CHUNK = 1 << 21  # what members() asks a plain stream for at a time (the decompressing reader hands over whole chunks)
-_REG, _AREG, _CONTIG, _LNK, _SYM, _DIR = 48, 0, 55, 49, 50, 53  # typeflags '0', NUL, '7', '1', '2', '5'
-_SPECIAL = {51: "character device", 52: "block device", 54: "fifo"}  # '3', '4', '6'
-_META = {76, 75, 120, 103}  # 'L' GNU long name, 'K' GNU long link, 'x' pax header, 'g' pax global
+# Type flags as the ints that indexing a header gives.
+_REG, _AREG, _CONTIG, _LNK, _SYM, _DIR = (ord(t) for t in (tar.REGTYPE, tar.AREGTYPE, tar.CONTTYPE, tar.LNKTYPE,
+                                                           tar.SYMTYPE, tar.DIRTYPE))
+_LONGNAME, _LONGLINK, _PAX = ord(tar.GNUTYPE_LONGNAME), ord(tar.GNUTYPE_LONGLINK), ord(tar.XHDTYPE)
+_SPECIAL = {ord(tar.CHRTYPE): "character device", ord(tar.BLKTYPE): "block device", ord(tar.FIFOTYPE): "fifo"}
+_META = {_LONGNAME, _LONGLINK, _PAX, ord(tar.XGLTYPE)}
 
 
 def members(stream: BinaryIO) -> Iterator[Member]:
@@ -243,8 +247,8 @@ def members(stream: BinaryIO) -> Iterator[Member]:
             return
         if top is None:
             _check_header(hdr, first=True)
-        typeflag = hdr[156]
-        size_field = hdr[124:136]
+        typeflag = hdr[tar.TYPEFLAG]
+        size_field = hdr[tar.SIZE]
         try:
             size = int(pax[b"size"]) if pax and b"size" in pax else (
                 _octal(size_field, "size") if size_field[0] & 0x80 else int(size_field.strip(b"\0 ") or b"0", 8))
@@ -265,11 +269,11 @@ def members(stream: BinaryIO) -> Iterator[Member]:
 
         if typeflag in _META:
             payload = buf[end:stop]
-            if typeflag == 76:
+            if typeflag == _LONGNAME:
                 long_name = _cstr(payload)
-            elif typeflag == 75:
+            elif typeflag == _LONGLINK:
                 long_link = _cstr(payload)
-            elif typeflag == 120:
+            elif typeflag == _PAX:
                 pax = _pax(payload)
             continue
 
@@ -278,15 +282,15 @@ def members(stream: BinaryIO) -> Iterator[Member]:
         elif long_name is not None:
             name = long_name
         else:
-            name = hdr[:100]
+            name = hdr[tar.NAME]
             z = name.find(0)
             if z >= 0:
                 name = name[:z]
-            if hdr[345] and hdr[257:263] == b"ustar\x00":  # POSIX ustar prefix field
-                name = _cstr(hdr[345:500]) + b"/" + name
+            if hdr[tar.PREFIX.start] and hdr[tar.MAGIC] == tar.USTAR_MAGIC:  # POSIX ustar prefix field
+                name = _cstr(hdr[tar.PREFIX]) + b"/" + name
         if typeflag in (_LNK, _SYM):
             linkname = pax[b"linkpath"] if pax and b"linkpath" in pax else (
-                long_link if long_link is not None else _cstr(hdr[157:257]))
+                long_link if long_link is not None else _cstr(hdr[tar.LINKNAME]))
         long_name = long_link = pax = None
 
         # Split off the top-level directory; the rare names that need care take the slow path.
@@ -308,7 +312,7 @@ def members(stream: BinaryIO) -> Iterator[Member]:
             if not rel:
                 raise SnapshotError("snapshot must have exactly one top-level directory, found file "
                                     f"{name.decode(errors='replace')!r}")
-            mode = MODE_EXEC if int(hdr[100:108].strip(b"\0 ") or b"0", 8) & 0o111 else MODE_FILE
+            mode = MODE_EXEC if int(hdr[tar.MODE].strip(b"\0 ") or b"0", 8) & 0o111 else MODE_FILE
             yield rel, mode, buf[end:stop], None
         elif typeflag == _DIR:
             continue
@@ -346,10 +350,10 @@ def _refill(rest: bytes, read: Callable[[int], bytes], need: int) -> bytes:
 
 def _check_header(hdr: bytes, first: bool) -> None:
     try:
-        chksum = int(hdr[148:156].strip(b"\0 ") or b"-1", 8)
+        chksum = int(hdr[tar.CHKSUM].strip(b"\0 ") or b"-1", 8)
     except ValueError:
         chksum = -1
-    if chksum != sum(hdr[:148]) + 256 + sum(hdr[156:]):
+    if chksum != tar.checksum(hdr):
         raise SnapshotError("not a tar archive (header checksum mismatch)" if first
                             else "tar archive is corrupt (header checksum mismatch)")
 
