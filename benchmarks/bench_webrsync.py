@@ -27,11 +27,11 @@ from datetime import date
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))  # the tests' throwaway key and HTTP mirror
+sys.path.insert(0, str(HERE.parent / "tests"))  # the tests' helpers: a throwaway key and an HTTP mirror
 sys.path.insert(0, str(HERE))
 
 import bench_import  # noqa: E402
-import testlib  # noqa: E402
+from helpers import testlib  # noqa: E402
 
 BIN = Path(sys.executable).parent  # emerge-webrsync, emaint and snapshotter live in the same virtualenv
 DAYS = (bench_import.DAY1, bench_import.DAY2, bench_import.DAY3)

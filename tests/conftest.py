@@ -1,13 +1,12 @@
+"""Fixtures for every test under tests/ (subdirectories included). Shared helper code lives in the
+`helpers` package (`from helpers import testlib`); test modules do not import each other."""
+
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import testlib  # noqa: E402
+from helpers import testlib
 
 
 @pytest.fixture(scope="session", autouse=True)

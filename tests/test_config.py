@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import testlib
+from helpers import testlib
 
 from snapshotter import config
 from snapshotter.errors import ConfigError

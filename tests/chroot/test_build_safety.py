@@ -12,9 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-import ebuild_repo
 import pytest
-import testlib
+from helpers import ebuild_repo, testlib
 
 from chroot import builder
 from chroot.errors import ChrootError, StageMismatch

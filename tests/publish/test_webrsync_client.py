@@ -12,8 +12,8 @@ from datetime import date
 from pathlib import Path
 
 import pytest
-import testlib
-from test_publish import DAYS, build_synced, expected_listing, run_publish, tree_listing
+from helpers import testlib
+from helpers.publishlib import DAYS, build_synced, expected_listing, run_publish, sync_days, tree_listing
 
 from snapshotter.git.export import export_tree
 
@@ -158,8 +158,6 @@ def test_real_client_default_sync_finds_a_recent_day(gpg_key: testlib.Key, tmp_p
     """Without --revert (what `emerge --sync` runs) the client walks back from yesterday and takes the
     newest published day it can verify."""
     from datetime import UTC, datetime, timedelta
-
-    from test_publish import sync_days
 
     day = (datetime.now(UTC) - timedelta(days=2)).date()  # within the client's walk, even before 01:00 UTC
     DAYS[day] = {**DAYS[date(2026, 1, 12)], "app-misc/recent/recent-1.ebuild": "EAPI=8\n"}

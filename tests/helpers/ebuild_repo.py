@@ -21,7 +21,7 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-import testlib
+from helpers import testlib
 
 MAKE_DEFAULTS = """\
 ARCH="amd64"

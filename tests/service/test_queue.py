@@ -7,6 +7,8 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from helpers import testlib
+from helpers.servicelib import make_config, make_repos
 
 from snapshotter.service.jobqueue import (
     DONE,
@@ -174,9 +176,6 @@ def test_claim_can_skip_jobs(tmp_path: Path):
 
 
 def test_queue_cli_add_show_list_and_one_line_errors(tmp_path: Path):
-    import testlib
-    from test_hooks import make_config, make_repos
-
     repos = make_repos(tmp_path)
     ov = [{"name": "myov", "url": str(repos.overlay), "ref": "main"}]
     cfg = str(make_config(tmp_path, repos.mirror, {"basic": ov, "desktop": ov}))

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-import testlib
-from test_hooks import git_run, make_config
+from helpers import ebuild_repo, stage, testlib
+from helpers.servicelib import git_run, make_config
 
 from snapshotter.service.jobqueue import DONE, FAILED, QUEUED, Job, SqliteQueue, queue_path
 
@@ -252,9 +252,6 @@ def test_two_workers_share_the_queue_and_each_job_runs_once(tmp_path: Path, stan
 @pytest.mark.slow
 @pytest.mark.portage
 def test_hook_to_queue_to_worker_to_a_real_portage_build(tmp_path: Path):
-    import ebuild_repo
-    import stage
-
     stage_file = stage.ensure_stage()
     bare = tmp_path / "gentoo.git"
     ebuild_repo.git_repo_with_tags(bare, [("2026-11-19", ebuild_repo.tree_files())])

@@ -13,7 +13,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
-import testlib
+from helpers import testlib
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)  # so "yesterday" is 2026-11-20
 D18, D19, D20 = date(2026, 11, 18), date(2026, 11, 19), date(2026, 11, 20)

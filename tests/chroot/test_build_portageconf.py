@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-import testlib
+from helpers import testlib
 
 from chroot import manifest, portageconf
 from chroot.errors import ChrootError

@@ -1,5 +1,5 @@
 """Real parts for tests: throwaway OpenPGP keys, snapshot tarballs built with tar/xz/bzip2, and an
-HTTP mirror on 127.0.0.1. Shared by every test module (imported as `testlib`)."""
+HTTP mirror on 127.0.0.1. Shared by every test module (`from helpers import testlib`)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass

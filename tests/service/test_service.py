@@ -11,8 +11,8 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
-import testlib
-from test_hooks import jobs
+from helpers import testlib
+from helpers.servicelib import jobs
 
 from snapshotter.config import load
 from snapshotter.service.loop import retry_delay, window_start

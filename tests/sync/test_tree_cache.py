@@ -8,7 +8,18 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_import_split import DAY1, DAY2, DAY3, IDENTITY, _expected, _ls, _tree1, _tree2, _tree3, _write
+from helpers.importtrees import (
+    DAY1,
+    DAY2,
+    DAY3,
+    IDENTITY,
+    expected_ls_tree,
+    ls_tree,
+    tree1,
+    tree2,
+    tree3,
+    write_tarball,
+)
 
 from snapshotter.git.repository import Repository
 from snapshotter.sync import importer
@@ -16,12 +27,12 @@ from snapshotter.sync import importer
 
 @pytest.fixture
 def days(tmp_path: Path) -> list[tuple[Path, object, dict]]:
-    t1 = _tree1()
-    t2 = _tree2(t1)
-    t3 = _tree3(t2)
+    t1 = tree1()
+    t2 = tree2(t1)
+    t3 = tree3(t2)
     out = tmp_path / "tarballs"
     out.mkdir()
-    return [(_write(out, d, t, "sorted"), d, t) for d, t in ((DAY1, t1), (DAY2, t2), (DAY3, t3))]
+    return [(write_tarball(out, d, t, "sorted"), d, t) for d, t in ((DAY1, t1), (DAY2, t2), (DAY3, t3))]
 
 
 @pytest.fixture
@@ -45,7 +56,7 @@ def _import_all(repo: Path, days: list, damage=None) -> list[str]:  # type: igno
         if damage is not None and i:
             damage(Repository(repo))
         commits.append(importer.import_tarball(Repository(repo), tarball, IDENTITY, file_day=day).commit)
-        assert _ls(repo, "main") == _expected(tree)
+        assert ls_tree(repo, "main") == expected_ls_tree(tree)
     return commits
 
 
@@ -87,4 +98,4 @@ def test_a_cache_left_from_an_older_commit_is_ignored(tmp_path: Path, days: list
     assert ls_tree_calls == []
     assert importer.import_tarball(Repository(repo), t3, IDENTITY, file_day=d3).commit == clean[2]
     assert ls_tree_calls == [clean[1]]
-    assert _ls(repo, "main") == _expected(tree3)
+    assert ls_tree(repo, "main") == expected_ls_tree(tree3)

@@ -13,76 +13,22 @@ from datetime import date
 from pathlib import Path
 
 import pytest
-import testlib
+from helpers import testlib
+from helpers.gitobjects import bare_repo_from, blob, commit_tag, raw_tree
+from helpers.publishlib import DAYS, build_synced, expected_listing, run_publish, tag_of, tree_listing
 
+from snapshotter import tarformat
 from snapshotter.git.export import export_tree
 from snapshotter.lock import flocked
 from snapshotter.publish import snapshots as pub
 
-LONG_DIR = "dev-python/" + "a-very-long-package-name-" * 4 + "x"
-DAYS: dict[date, dict] = {
-    date(2026, 1, 10): {
-        **testlib.BASE_TREE,
-        "profiles/link": ("symlink", "repo_name"),
-        "scripts/run": ("symlink", "../sys-apps/tool/files/run.sh"),
-        f"{LONG_DIR}/" + "n" * 110 + "-1.0.ebuild": "EAPI=8\n",
-        "files/" + "deep/" * 40 + "leaf": "deep\n",
-        "bin/blob.dat": bytes(range(256)) * 64,
-    },
-}
-DAYS[date(2026, 1, 11)] = {
-    **{k: v for k, v in DAYS[date(2026, 1, 10)].items() if k != "licenses/MIT"},
-    "app-misc/hello/hello-1.1.ebuild": "EAPI=8\nSLOT=0\nKEYWORDS=\"~amd64\"\n",
-    "sys-apps/tool/files/run.sh": "#!/bin/sh\necho no longer executable\n",
-    "licenses/GPL-2": "GPL\n",
-}
-DAYS[date(2026, 1, 12)] = {
-    **DAYS[date(2026, 1, 11)],
-    "eclass/foo.eclass": "# foo, changed\n",
-    "profiles/link": ("symlink", "categories"),
-}
 # sha256 of the tar stream in test_tar_stream_is_pinned (tar format version 1)
 PINNED_SIZE, PINNED_SHA256 = 61440, "90352a7eb696d712edc341b34879e2d861494b13a78bd34464f08c46255dc9bb"
-NOW = str(testlib.snapshot_time(date(2026, 1, 12)) + 3600)
-
-
-def tag_of(day: date) -> str:
-    return f"{day:%Y-%m-%d}"
-
-
-def sync_days(repo: Path, upstream: testlib.HttpMirror, key: testlib.Key, days: list[date],
-              now: str = NOW) -> None:
-    """Import `days` into `repo` with the real `snapshotter sync` from an HTTP mirror on 127.0.0.1."""
-    for day in days:
-        testlib.build_snapshot(upstream.root, day, DAYS[day], key=key)
-        r = testlib.run_cli("sync", "--repo", str(repo), "--mirror", upstream.url, "--keyring", str(key.public),
-                            "--fingerprint", key.fingerprint, "--date", f"{day:%Y%m%d}", "--no-push",
-                            "--cache-dir", str(repo.parent / "cache"), env={"SNAPSHOTTER_NOW": now})
-        assert r.returncode == 0, r.stderr
-
-
-def build_synced(tmp_path_factory: pytest.TempPathFactory, key: testlib.Key) -> Path:
-    """A bare mirror holding the three DAYS, imported by the real sync."""
-    base = tmp_path_factory.mktemp("synced")
-    upstream = testlib.serve(base / "upstream")
-    try:
-        repo = base / "gentoo.git"
-        sync_days(repo, upstream, key, sorted(DAYS))
-    finally:
-        upstream.server.shutdown()
-        upstream.server.server_close()
-    return repo
 
 
 @pytest.fixture(scope="module")
 def synced(tmp_path_factory: pytest.TempPathFactory, gpg_key: testlib.Key) -> Path:
     return build_synced(tmp_path_factory, gpg_key)
-
-
-def run_publish(repo: Path, out: Path, key: testlib.Key, *args: str, env: dict | None = None,
-                timeout: float = 120):
-    return testlib.run_cli("publish", "--repo", str(repo), "--out", str(out), "--signing-key", key.fingerprint,
-                           "--gnupghome", str(key.home), *args, env=env, timeout=timeout)
 
 
 def snapdir_listing(out: Path) -> dict[str, bytes]:
@@ -129,41 +75,6 @@ def test_publish_all_content_headers_and_side_files(synced: Path, gpg_key: testl
         assert tree_listing(extracted) == tree_listing(exported)
         assert (extracted / "metadata/timestamp.x").read_text() == testlib.timestamp_line(testlib.snapshot_time(day))
         assert tree_listing(extracted) == expected_listing(DAYS[day], day)
-
-
-def tree_listing(root: Path) -> dict[str, tuple]:
-    """path -> ("dir", mode) | ("link", target) | ("file", mode, sha256)."""
-    out: dict[str, tuple] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            rel = str(p.relative_to(root))
-            st = p.lstat()
-            if p.is_symlink():
-                out[rel] = ("link", os.readlink(p))
-            elif p.is_dir():
-                out[rel] = ("dir", st.st_mode & 0o7777)
-            else:
-                out[rel] = ("file", st.st_mode & 0o7777, hashlib.sha256(p.read_bytes()).hexdigest())
-    return out
-
-
-def expected_listing(files: dict, day: date) -> dict[str, tuple]:
-    """What a tree built from `files` (testlib.write_tree format, plus timestamp.x) must look like."""
-    files = {**files, "metadata/timestamp.x": testlib.timestamp_line(testlib.snapshot_time(day))}
-    out: dict[str, tuple] = {}
-    for rel, value in files.items():
-        parts = rel.split("/")
-        for i in range(1, len(parts)):
-            out["/".join(parts[:i])] = ("dir", 0o755)
-        if isinstance(value, tuple) and value[0] == "symlink":
-            out[rel] = ("link", value[1])
-        else:
-            content = value[1] if isinstance(value, tuple) else value
-            content = content.encode() if isinstance(content, str) else content
-            mode = 0o755 if isinstance(value, tuple) and value[0] == "exec" else 0o644
-            out[rel] = ("file", mode, hashlib.sha256(content).hexdigest())
-    return out
 
 
 def test_reproducible_bytes_any_thread_count(synced: Path, gpg_key: testlib.Key, tmp_path: Path) -> None:
@@ -341,7 +252,7 @@ def test_tar_writer_long_names_roundtrip(tmp_path: Path) -> None:
     w.add_symlink("top/l", (("x" * 90 + "/") * 2 + "t").encode())
     w.close()
     data = b"".join(chunks)
-    assert len(data) % pub.RECORD == 0
+    assert len(data) % tarformat.RECORD == 0
     (tmp_path / "t.tar").write_bytes(data)
     listing = subprocess.run(["tar", "-tvf", str(tmp_path / "t.tar")], capture_output=True, text=True,
                              check=True, env={**os.environ, "LC_ALL": "C.UTF-8"}).stdout.splitlines()
@@ -373,8 +284,6 @@ def test_config_file_and_flag_override(synced: Path, gpg_key: testlib.Key, tmp_p
 
 def test_unsafe_tree_is_not_published(tmp_path: Path, gpg_key: testlib.Key) -> None:
     """A tag whose tree holds a symlink out of the tree (crafted import) fails cleanly, leaving nothing."""
-    from test_export import blob, commit_tag, raw_tree
-
     repo = tmp_path / "repo.git"
     subprocess.run(["git", "init", "-q", "--bare", str(repo)], check=True)
     files = [("100644", f"f{i:04d}", blob(repo, f"{i}\n".encode())) for i in range(50)]
@@ -390,8 +299,6 @@ def test_tar_stream_is_pinned(tmp_path: Path) -> None:
     """The uncompressed tar of a fixed tree and commit time is pinned: any change to the format (order,
     headers, padding) changes every published tarball, so it must be deliberate (update this hash and
     say so in docs/publish.md)."""
-    from test_export import bare_repo_from
-
     repo = bare_repo_from(tmp_path, {**DAYS[date(2026, 1, 10)], "metadata/timestamp.x": "1767228300 x\n"})
     commit = subprocess.run(["git", f"--git-dir={repo}", "rev-parse", "2026-01-01^{commit}"], check=True,
                             capture_output=True, text=True).stdout.strip()
@@ -402,8 +309,6 @@ def test_tar_stream_is_pinned(tmp_path: Path) -> None:
 
 def test_kill_9_mid_publish_leaves_nothing_visible(tmp_path: Path, gpg_key: testlib.Key) -> None:
     """SIGKILL while the tarball is being compressed: clients see nothing new; the next run cleans up."""
-    from test_export import bare_repo_from
-
     repo = bare_repo_from(tmp_path, {"metadata/timestamp.x": "1767228300 x\n", "big.bin": os.urandom(16 << 20)})
     out = tmp_path / "www"
     snap = out / "snapshots"

@@ -21,10 +21,9 @@ import time
 from datetime import date
 from pathlib import Path
 
-import ebuild_repo
 import pytest
-import stage as test_stage
-import testlib
+from helpers import ebuild_repo, testlib
+from helpers import stage as test_stage
 
 from chroot import builder, portageconf
 from chroot.mounts import mounts_under, parse_mountinfo, safe_rmtree

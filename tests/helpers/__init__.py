@@ -1,0 +1,13 @@
+"""Shared helpers of the test suite (and of a few benchmarks), imported as `from helpers import testlib`.
+
+tests/ is on sys.path through `pythonpath` in pyproject.toml's [tool.pytest.ini_options]. Test modules
+never import each other: what two of them share lives here (or in tests/conftest.py as a fixture).
+
+  testlib      throwaway OpenPGP keys, snapshot tarballs, an HTTP mirror on 127.0.0.1, run_cli()
+  ebuild_repo  a tiny EAPI 8 ebuild repository for real `emerge` runs, in git with date tags
+  stage        the stand-in Gentoo stage for chroot builds (`python tests/helpers/stage.py` builds it)
+  gitobjects   bare repositories written object by object (hostile trees included)
+  importtrees  the trees and tarballs of the import tests (split import, tree cache)
+  publishlib   three days synced by the real `snapshotter sync`, published by `snapshotter publish`
+  servicelib   bare repositories pushed to, the service configuration and the queue's jobs
+"""
