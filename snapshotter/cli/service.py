@@ -77,21 +77,22 @@ def hooks_enqueue(state: State, repo: Path | None) -> None:
 # ---- queue -------------------------------------------------------------------------------------
 @click.group("queue", invoke_without_command=True)
 @click.option("--state", "states", multiple=True,
-              type=click.Choice(["queued", "running", "done", "failed"]), help="Only jobs in this state.")
+              type=click.Choice(["queued", "running", "done", "failed"]),  # JobState's values (imported lazily)
+              help="Only jobs in this state.")
 @click.option("-n", "--limit", type=click.IntRange(min=1), default=None, help="Only the newest N jobs.")
 @click.pass_context
 def queue_group(ctx: click.Context, states: tuple[str, ...], limit: int | None) -> None:
     """List the build jobs (oldest first); subcommands act on one job."""
     if ctx.invoked_subcommand is not None:
         return
-    from snapshotter.service.jobqueue import open_queue
+    from snapshotter.service.jobqueue import JobState, open_queue
 
     state = ctx.find_object(State)
     assert state is not None
     for rec in open_queue(state.config).list(states or None, limit):
-        who = f" worker={rec.worker}" if rec.state == "running" else ""
+        who = f" worker={rec.worker}" if rec.state == JobState.RUNNING else ""
         extra = f" log={rec.log_path}" if rec.log_path else ""
-        detail = f" ({rec.detail})" if rec.detail and rec.state == "failed" else ""
+        detail = f" ({rec.detail})" if rec.detail and rec.state == JobState.FAILED else ""
         click.echo(f"{rec.id:>5} {rec.state:<7} {rec.job.describe()} queued={_when(rec.created)}"
                    f" attempts={rec.attempts}{who}{extra}{detail}")
 

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,8 +36,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
-STATES = (QUEUED, RUNNING, DONE, FAILED)
+
+class JobState(StrEnum):
+    """Where a job is; the values are the strings the queue stores (and `str()` gives)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$")  # profile and overlay names
 COMMIT_RE = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
@@ -86,7 +94,7 @@ class JobRecord:
 
     id: int
     job: Job
-    state: str
+    state: JobState
     worker: str | None
     lease_until: float | None
     attempts: int
@@ -130,16 +138,17 @@ class BuildQueue(abc.ABC):
         """Queue a failed job again (same id); its previous log path stays until it runs."""
 
     @abc.abstractmethod
-    def list(self, states: tuple[str, ...] | None = None, limit: int | None = None) -> list[JobRecord]:
-        """Jobs, oldest first, optionally only those in `states` (the newest `limit` of them)."""
+    def list(self, states: tuple[JobState | str, ...] | None = None, limit: int | None = None) -> list[JobRecord]:
+        """Jobs, oldest first, optionally only those in `states` (the newest `limit` of them); a state
+        given as a string that is no JobState value raises QueueError."""
 
     @abc.abstractmethod
     def get(self, job_id: int) -> JobRecord:
         """One job; raises QueueError if there is no such job."""
 
-    def counts(self) -> dict[str, int]:
+    def counts(self) -> dict[JobState, int]:
         """Number of jobs per state (every state present)."""
-        out = dict.fromkeys(STATES, 0)
+        out = dict.fromkeys(JobState, 0)
         for rec in self.list():
             out[rec.state] += 1
         return out
@@ -222,7 +231,7 @@ class SqliteQueue(BuildQueue):
     @staticmethod
     def _record(row: sqlite3.Row) -> JobRecord:
         pins = tuple((n, c) for n, c in json.loads(row["overlays"]))
-        return JobRecord(id=row["id"], job=Job(row["profile"], row["tag"], pins), state=row["state"],
+        return JobRecord(id=row["id"], job=Job(row["profile"], row["tag"], pins), state=JobState(row["state"]),
                          worker=row["worker"], lease_until=row["lease_until"], attempts=row["attempts"],
                          created=row["created"], started=row["started"], finished=row["finished"],
                          log_path=row["log_path"], detail=row["detail"], source=row["source"])
@@ -236,7 +245,7 @@ class SqliteQueue(BuildQueue):
                 return int(row["id"]), False
             cur = db.execute(
                 "INSERT INTO jobs (key, profile, tag, overlays, state, created, source) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (job.key, job.profile, job.tag, json.dumps([list(p) for p in job.overlays]), QUEUED,
+                (job.key, job.profile, job.tag, json.dumps([list(p) for p in job.overlays]), JobState.QUEUED,
                  self._now(), source))
             return int(cur.lastrowid or 0), True
 
@@ -251,7 +260,7 @@ class SqliteQueue(BuildQueue):
                 f"AND id NOT IN ({', '.join('?' * len(skipped))}) ORDER BY id LIMIT 1", (now, *skipped)).fetchone()
             if row is None:
                 return None
-            if row["state"] == RUNNING:
+            if row["state"] == JobState.RUNNING:
                 log.warning("job %d: lease of worker %s expired; taking it over", row["id"], row["worker"])
             db.execute("UPDATE jobs SET state = 'running', worker = ?, lease_until = ?, started = ?, "
                        "attempts = attempts + 1, finished = NULL WHERE id = ?",
@@ -262,7 +271,7 @@ class SqliteQueue(BuildQueue):
         row = db.execute("SELECT state, worker FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
             raise QueueError(f"no job {job_id}")
-        if row["state"] != RUNNING or row["worker"] != worker:
+        if row["state"] != JobState.RUNNING or row["worker"] != worker:
             raise LeaseLost(f"job {job_id}: worker {worker} no longer holds it (now {row['state']}"
                             f"{' by ' + row['worker'] if row['worker'] else ''})")
 
@@ -274,8 +283,9 @@ class SqliteQueue(BuildQueue):
     def complete(self, job_id: int, worker: str, ok: bool, log_path: str | None, detail: str | None) -> None:
         with self._tx() as db:
             self._held(db, job_id, worker)
+            state = JobState.DONE if ok else JobState.FAILED
             db.execute("UPDATE jobs SET state = ?, lease_until = NULL, finished = ?, log_path = ?, detail = ? "
-                       "WHERE id = ?", (DONE if ok else FAILED, self._now(), log_path, detail, job_id))
+                       "WHERE id = ?", (state, self._now(), log_path, detail, job_id))
 
     def release(self, job_id: int, worker: str) -> None:
         with self._tx() as db:
@@ -288,7 +298,7 @@ class SqliteQueue(BuildQueue):
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise QueueError(f"no job {job_id}")
-            if row["state"] != FAILED:
+            if row["state"] != JobState.FAILED:
                 raise QueueError(f"job {job_id} is {row['state']}; only failed jobs can be retried")
             other = db.execute("SELECT id FROM jobs WHERE key = ? AND state IN ('queued', 'running')",
                                (row["key"],)).fetchone()
@@ -298,15 +308,13 @@ class SqliteQueue(BuildQueue):
                        (job_id,))
             return self._record(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
-    def list(self, states: tuple[str, ...] | None = None, limit: int | None = None) -> list[JobRecord]:
-        for s in states or ():
-            if s not in STATES:
-                raise QueueError(f"unknown job state {s!r} (known: {', '.join(STATES)})")
+    def list(self, states: tuple[JobState | str, ...] | None = None, limit: int | None = None) -> list[JobRecord]:
+        wanted = [_job_state(s) for s in states or ()]
         sql = "SELECT * FROM jobs"
         args: list[str | int] = []
-        if states:
-            sql += f" WHERE state IN ({', '.join('?' * len(states))})"
-            args.extend(states)
+        if wanted:
+            sql += f" WHERE state IN ({', '.join('?' * len(wanted))})"
+            args.extend(wanted)
         sql += " ORDER BY id DESC"
         if limit is not None:
             sql += " LIMIT ?"
@@ -322,12 +330,19 @@ class SqliteQueue(BuildQueue):
             raise QueueError(f"no job {job_id}")
         return self._record(row)
 
-    def counts(self) -> dict[str, int]:
-        out = dict.fromkeys(STATES, 0)
+    def counts(self) -> dict[JobState, int]:
+        out = dict.fromkeys(JobState, 0)
         with self._tx() as db:
             for row in db.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
-                out[row["state"]] = int(row["n"])
+                out[JobState(row["state"])] = int(row["n"])
         return out
+
+
+def _job_state(value: JobState | str) -> JobState:
+    try:
+        return JobState(value)
+    except ValueError:
+        raise QueueError(f"unknown job state {value!r} (known: {', '.join(JobState)})") from None
 
 
 def queue_path(state_dir: Path) -> Path:

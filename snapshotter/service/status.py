@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from snapshotter.git.repository import Repository
-from snapshotter.service.jobqueue import FAILED, QUEUED, RUNNING, STATES, JobRecord, open_queue, queue_exists
+from snapshotter.service.jobqueue import JobRecord, JobState, open_queue, queue_exists
 from snapshotter.sync import state as syncstate
 
 if TYPE_CHECKING:
@@ -24,7 +24,7 @@ class Status:
     last_failure: str | None
     last_failure_reason: str | None
     pending_pushes: list[str]
-    counts: dict[str, int]
+    counts: dict[JobState, int]
     running: list[JobRecord] = field(default_factory=list)
     queued: list[JobRecord] = field(default_factory=list)
     failed: list[JobRecord] = field(default_factory=list)
@@ -40,14 +40,14 @@ def collect(cfg: Config, show: int = 10) -> Status:
                       newest_commit=tags[-1].commit if tags else None, tag_count=len(tags),
                       last_success=state.last_success, last_failure=state.last_failure,
                       last_failure_reason=state.last_failure_reason, pending_pushes=pending,
-                      counts=dict.fromkeys(STATES, 0))
+                      counts=dict.fromkeys(JobState, 0))
     queue = open_queue(cfg)
     return Status(repo=str(cfg.repo), newest_tag=tags[-1].name if tags else None,
                   newest_commit=tags[-1].commit if tags else None, tag_count=len(tags),
                   last_success=state.last_success, last_failure=state.last_failure,
                   last_failure_reason=state.last_failure_reason, pending_pushes=pending, counts=queue.counts(),
-                  running=queue.list((RUNNING,)), queued=queue.list((QUEUED,), show),
-                  failed=queue.list((FAILED,), show))
+                  running=queue.list((JobState.RUNNING,)), queued=queue.list((JobState.QUEUED,), show),
+                  failed=queue.list((JobState.FAILED,), show))
 
 
 def _lease(rec: JobRecord) -> str:
@@ -69,7 +69,7 @@ def render(st: Status) -> list[str]:
     else:
         lines.append("last failure: never")
     lines.append(f"pending pushes: {', '.join(st.pending_pushes) if st.pending_pushes else 'none'}")
-    lines.append("builds: " + ", ".join(f"{st.counts[s]} {s}" for s in STATES))
+    lines.append("builds: " + ", ".join(f"{st.counts[s]} {s}" for s in JobState))
     for rec in st.running:
         lines.append(f"  running job {rec.id}: {rec.job.describe()} on {rec.worker}{_lease(rec)}")
     for rec in st.queued:

@@ -35,7 +35,7 @@ from snapshotter.errors import EXIT_BUILD_FAILED, EXIT_LOCKED, SnapshotterError
 from snapshotter.fsutil import atomic_write
 from snapshotter.logs import setup_logging
 from snapshotter.service.build import BuildRequest, run_build
-from snapshotter.service.jobqueue import BuildQueue, JobRecord, LeaseLost, QueueError, open_queue
+from snapshotter.service.jobqueue import BuildQueue, JobRecord, JobState, LeaseLost, QueueError, open_queue
 
 if TYPE_CHECKING:
     from snapshotter.config import Config
@@ -263,11 +263,11 @@ class Worker:
             if once:
                 if rec is None:
                     log.info("no job in the queue")
-                return EXIT_BUILD_FAILED if rec is not None and rec.state == "failed" else 0
+                return EXIT_BUILD_FAILED if rec is not None and rec.state == JobState.FAILED else 0
             if rec is None:
                 waiting.clear()
                 self.stopping.wait(self.poll)
-            elif rec.state == "queued":
+            elif rec.state == JobState.QUEUED:
                 waiting.add(rec.id)  # try the other jobs first
         log.info("worker %s: stopped", self.ident)
         return 0

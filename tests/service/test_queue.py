@@ -10,16 +10,7 @@ import pytest
 from helpers import testlib
 from helpers.servicelib import make_config, make_repos
 
-from snapshotter.service.jobqueue import (
-    DONE,
-    FAILED,
-    QUEUED,
-    RUNNING,
-    Job,
-    LeaseLost,
-    QueueError,
-    SqliteQueue,
-)
+from snapshotter.service.jobqueue import Job, JobState, LeaseLost, QueueError, SqliteQueue
 
 C1 = "a" * 40
 C2 = "b" * 40
@@ -54,12 +45,12 @@ def test_enqueue_dedups_among_active_jobs(tmp_path: Path):
     other, created = q.enqueue(Job("basic", "2026-11-20", (("ov", C1),)))
     assert created and other != id1
     rec = q.claim("w1", 60)
-    assert rec is not None and rec.id == id1 and rec.state == RUNNING
+    assert rec is not None and rec.id == id1 and rec.state == JobState.RUNNING
     assert q.enqueue(job) == (id1, False)  # still running: same build, not queued again
     q.complete(id1, "w1", True, "/logs/1.log", None)
     id3, created3 = q.enqueue(job)  # finished: a new request is a new job
     assert created3 and id3 not in (id1, other)
-    assert q.counts() == {QUEUED: 2, RUNNING: 0, DONE: 1, FAILED: 0}
+    assert q.counts() == {JobState.QUEUED: 2, JobState.RUNNING: 0, JobState.DONE: 1, JobState.FAILED: 0}
 
 
 def test_lease_expiry_hands_job_to_next_worker_and_fences_the_old_one(tmp_path: Path):
@@ -80,7 +71,7 @@ def test_lease_expiry_hands_job_to_next_worker_and_fences_the_old_one(tmp_path: 
     with pytest.raises(LeaseLost):
         q.complete(jid, "w1", True, None, None)
     q.complete(jid, "w2", True, "/l", "ok")
-    assert q.get(jid).state == DONE and q.claim("w3", 10) is None
+    assert q.get(jid).state == JobState.DONE and q.claim("w3", 10) is None
 
 
 def test_failed_job_keeps_log_and_can_be_retried(tmp_path: Path):
@@ -91,7 +82,7 @@ def test_failed_job_keeps_log_and_can_be_retried(tmp_path: Path):
     q.claim("w1", 60)
     q.complete(jid, "w1", False, "/logs/x.log", "emerge failed (exit 1)")
     rec = q.get(jid)
-    assert (rec.state, rec.log_path, rec.detail) == (FAILED, "/logs/x.log", "emerge failed (exit 1)")
+    assert (rec.state, rec.log_path, rec.detail) == (JobState.FAILED, "/logs/x.log", "emerge failed (exit 1)")
     dup, created = q.enqueue(Job("basic", "2026-11-20"))
     assert created
     with pytest.raises(QueueError, match=f"already queued as job {dup}"):
@@ -99,7 +90,7 @@ def test_failed_job_keeps_log_and_can_be_retried(tmp_path: Path):
     q.claim("w1", 60)
     q.complete(dup, "w1", False, None, "x")
     again = q.retry(jid)
-    assert again.id == jid and again.state == QUEUED and again.log_path == "/logs/x.log"
+    assert again.id == jid and again.state == JobState.QUEUED and again.log_path == "/logs/x.log"
     assert q.claim("w2", 60).id == jid
     with pytest.raises(QueueError, match="no job 999"):
         q.get(999)
@@ -110,9 +101,11 @@ def test_failed_job_keeps_log_and_can_be_retried(tmp_path: Path):
 def test_queue_survives_reopen_and_rejects_a_corrupt_file(tmp_path: Path):
     path = tmp_path / "state" / "q.sqlite"
     jid, _ = SqliteQueue(path).enqueue(Job("basic", "2026-11-20"))
-    assert [r.id for r in SqliteQueue(path).list((QUEUED,))] == [jid]
+    assert [r.id for r in SqliteQueue(path).list((JobState.QUEUED,))] == [jid]
+    assert [r.id for r in SqliteQueue(path).list(("queued",))] == [jid]  # a state's value names it too
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("SELECT state FROM jobs").fetchall() == [("queued",)]  # stored as the plain string
     bad = tmp_path / "bad.sqlite"
     bad.write_bytes(b"this is not a database" * 100)
     with pytest.raises(QueueError, match="bad.sqlite"):
@@ -162,7 +155,7 @@ def test_release_gives_the_job_back(tmp_path: Path):
     with pytest.raises(LeaseLost):
         q.release(jid, "w2")
     q.release(jid, "w1")
-    assert q.get(jid).state == QUEUED
+    assert q.get(jid).state == JobState.QUEUED
     assert q.claim("w2", 600).id == jid
 
 

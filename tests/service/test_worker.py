@@ -20,7 +20,7 @@ import pytest
 from helpers import ebuild_repo, stage, testlib
 from helpers.servicelib import git_run, make_config
 
-from snapshotter.service.jobqueue import DONE, FAILED, QUEUED, Job, SqliteQueue, queue_path
+from snapshotter.service.jobqueue import Job, JobState, SqliteQueue, queue_path
 
 STAND_IN_EMERGE = """#!/bin/bash
 echo "stand-in emerge $*"
@@ -128,20 +128,20 @@ def test_worker_once_builds_a_job_and_records_failures_for_retry(tmp_path: Path,
     proc = testlib.run_cli("--config", str(cfg), "worker", "--once")
     assert proc.returncode == 0, proc.stderr
     rec = q.get(ok_id)
-    assert rec.state == DONE and rec.attempts == 1
+    assert rec.state == JobState.DONE and rec.attempts == 1
     assert (tmp_path / "out/tiny/2026-11-19/packages/app-misc/fake/fake-1.gpkg.tar").read_text() == "v19\n"
     assert rec.log_path == str(tmp_path / "out/tiny/2026-11-19/build.log")
     assert "stand-in emerge --emptytree @world" in Path(rec.log_path).read_text()
-    assert q.get(bad_id).state == QUEUED  # --once: one job only
+    assert q.get(bad_id).state == JobState.QUEUED  # --once: one job only
     proc = testlib.run_cli("--config", str(cfg), "worker", "--once")
     assert proc.returncode == 4, proc.stderr
     rec = q.get(bad_id)
-    assert rec.state == FAILED and "build failed" in rec.detail
+    assert rec.state == JobState.FAILED and "build failed" in rec.detail
     assert "fails on purpose" in Path(rec.log_path).read_text()
     out = testlib.run_cli("--config", str(cfg), "status")
     assert f"failed  job {bad_id}: tiny at 2026-11-20" in out.stdout and f"queue retry {bad_id}" in out.stdout
     out = testlib.run_cli("--config", str(cfg), "queue", "retry", str(bad_id))
-    assert out.returncode == 0 and q.get(bad_id).state == QUEUED
+    assert out.returncode == 0 and q.get(bad_id).state == JobState.QUEUED
     out = testlib.run_cli("--config", str(cfg), "queue", "retry", str(ok_id))
     assert out.returncode == 1 and "only failed jobs can be retried" in out.stderr
     out = testlib.run_cli("--config", str(cfg), "worker", "--once")  # still failing: recorded again
@@ -155,7 +155,7 @@ def test_a_setup_error_fails_the_job_with_its_reason(tmp_path: Path, stand_in_st
     proc = testlib.run_cli("--config", str(cfg), "worker", "--once")
     assert proc.returncode == 4
     rec = q.get(jid)
-    assert rec.state == FAILED and "no tag 2026-11-25" in rec.detail and Path(rec.log_path).exists()
+    assert rec.state == JobState.FAILED and "no tag 2026-11-25" in rec.detail and Path(rec.log_path).exists()
 
 
 @pytest.mark.slow
@@ -185,7 +185,7 @@ def test_worker_killed_mid_job_is_taken_over_after_the_lease_and_never_runs_twic
             a.kill()
             a.wait()
     rec = q.get(jid)
-    assert rec.state == DONE and rec.attempts == 2 and not rec.worker.endswith(f":{a.pid}")
+    assert rec.state == JobState.DONE and rec.attempts == 2 and not rec.worker.endswith(f":{a.pid}")
     assert "lease of worker" in b.stderr and "taking it over" in b.stderr
     assert (tmp_path / "out/tiny/2026-11-19/packages/app-misc/fake/fake-1.gpkg.tar").read_text() == "v19\n"
     assert not list((tmp_path / "work" / "tiny").iterdir())  # the killed build's root was cleaned up
@@ -207,7 +207,7 @@ def test_sigterm_kills_the_build_and_hands_the_job_back(tmp_path: Path, stand_in
         print(f"worker stop on SIGTERM during a build: {time.monotonic() - t0:.2f} s")
         assert w1.returncode == 0, out
         assert "handed back to the queue" in out and "Traceback" not in out
-        assert q.get(slow).state == QUEUED  # no need to wait for the lease
+        assert q.get(slow).state == JobState.QUEUED  # no need to wait for the lease
         wait_for(lambda: not procs_with_cmdline(["sleep", "60"], tmp_path), 5, "the build to be killed")
         # The builder got SIGTERM first and cleaned up its root before exiting.
         assert not [p for p in (tmp_path / "work" / "tiny").iterdir() if p.is_dir()]
@@ -232,7 +232,7 @@ def test_two_workers_share_the_queue_and_each_job_runs_once(tmp_path: Path, stan
     assert len(q.list()) == 4
     workers = [start_worker(cfg, "--poll", "0.2") for _ in range(2)]
     try:
-        wait_for(lambda: q.counts()[DONE] == 4, 120, "all jobs to finish")
+        wait_for(lambda: q.counts()[JobState.DONE] == 4, 120, "all jobs to finish")
     finally:
         outputs = []
         for w in workers:
@@ -278,7 +278,7 @@ def test_hook_to_queue_to_worker_to_a_real_portage_build(tmp_path: Path):
     print(f"worker --once real build: {time.monotonic() - t0:.1f} s")
     rec = queue(tmp_path).get(1)
     assert proc.returncode == 0, (proc.stderr, rec.detail, Path(rec.log_path).read_text()[-3000:])
-    assert rec.state == DONE
+    assert rec.state == JobState.DONE
     pkgs = tmp_path / "out/real/2026-11-20/packages"
     assert list(pkgs.glob("app-misc/hello/hello-1.1*")), sorted(str(p) for p in pkgs.rglob("*"))
     assert list(pkgs.glob("dev-libs/libfoo/libfoo-1.0*"))
