@@ -21,6 +21,7 @@ from helpers import ebuild_repo, stage, testlib
 from helpers.servicelib import git_run, make_config
 
 from snapshotter.service.jobqueue import Job, JobState, SqliteQueue, queue_path
+from snapshotter.service.worker import BuildChildResult, BuildChildSpec
 
 STAND_IN_EMERGE = """#!/bin/bash
 echo "stand-in emerge $*"
@@ -84,6 +85,22 @@ def setup_env(tmp_path: Path, stage: Path, tags: dict[str, dict[str, str]]) -> P
 
 def queue(tmp_path: Path) -> SqliteQueue:
     return SqliteQueue(queue_path(tmp_path / "state"))
+
+
+def test_build_child_payloads_round_trip():
+    """What crosses to the build child and back: one to_json/from_json pair each, strict on reading."""
+    spec = BuildChildSpec(Path("/etc/snapshotter.toml"), "basic", "2026-11-20", {"ov": "a" * 40}, 7)
+    assert BuildChildSpec.from_json(spec.to_json()) == spec
+    default = BuildChildSpec(None, "basic", "2026-11-20", {}, 8)
+    assert BuildChildSpec.from_json(default.to_json()) == default
+    for res in (BuildChildResult(False, "no tag 2026-11-25"),
+                BuildChildResult(True, "ok", "/out/basic/2026-11-20/build.log", "/out/basic/2026-11-20")):
+        assert BuildChildResult.from_json(res.to_json()) == res
+    for bad in ("[]", '{"ok": true}', '{"ok": "yes", "detail": "x", "log": null, "output": null}'):
+        with pytest.raises(ValueError):
+            BuildChildResult.from_json(bad)
+    with pytest.raises(ValueError):
+        BuildChildSpec.from_json('{"config": null, "profile": "basic", "tag": 1, "overlays": {}, "job": 1}')
 
 
 def start_worker(cfg: Path, *args: str) -> subprocess.Popen[str]:
