@@ -92,7 +92,11 @@ def clean_stale(profile_dir: Path) -> None:
 
 
 @contextmanager
-def _sigterm_raises() -> Iterator[None]:
+def _stop_signals_raise() -> Iterator[None]:
+    """While the build runs: SIGTERM and SIGHUP raise Terminated, SIGINT (Ctrl-C) KeyboardInterrupt, so that
+    the build is stopped and its root removed on the way out. SIGINT gets its handler whatever disposition
+    was inherited: a job started from a non-interactive shell (`cmd &`) starts with SIGINT ignored, and
+    Python then installs no handler of its own. The previous handlers come back afterwards."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -101,6 +105,7 @@ def _sigterm_raises() -> Iterator[None]:
         raise Terminated(f"terminated by {signal.Signals(signum).name}; build stopped and cleaned up")
 
     old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
@@ -219,7 +224,7 @@ def run_build(spec: BuildSpec, *, console: bool = False) -> BuildResult:
     """
     check_host()
     profile = spec.settings
-    with _sigterm_raises():
+    with _stop_signals_raise():
         clean_stale(spec.work_dir)
         spec.output.mkdir(parents=True, exist_ok=True)
         for d in [*spec.output.glob(".*.partial-*"), *spec.output.glob(".*.old-*")]:  # left by a crashed run

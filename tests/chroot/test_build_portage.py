@@ -87,6 +87,7 @@ def env(tmp_path_factory, gpg_key):
     cfg = base / "snapshotter.toml"
     cfg.write_text(f"""
 repo = "{base}/mirror.git"
+state_dir = "{base}/state"
 [build]
 work_dir = "{work}"
 output = "{base}/out"
@@ -339,14 +340,22 @@ def test_packages_install_with_usepkgonly_into_fresh_root(env):
     safe_rmtree(rt)
 
 
+def _sigint_ignored() -> None:
+    """As a non-interactive shell starts a background job (`cmd &`): with SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_sigterm_and_ctrl_c_clean_up(env, sig, status):
-    """SIGTERM or Ctrl-C (SIGINT) mid-emerge: the build stops, the root and partial output are removed."""
+    """SIGTERM or Ctrl-C (SIGINT) mid-emerge: the build stops, the root and partial output are removed.
+    The build starts with SIGINT ignored, as from a background shell: Ctrl-C must work all the same.
+    (How long the stop and clean-up take: benchmarks/bench_service.py.)"""
     work = env["work"] / "trouble"
     out = env["base"] / "out" / "trouble"
     full_env = dict(os.environ, SNAPSHOTTER_CONFIG=str(env["cfg"]))
     proc = subprocess.Popen(["snapshotter", "build", "--profile", "trouble", "--tag", TAG1],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
+                            preexec_fn=_sigint_ignored)
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
@@ -364,7 +373,6 @@ def test_sigterm_and_ctrl_c_clean_up(env, sig, status):
         # ... while a process in the chroot sees them (its mountinfo lists paths relative to its root).
         ns = {m.mount_point for m in parse_mountinfo(Path(f"/proc/{inside_pids[0]}/mountinfo").read_text())}
         assert {"/proc", "/dev", "/sys", "/var/cache/binpkgs"} <= ns, ns
-        t0 = time.monotonic()
         proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=60)
     finally:
@@ -372,7 +380,6 @@ def test_sigterm_and_ctrl_c_clean_up(env, sig, status):
             proc.kill()
             proc.wait()
     assert proc.returncode == status, stderr[-2000:]
-    assert time.monotonic() - t0 < 30
     assert "Traceback" not in stderr
     assert _processes_in(root) == []
     assert not build_dir.exists()  # removed right away, not left stale
