@@ -39,6 +39,7 @@ class SignatureVerifier:
             self._gpg = gnupg.GPG(gnupghome=str(self._home), options=["--no-autostart"])
             for i, path in enumerate(key_files):
                 self._import(path, i)
+            self._require_a_pinned_key()
         except BaseException:
             self.close()
             raise
@@ -51,6 +52,19 @@ class SignatureVerifier:
         if not result.fingerprints:
             raise ConfigError(f"sync.keyring[{index}]: no OpenPGP public key in {path}")
         log.debug("keyring %s: %s", path, ", ".join(result.fingerprints))
+
+    def _require_a_pinned_key(self) -> None:
+        """ConfigError unless a pinned fingerprint is a key (or subkey) in the keyring: otherwise every
+        signature would be refused, after downloading the snapshot."""
+        primaries: set[str] = set()
+        held: set[str] = set()
+        for key in self._gpg.list_keys():
+            primaries.add(key["fingerprint"].upper())
+            held.update(sub[2].upper() for sub in key.get("subkeys", []) if len(sub) > 2 and sub[2])
+        if not (primaries | held) & self.fingerprints:
+            raise ConfigError(f"sync.fingerprints: no key in sync.keyring has a pinned fingerprint "
+                              f"({', '.join(sorted(self.fingerprints))}); the key files hold "
+                              f"{', '.join(sorted(primaries)) or 'no key'}")
 
     def verify(self, data: Path, signature: Path) -> str:
         """Return the fingerprint that made a good signature over `data`; raise SignatureError otherwise."""

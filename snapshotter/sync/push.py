@@ -14,23 +14,24 @@ log = logging.getLogger(__name__)
 PUSH_TIMEOUT = 900.0
 
 
-def push_pending(mirror: Repository, remotes: list[str], state: syncstate.SyncState) -> list[tuple[str, str]]:
+def push_pending(repo: Repository, remotes: list[str], state: syncstate.SyncState) -> list[tuple[str, str]]:
     """Push to every remote that lacks the current `main`; record successes in `state`.
 
-    Returns the failures as (remote, reason). Never forces: a remote that diverged is a failure to look at.
+    Returns the failures as (remote, reason), for the caller to report (logged here at debug level only, so
+    that each push is reported once). Never forces: a remote that diverged is a failure to look at.
     """
     failed: list[tuple[str, str]] = []
-    head = mirror.head()
-    for remote in syncstate.pending_pushes(remotes, mirror, state):
+    head = repo.head()
+    for remote in syncstate.pending_pushes(remotes, repo, state):
         try:
-            git(mirror.path, "push", "--porcelain", "--", remote,
-                f"{mirror.branch_ref}:{mirror.branch_ref}", "refs/tags/*:refs/tags/*",
+            git(repo.path, "push", "--porcelain", "--", remote,
+                f"{repo.branch_ref}:{repo.branch_ref}", "refs/tags/*:refs/tags/*",
                 hermetic=False, timeout=PUSH_TIMEOUT)
         except SnapshotterError as e:
             reason = str(e).removeprefix("git push failed: ")
-            log.error("push to %s failed: %s (the import is kept; the next run retries)", remote, reason)
+            log.debug("push to %s failed: %s", remote, reason)
             failed.append((remote, reason))
             continue
         state.pushed[remote] = head  # type: ignore[assignment]
-        log.info("pushed %s to %s", mirror.branch, remote)
+        log.debug("pushed %s to %s", repo.branch, remote)
     return failed

@@ -3,7 +3,8 @@
 Which days: from the day after the newest tag up to the newest snapshot that can exist (yesterday UTC;
 two days back before 01:00 UTC, since snapshots appear after 00:45 UTC), oldest first, at most
 `max_catchup_days` of them. An empty repository gets the newest snapshot the mirrors have (walking back
-up to 40 days, as emerge-webrsync does). A day that no mirror has yet is skipped, not an error.
+up to 40 days, as emerge-webrsync does); finding none of those days on any mirror is an error (the
+mirror URL is probably wrong). A day that no mirror has yet is skipped, not an error.
 
 For each day, mirrors are tried in order and on each mirror the names emerge-webrsync asks for
 (gentoo-D.tar.xz, gentoo-D.tar.bz2, portage-D.tar.xz, portage-D.tar.bz2). A candidate that is missing or
@@ -16,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -91,6 +92,51 @@ class _DayFetcher:
         bad: list[str] = []  # copies that exist but are broken
         unreachable: list[str] = []  # mirrors we could not talk to
         progress = self.progress
+        for url, name, md5sum in self._candidates(stamp, bad, unreachable):
+            files: list[Path] = []
+            try:
+                files.append(self.dl.fetch(url + ".gpgsig", name + ".gpgsig"))
+                tick = (lambda done, total, n=name: progress(f"fetch {n}", done, total)) if progress else None
+                files.append(self.dl.fetch(url, name, tick))
+                check_md5(files[1], md5sum)
+            except (FetchError, VerificationError) as e:
+                bad.append(str(e))
+                log.warning("%s; trying the next candidate", e)
+                _remove(files)
+                continue
+            sig, tarball = files
+            try:
+                signer = self.verifier.verify(tarball, sig)
+            except SnapshotterError:
+                _remove(files)
+                raise
+            log.debug("%s: md5 ok, good signature by %s", name, signer)
+            return tarball, files
+        if bad:
+            raise VerificationError(f"snapshot {stamp}: no good copy on any mirror ({len(bad)} tried); last: {bad[-1]}")
+        self._check_reached(stamp, unreachable)
+        report.warnings.extend(unreachable)
+        return None
+
+    def exists(self, day: date) -> bool:
+        """Does a mirror have the day (its .md5sum, good or broken)? Writes nothing to disk.
+
+        Raises FetchError when no mirror could be reached.
+        """
+        stamp = f"{day:%Y%m%d}"
+        bad: list[str] = []
+        unreachable: list[str] = []
+        if next(self._candidates(stamp, bad, unreachable), None) is not None or bad:
+            return True
+        self._check_reached(stamp, unreachable)
+        return False
+
+    def _candidates(self, stamp: str, bad: list[str], unreachable: list[str]) -> Iterator[tuple[str, str, bytes]]:
+        """(URL, file name, .md5sum contents) of each copy of the day the mirrors have, in the order to try.
+
+        A mirror that cannot be reached is added to `unreachable` and skipped; a broken .md5sum answer to
+        `bad`.
+        """
         for base in self.cfg.sync.mirrors:
             base = base.rstrip("/")
             for pattern in NAMES:
@@ -108,31 +154,11 @@ class _DayFetcher:
                     bad.append(str(e))
                     log.warning("%s; trying the next candidate", e)
                     continue
-                files: list[Path] = []
-                try:
-                    files.append(self.dl.fetch(url + ".gpgsig", name + ".gpgsig"))
-                    tick = (lambda done, total, n=name: progress(f"fetch {n}", done, total)) if progress else None
-                    files.append(self.dl.fetch(url, name, tick))
-                    check_md5(files[1], md5sum)
-                except (FetchError, VerificationError) as e:
-                    bad.append(str(e))
-                    log.warning("%s; trying the next candidate", e)
-                    _remove(files)
-                    continue
-                sig, tarball = files
-                try:
-                    signer = self.verifier.verify(tarball, sig)
-                except SnapshotterError:
-                    _remove(files)
-                    raise
-                log.debug("%s: md5 ok, good signature by %s", name, signer)
-                return tarball, files
-        if bad:
-            raise VerificationError(f"snapshot {stamp}: no good copy on any mirror ({len(bad)} tried); last: {bad[-1]}")
+                yield url, name, md5sum
+
+    def _check_reached(self, stamp: str, unreachable: list[str]) -> None:
         if len(unreachable) == len(self.cfg.sync.mirrors):
             raise FetchError(f"snapshot {stamp}: no mirror could be reached; last: {unreachable[-1]}")
-        report.warnings.extend(unreachable)
-        return None
 
 
 def _remove(paths: list[Path]) -> None:
@@ -148,45 +174,93 @@ def run_sync(cfg: Config, *, day: date | None = None, push: bool = True, now: da
     """Import new snapshots into `cfg.repo` (see the module doc); push unless `push` is False.
 
     Holds the repository's flock for the whole run (LockedError, exit 75, if another run holds it).
-    Raises SnapshotterError subclasses; days imported before an error stay imported.
+    Raises SnapshotterError subclasses; days imported before an error stay imported. A sync into a
+    repository that does not exist yet checks the keys and finds its snapshot on the mirrors first, so
+    that when it fails there (a missing key file, a fingerprint not in it, a mirror that cannot be reached
+    or has nothing) it leaves no repository and no download cache behind.
     """
-    mirror = Repository(cfg.repo, cfg.git.branch)
-    with flocked(mirror.lock_path, f"repository {mirror.path}"):
-        mirror.create()
-        state = syncstate.load(mirror)
+    repo = Repository(cfg.repo, cfg.git.branch)
+    now = now or now_from_env()
+    first = _find_first_day(cfg, day, now) if not repo.path.exists() else None
+    with flocked(repo.lock_path, f"repository {repo.path}"):
+        repo.create()
+        state = syncstate.load(repo)
         report = SyncReport()
         try:
-            _import_days(cfg, mirror, day, now or now_from_env(), progress, report)
+            _import_days(cfg, repo, day, now, progress, report, first)
         except SnapshotterError as e:
             state.last_failure, state.last_failure_reason = syncstate.now_iso(), str(e)
             if push and cfg.git.push and report.imported:
-                push_pending(mirror, cfg.git.push, state)
-            syncstate.save(mirror, state)
+                for remote, reason in push_pending(repo, cfg.git.push, state):
+                    log.error("push to %s failed: %s (the import is kept; the next run retries)", remote, reason)
+            syncstate.save(repo, state)
             raise
         if report.imported:
             state.last_tag = report.imported[-1].tag
-            _gc_auto(mirror)
+            _gc_auto(repo)
         if push and cfg.git.push:
-            before = set(syncstate.pending_pushes(cfg.git.push, mirror, state))
-            report.push_failed = push_pending(mirror, cfg.git.push, state)
+            before = set(syncstate.pending_pushes(cfg.git.push, repo, state))
+            report.push_failed = push_pending(repo, cfg.git.push, state)
             failed = {r for r, _ in report.push_failed}
             report.pushed = [r for r in cfg.git.push if r in before and r not in failed]
         state.last_success = syncstate.now_iso()
-        syncstate.save(mirror, state)
+        syncstate.save(repo, state)
         return report
 
 
-def _import_days(cfg: Config, mirror: Repository, day: date | None, now: datetime, progress: Progress | None,
-                 report: SyncReport) -> None:
-    newest = mirror.newest_tag()
+def lookback_days(now: datetime) -> list[date]:
+    """The days a first import looks at, newest first: FIRST_IMPORT_LOOKBACK days up to the newest possible."""
+    last = newest_possible_day(now)
+    return [last - timedelta(days=i) for i in range(FIRST_IMPORT_LOOKBACK)]
+
+
+def nothing_found(cfg: Config, days: list[date]) -> FetchError:
+    """The error of a first sync that found no snapshot over the whole look-back window `days`."""
+    tried = ", ".join(cfg.sync.mirrors)
+    why = ("the mirror URL is probably wrong: it must be the mirror's root, the directory that holds "
+           "snapshots/ (e.g. https://distfiles.gentoo.org), not .../snapshots")
+    if any(m.rstrip("/").endswith("/snapshots") for m in cfg.sync.mirrors):
+        why = ("the mirror URL ends in /snapshots: give the mirror's root, the directory that holds "
+               "snapshots/ (e.g. https://distfiles.gentoo.org)")
+    return FetchError(f"no snapshot on any mirror for the {len(days)} days {days[-1]:%Y-%m-%d} to "
+                      f"{days[0]:%Y-%m-%d} (sync.mirrors: {tried}); {why}")
+
+
+def _find_first_day(cfg: Config, day: date | None, now: datetime) -> date:
+    """Before a sync creates its repository: check the keys and find the day to import, writing nothing.
+
+    Only .md5sum files are fetched, into memory; the keys go to a throwaway keyring that is removed.
+    Raises what the sync itself would (ConfigError, FetchError).
+    """
+    if cfg.git.sign_tags:
+        _tag_signer(cfg)
+    days = [day] if day is not None else lookback_days(now)
+    downloader = Downloader(cfg.sync.cache_dir, cfg.sync.timeout, cfg.sync.retries)
+    try:
+        with SignatureVerifier(cfg.sync.keyring, cfg.sync.fingerprints) as verifier:
+            fetcher = _DayFetcher(cfg, downloader, verifier, None)
+            for d in days:
+                if fetcher.exists(d):
+                    return d
+                log.debug("no snapshot for %s on any mirror (yet)", d)
+    finally:
+        downloader.close()
+    if day is not None:
+        raise FetchError(f"no mirror has a snapshot for {day:%Y-%m-%d}")
+    raise nothing_found(cfg, days)
+
+
+def _import_days(cfg: Config, repo: Repository, day: date | None, now: datetime, progress: Progress | None,
+                 report: SyncReport, first: date | None = None) -> None:
+    """Import the days to import (see the module doc); `first`: the newest day a first import found."""
+    newest = repo.newest_tag()
     if day is not None:
         if newest is not None and day <= newest.day:
             raise SnapshotterError(f"snapshot {day:%Y-%m-%d} is not newer than the newest tag {newest.name}; "
                                    "refusing to commit it on top")
         days, stop_at_first = [day], False
     elif newest is None:
-        last = newest_possible_day(now)
-        days = [last - timedelta(days=i) for i in range(FIRST_IMPORT_LOOKBACK)]
+        days = [d for d in lookback_days(now) if first is None or d <= first]
         stop_at_first = True
     else:
         days = days_to_fetch(newest.day, newest_possible_day(now), cfg.sync.max_catchup_days)
@@ -210,7 +284,7 @@ def _import_days(cfg: Config, mirror: Repository, day: date | None, now: datetim
                 tarball, files = found
                 tick = (lambda done, total, n=tarball.name: progress(f"import {n}", done, total)) if progress else None
                 try:
-                    result = import_tarball(mirror, tarball, identity, file_day=d, sign_tag=sign_tag, progress=tick)
+                    result = import_tarball(repo, tarball, identity, file_day=d, sign_tag=sign_tag, progress=tick)
                 finally:
                     _remove(files)
                 report.imported.append(result)
@@ -219,6 +293,8 @@ def _import_days(cfg: Config, mirror: Repository, day: date | None, now: datetim
                     break
     finally:
         downloader.close()
+    if not report.imported and newest is None and day is None:
+        raise nothing_found(cfg, lookback_days(now))
     if not report.imported:
         report.up_to_date = True
 
@@ -237,13 +313,13 @@ def _tag_signer(cfg: Config) -> Callable[[bytes], bytes]:
     return sign
 
 
-def _gc_auto(mirror: Repository) -> None:
+def _gc_auto(repo: Repository) -> None:
     """Each import adds a pack; let git consolidate them when it judges it worth it (after 50 packs).
 
     In the foreground, under the sync's lock: a detached `git gc --auto` (git's default) would repack
     after this process has exited, beside the next sync or publish, and systemd kills what a oneshot
     unit leaves behind, so a repack started from the timer unit would never finish.
     """
-    proc = git(mirror.path, "-c", "gc.autoDetach=false", "gc", "--auto", "--quiet", check=False)
+    proc = git(repo.path, "-c", "gc.autoDetach=false", "gc", "--auto", "--quiet", check=False)
     if proc.returncode != 0:
         log.warning("git gc --auto failed (the import is kept): %s", child_failure(proc.stderr, proc.returncode))
