@@ -131,40 +131,28 @@ def queue_show(state: State, job_id: int) -> None:
 @click.option("--overlay", "overlays", multiple=True, metavar="NAME=COMMIT", help="Pin an overlay (repeatable).")
 @pass_state
 def queue_add(state: State, profiles: tuple[str, ...], tag: str | None, overlays: tuple[str, ...]) -> None:
-    """Queue builds by hand."""
-    from snapshotter.errors import SnapshotterError
-    from snapshotter.git.repository import Repository
-    from snapshotter.service.jobqueue import Job, open_queue
+    """Queue builds by hand: each PROFILE at a tag, overlays optionally pinned to commits.
 
-    cfg = state.config
-    mirror = Repository(cfg.repo, cfg.git.branch)
-    if tag is None:
-        newest = mirror.newest_tag()
-        if newest is None:
-            raise SnapshotterError(f"the mirror {cfg.repo} has no snapshot tag yet")
-        tag = newest.name
-    else:
-        tag = mirror.find_tag(tag).name
+    \b
+    Examples:
+      snapshotter queue add --profile basic                      # at the newest tag
+      snapshotter queue add --profile basic --profile desktop --tag 2026-11-20
+      snapshotter queue add --profile desktop --overlay myov=<full commit id>
+    Prints "queued: job ID" (or "already queued: job ID") per profile.
+    """
+    from snapshotter.errors import SnapshotterError
+    from snapshotter.service.triggers import add_jobs
+
     pins = []
     for item in overlays:
         name, sep, commit = item.partition("=")
         if not sep:
             raise SnapshotterError(f"--overlay {item!r}: expected NAME=COMMIT")
         pins.append((name, commit))
-    jobs = []
-    for profile in profiles:
-        if profile not in cfg.profiles:
-            raise SnapshotterError(f"no profile {profile!r} (known: {', '.join(sorted(cfg.profiles)) or 'none'})")
-        job = Job(profile, tag, tuple(pins))
-        known = {o.name for o in getattr(cfg.profiles[profile], "overlays", [])}
-        for name, _ in job.overlays:
-            if name not in known:
-                raise SnapshotterError(f"profile {profile} has no overlay {name!r}")
-        jobs.append(job)
-    q = open_queue(cfg)
-    for job in jobs:
-        jid, created = q.enqueue(job, source="cli")
+    report = add_jobs(state.config, profiles, tag, pins)
+    for _, jid, created in report.added:
         click.echo(f"{'queued' if created else 'already queued'}: job {jid}")
+    sys.exit(report.exit_status)
 
 
 # ---- worker ------------------------------------------------------------------------------------

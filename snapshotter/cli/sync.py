@@ -13,7 +13,7 @@ import click
 
 from snapshotter.cli import State, pass_state
 from snapshotter.config import validate
-from snapshotter.errors import EXIT_PUSH_FAILED, SnapshotterError
+from snapshotter.errors import SnapshotterError
 from snapshotter.git.repository import Repository
 
 if TYPE_CHECKING:
@@ -22,13 +22,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("snapshotter")
 
 
-def parse_day(value: str | None) -> date | None:
+def parse_day(ctx: click.Context, param: click.Parameter, value: str | None) -> date | None:
+    """The --date option's YYYYMMDD as a date (click names the option in the error)."""
     if value is None:
         return None
     try:
         return datetime.strptime(value, "%Y%m%d").date()
     except ValueError:
-        raise click.BadParameter(f"expected YYYYMMDD, got {value!r}") from None
+        raise click.BadParameter(f"expected YYYYMMDD, got {value!r}", ctx=ctx, param=param) from None
 
 
 class TerminalProgress:
@@ -70,7 +71,7 @@ class TerminalProgress:
               help="An armored public key file trusted for snapshot signatures; repeatable. Config: sync.keyring.")
 @click.option("--fingerprint", "fingerprints", multiple=True, metavar="FPR",
               help="Only accept signatures by this key (40 hex digits); repeatable. Config: sync.fingerprints.")
-@click.option("--date", "day", metavar="YYYYMMDD", help="Import exactly the snapshot of this day.")
+@click.option("--date", "day", metavar="YYYYMMDD", callback=parse_day, help="Import exactly the snapshot of this day.")
 @click.option("--no-push", is_flag=True, help="Import and tag locally only; do not push (config: git.push).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where downloads (and resumable partial downloads) go. Config: sync.cache_dir.")
@@ -78,7 +79,7 @@ class TerminalProgress:
               help="Import at most this many missed days. Config: sync.max_catchup_days.")
 @pass_state
 def sync(state: State, repo: Path | None, mirrors: tuple[str, ...], keyrings: tuple[Path, ...],
-         fingerprints: tuple[str, ...], day: str | None, no_push: bool, cache_dir: Path | None,
+         fingerprints: tuple[str, ...], day: date | None, no_push: bool, cache_dir: Path | None,
          max_catchup_days: int | None) -> None:
     """Fetch, verify and import new daily portage snapshots; commit, tag and push them.
 
@@ -119,28 +120,27 @@ def sync(state: State, repo: Path | None, mirrors: tuple[str, ...], keyrings: tu
     except SnapshotterError as e:
         raise click.UsageError(str(e)) from None
 
-    from snapshotter.sync.run import run_sync
+    from snapshotter.service.loop import sync_and_queue  # new tags queue builds, as a push of them would
 
     progress = TerminalProgress()
     try:
-        report = run_sync(cfg, day=parse_day(day), push=not no_push, progress=progress)
+        outcome = sync_and_queue(cfg, day=day, push=not no_push, progress=progress)
     finally:
         progress.close()
-    for result in report.imported:
+    if outcome.error is not None:
+        raise outcome.error
+    for result in outcome.report.imported:
         click.echo(f"{result.tag} {result.commit} {result.changed}")
-    from snapshotter.service.triggers import queue_builds_for_tags  # new tags queue builds, as a push would
-    queue_builds_for_tags(cfg, [r.tag for r in report.imported])
-    if report.up_to_date:
-        newest = Repository(cfg.repo, cfg.git.branch).newest_tag()
-        click.echo(f"already up to date (newest tag {newest.name})" if newest
-                   else "no snapshot found on the mirrors")
-    for remote in report.pushed:
+    if outcome.report.up_to_date and outcome.newest is not None:
+        click.echo(f"already up to date (newest tag {outcome.newest.name})")
+    for remote in outcome.report.pushed:
         log.info("pushed to %s", remote)
-    if report.push_failed:
-        for remote, reason in report.push_failed:
-            click.echo(f"snapshotter: error: push to {remote} failed: {reason} (import kept; the next run retries)",
-                       err=True)
-        sys.exit(EXIT_PUSH_FAILED)
+    for remote, reason in outcome.report.push_failed:
+        click.echo(f"snapshotter: error: push to {remote} failed: {reason} (import kept; the next run retries)",
+                   err=True)
+    if outcome.queue_error is not None:
+        raise outcome.queue_error
+    sys.exit(outcome.exit_status)
 
 
 @click.command()

@@ -20,7 +20,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import schedule
@@ -33,12 +33,68 @@ from snapshotter.errors import (
     LockedError,
     SnapshotterError,
 )
-from snapshotter.git.repository import Repository
+from snapshotter.git.repository import Repository, Tag
+from snapshotter.sync.run import Progress, SyncReport, newest_possible_day, now_from_env, run_sync
 
 if TYPE_CHECKING:
     from snapshotter.config import Config
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class SyncOutcome:
+    """What `sync_and_queue` did; `exit_status` is what `snapshotter sync` exits with.
+
+    `error` is the SnapshotterError that stopped the sync (`report` is then empty, but the days imported
+    before it are kept, are in `new_tags` and had their builds queued); `queue_error` is the one that
+    stopped the queueing of builds.
+    """
+
+    report: SyncReport = field(default_factory=SyncReport)
+    new_tags: list[str] = field(default_factory=list)  # every date tag that appeared, oldest first
+    newest: Tag | None = None  # the newest tag afterwards
+    queued: list[int] = field(default_factory=list)  # ids of the builds queued for `new_tags`
+    error: SnapshotterError | None = None
+    queue_error: SnapshotterError | None = None
+
+    @property
+    def exit_status(self) -> int:
+        if self.error is not None:
+            return self.error.exit_code
+        if self.queue_error is not None:
+            return self.queue_error.exit_code
+        if self.report.push_failed:
+            return EXIT_PUSH_FAILED
+        return EXIT_OK
+
+
+def sync_and_queue(cfg: Config, *, day: date | None = None, push: bool = True, now: datetime | None = None,
+                   progress: Progress | None = None) -> SyncOutcome:
+    """Sync (import, tag, push; see sync/run.py), then queue the builds of every tag that appeared.
+
+    The policy of `snapshotter sync` and of each cycle of `snapshotter run`: a new tag queues the builds a
+    push of it would (triggers.queue_builds_for_tags), also when the sync failed after importing some
+    days, so that no failure loses them. Never raises SnapshotterError: the outcome carries it.
+    """
+    from snapshotter.service.triggers import queue_builds_for_tags
+
+    repo = Repository(cfg.repo, cfg.git.branch)
+    before = {t.name for t in repo.tags()}
+    outcome = SyncOutcome()
+    try:
+        outcome.report = run_sync(cfg, day=day, push=push, now=now, progress=progress)
+    except SnapshotterError as e:
+        outcome.error = e
+    tags = repo.tags()
+    outcome.new_tags = [t.name for t in tags if t.name not in before]
+    outcome.newest = tags[-1] if tags else None
+    if outcome.new_tags:
+        try:
+            outcome.queued = queue_builds_for_tags(cfg, outcome.new_tags)
+        except SnapshotterError as e:
+            outcome.queue_error = e
+    return outcome
 
 
 @dataclass
@@ -71,8 +127,6 @@ class CycleResult:
 
 def now_utc() -> datetime:
     """The current time (SNAPSHOTTER_NOW=<unix time> fixes it, as for sync)."""
-    from snapshotter.sync.run import now_from_env
-
     return now_from_env()
 
 
@@ -92,33 +146,23 @@ def retry_delay(cfg: Config, attempt: int, now: datetime) -> float | None:
     return float(min(cfg.service.retry_interval * 2 ** (attempt - 1), left))
 
 
-def _new_tags(before: set[str], mirror: Repository) -> list[str]:
-    return [t.name for t in mirror.tags() if t.name not in before]
-
-
 def step_sync(cfg: Config, result: CycleResult) -> None:
     """Sync (with push), then queue builds for every tag that appeared (even if the sync failed later)."""
-    from snapshotter.service.triggers import queue_builds_for_tags
-    from snapshotter.sync.run import newest_possible_day, run_sync
-
-    mirror = Repository(cfg.repo, cfg.git.branch)
-    before = {t.name for t in mirror.tags()}
     now = now_utc()
-    try:
-        report = run_sync(cfg, push=True, now=now)
-        result.push_failed = [remote for remote, _ in report.push_failed]
-        for remote, reason in report.push_failed:
-            log.error("push to %s failed: %s (import kept; retried later)", remote, reason)
-        for remote in report.pushed:
-            log.info("pushed to %s", remote)
-    except LockedError as e:
-        result.error, result.locked = str(e), True
-        log.warning("sync skipped: %s", e)
-    except SnapshotterError as e:
-        result.error = str(e)
-        log.error("sync failed: %s", e)
-    result.imported = _new_tags(before, mirror)
-    newest = mirror.newest_tag()
+    outcome = sync_and_queue(cfg, push=True, now=now)
+    result.push_failed = [remote for remote, _ in outcome.report.push_failed]
+    for remote, reason in outcome.report.push_failed:
+        log.error("push to %s failed: %s (import kept; retried later)", remote, reason)
+    for remote in outcome.report.pushed:
+        log.info("pushed to %s", remote)
+    if isinstance(outcome.error, LockedError):
+        result.error, result.locked = str(outcome.error), True
+        log.warning("sync skipped: %s", outcome.error)
+    elif outcome.error is not None:
+        result.error = str(outcome.error)
+        log.error("sync failed: %s", outcome.error)
+    result.imported = outcome.new_tags
+    newest = outcome.newest
     result.newest = newest.name if newest else None
     expected = newest_possible_day(now)
     result.missing = newest is None or newest.day < expected
@@ -127,13 +171,12 @@ def step_sync(cfg: Config, result: CycleResult) -> None:
     elif result.error is None:
         log.info("sync: up to date (newest tag %s)%s", result.newest or "none",
                  f"; the snapshot of {expected:%Y-%m-%d} is not on the mirrors yet" if result.missing else "")
-    if result.imported:
-        try:
-            result.queued = queue_builds_for_tags(cfg, result.imported)
-            log.info("queued %d build(s) for %s", len(result.queued), ", ".join(result.imported))
-        except SnapshotterError as e:
-            log.error("queueing builds failed: %s", e)
-            result.error = result.error or f"queueing builds failed: {e}"
+    if outcome.queue_error is not None:
+        log.error("queueing builds failed: %s", outcome.queue_error)
+        result.error = result.error or f"queueing builds failed: {outcome.queue_error}"
+    elif result.imported:
+        result.queued = outcome.queued
+        log.info("queued %d build(s) for %s", len(result.queued), ", ".join(result.imported))
 
 
 def step_publish(cfg: Config, result: CycleResult) -> None:

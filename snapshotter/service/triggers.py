@@ -17,12 +17,13 @@ from __future__ import annotations
 import logging
 import re
 import subprocess
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from snapshotter.errors import SnapshotterError
+from snapshotter.errors import EXIT_OK, SnapshotterError
 from snapshotter.git.repository import Repository, git, git_env, tag_date
 from snapshotter.service.jobqueue import BuildQueue, Job, open_queue
 
@@ -204,6 +205,52 @@ def enqueue_all(queue: BuildQueue, jobs: list[Job], source: str) -> list[int]:
             log.info("build %d already queued: %s", jid, job.describe())
         ids.append(jid)
     return ids
+
+
+@dataclass
+class AddReport:
+    """What `add_jobs` did: for each job, its id and whether it was newly queued (False: already queued)."""
+
+    added: list[tuple[Job, int, bool]] = field(default_factory=list)
+
+    @property
+    def exit_status(self) -> int:
+        return EXIT_OK  # every failure is a SnapshotterError, raised before anything is queued
+
+
+def add_jobs(cfg: Config, profiles: Sequence[str], tag: str | None = None,
+             overlays: Sequence[tuple[str, str]] = (), queue: BuildQueue | None = None,
+             source: str = "cli") -> AddReport:
+    """Queue builds by hand (`snapshotter queue add`): each of `profiles` at `tag` (default: the newest tag),
+    with `overlays` pinned as (overlay name, full commit id).
+
+    Everything is checked before anything is queued: the tag is in the repository, every profile is
+    configured and has every pinned overlay, and the pins are full commit ids.
+    """
+    repository = Repository(cfg.repo, cfg.git.branch)
+    if tag is None:
+        newest = repository.newest_tag()
+        if newest is None:
+            raise SnapshotterError(f"the snapshot repository {cfg.repo} has no snapshot tag yet")
+        tag = newest.name
+    else:
+        tag = repository.find_tag(tag).name
+    jobs = []
+    for profile in profiles:
+        if profile not in cfg.profiles:
+            raise SnapshotterError(f"no profile {profile!r} (known: {', '.join(sorted(cfg.profiles)) or 'none'})")
+        job = Job(profile, tag, tuple(overlays))
+        known = {o.name for o in cfg.profiles[profile].overlays}
+        for name, _ in job.overlays:
+            if name not in known:
+                raise SnapshotterError(f"profile {profile} has no overlay {name!r}")
+        jobs.append(job)
+    q = queue or open_queue(cfg)
+    report = AddReport()
+    for job in jobs:
+        jid, created = q.enqueue(job, source=source)
+        report.added.append((job, jid, created))
+    return report
 
 
 def queue_builds_for_tags(cfg: Config, tags: list[str], queue: BuildQueue | None = None) -> list[int]:
