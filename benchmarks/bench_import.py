@@ -131,7 +131,7 @@ def child(params: dict) -> None:
     from snapshotter.git.repository import Repository
     from snapshotter.sync.importer import Identity, import_tarball
 
-    mirror = Repository(Path(params["repo"]))
+    repo = Repository(Path(params["repo"]))
     identity = Identity("Portage Snapshotter Bench", "bench@localhost")
     tarball = Path(params["tarball"])
     day = date.fromisoformat(params["day"])
@@ -147,7 +147,7 @@ def child(params: dict) -> None:
     rss = TreeRss() if params.get("sample_rss") else None
     with rss or contextlib.nullcontext():
         t0 = time.perf_counter()
-        result = import_tarball(mirror, tarball, identity, file_day=day)
+        result = import_tarball(repo, tarball, identity, file_day=day)
         seconds = time.perf_counter() - t0
     r1, c1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     if profiler is not None:

@@ -2,7 +2,7 @@
 `git archive TAG | xz -T0 -LEVEL` (target: publish <= 1.1x that).
 
 Uses the day-1 tarball of the import benchmark (generated and cached under WORK/trees/ if missing),
-imports it once into WORK/publish/mirror.git (kept for later runs), makes a throwaway signing key, then
+imports it once into a snapshot repository WORK/publish/repo-*.git (kept for later runs), makes a throwaway signing key, then
 times, in one run and alternating, N times each (best of N is reported):
 
   * `snapshotter publish --force TAG --out DIR --xz-level LEVEL` (the real command line, subprocess,
@@ -53,18 +53,18 @@ def make_key(home: Path) -> str:
     return next(line.split(":")[9] for line in out.splitlines() if line.startswith("fpr:"))
 
 
-def ensure_mirror(repo: Path, tarball: Path) -> str:
+def ensure_repository(repo: Path, tarball: Path) -> str:
     """Import the day-1 tarball once; return its tag."""
     from snapshotter.git.repository import Repository
     from snapshotter.sync.importer import Identity, import_tarball
 
-    mirror = Repository(repo)
-    tag = mirror.newest_tag() if mirror.exists() else None
+    repository = Repository(repo)
+    tag = repository.newest_tag() if repository.exists() else None
     if tag is not None:
         return tag.name
     shutil.rmtree(repo, ignore_errors=True)
     log(f"importing {tarball.name} into {repo} (once) ...")
-    result = import_tarball(mirror, tarball, Identity("Portage Snapshotter Bench", "bench@localhost"),
+    result = import_tarball(repository, tarball, Identity("Portage Snapshotter Bench", "bench@localhost"),
                             file_day=bench_import.DAY1)
     subprocess.run(["git", f"--git-dir={repo}", "gc", "-q"], env=bench_import.git_env(), check=True)
     return result.tag
@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         day1 = bench_import.ensure_tarballs(work, args.scale, args.seed, 0)[0][0]
     pub = work / "publish"
-    repo = pub / f"mirror-scale{args.scale:g}-seed{args.seed}.git"
-    tag = ensure_mirror(repo, day1)
+    repo = pub / f"repo-scale{args.scale:g}-seed{args.seed}.git"
+    tag = ensure_repository(repo, day1)
     gnupghome = pub / "gnupg"
     key = make_key(gnupghome)
     config = pub / "empty.toml"

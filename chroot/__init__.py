@@ -1,1 +1,1 @@
-"""Reproducible chroot builds (`emerge -e world`) from a tag of the snapshot mirror."""
+"""Reproducible chroot builds (`emerge -e world`) from a tag of the snapshot repository."""

@@ -29,7 +29,7 @@ class State:
         self._config: configmod.Config | None = None
 
     def repo(self, override: Path | None) -> Path:
-        """The mirror repository: the --repo flag if given, else `repo` of the configuration."""
+        """The snapshot repository: the --repo flag if given, else `repo` of the configuration."""
         return (override or self.config.repo).resolve()
 
     @property

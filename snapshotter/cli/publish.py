@@ -19,7 +19,7 @@ log = logging.getLogger("snapshotter")
 @click.command("publish")
 @click.argument("tags", nargs=-1, metavar="[TAG]...")
 @click.option("--repo", type=click.Path(file_okay=False, path_type=Path),
-              help="The bare git mirror. Config: repo.")
+              help="The snapshot repository (bare git). Config: repo.")
 @click.option("--all", "all_tags", is_flag=True, help="Publish every tag not yet published.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Web root: snapshots go to OUT/snapshots/. Config: publish.out.")
@@ -63,13 +63,13 @@ def publish_cmd(state: State, tags: tuple[str, ...], repo: Path | None, all_tags
 @click.argument("tag")
 @click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--repo", type=click.Path(file_okay=False, path_type=Path),
-              help="The bare git mirror. Config: repo.")
+              help="The snapshot repository (bare git). Config: repo.")
 @pass_state
 def export_cmd(state: State, tag: str, dest: Path, repo: Path | None) -> None:
     """Write the tree of TAG (YYYY-MM-DD) into DEST (created if missing; must be empty)."""
-    mirror = Repository(state.repo(repo)).require()
-    t = mirror.find_tag(tag)
-    export_tree(mirror.path, t.commit, dest)
+    repository = Repository(state.repo(repo)).require()
+    t = repository.find_tag(tag)
+    export_tree(repository.path, t.commit, dest)
     click.echo(f"exported {t.name} ({t.commit}) to {dest}")
 
 

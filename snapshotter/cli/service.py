@@ -45,7 +45,7 @@ def hooks_group() -> None:
 @click.option("--force", is_flag=True, help="Replace a post-receive hook that snapshotter did not install.")
 @pass_state
 def hooks_install(state: State, repo: Path, executable: str | None, force: bool) -> None:
-    """Install the post-receive hook into the bare repository REPO (the mirror or an overlay).
+    """Install the post-receive hook into the bare repository REPO (the snapshot repository or an overlay).
 
     The hook runs `snapshotter [--config FILE] hooks enqueue` with this executable and the
     configuration given with the global --config (or $SNAPSHOTTER_CONFIG) baked in.

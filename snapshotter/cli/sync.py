@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
+import time
 from datetime import date, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TextIO
 
 import click
 
@@ -15,9 +17,7 @@ from snapshotter.cli import State, pass_state
 from snapshotter.config import validate
 from snapshotter.errors import SnapshotterError
 from snapshotter.git.repository import Repository
-
-if TYPE_CHECKING:
-    from click._termui_impl import ProgressBar
+from snapshotter.logs import set_status_line
 
 log = logging.getLogger("snapshotter")
 
@@ -33,12 +33,21 @@ def parse_day(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 
 
 class TerminalProgress:
-    """A progress bar on stderr when it is a terminal; nothing otherwise (cron, systemd, pipes)."""
+    """A progress line on stderr when it is a terminal; nothing otherwise (cron, systemd, pipes).
 
-    def __init__(self) -> None:
-        self.enabled = sys.stderr.isatty()
+    One line per step (`fetch NAME`, `import NAME`), redrawn in place with \\r, at most ten times a second,
+    cut to the terminal's width so that it never wraps. While it is shown, log records erase it and draw it
+    again (logs.set_status_line), so a log line never lands in the middle of it.
+    """
+
+    BAR = 30
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = self.stream.isatty()
         self._label: str | None = None
-        self._bar: ProgressBar[int] | None = None
+        self._line = ""
+        self._drawn = 0.0
 
     def __call__(self, label: str, done: int, total: int | None) -> None:
         if not self.enabled:
@@ -46,24 +55,47 @@ class TerminalProgress:
         if label != self._label:
             self.close()
             self._label = label
-            self._bar = click.progressbar(length=total or 0, label=label, file=sys.stderr, show_pos=False,
-                                          show_percent=bool(total), width=30)
-            self._bar.__enter__()
-            self._last = 0
-        assert self._bar is not None
-        self._bar.update(done - self._last)
-        self._last = done
+            set_status_line(self)
+        self._line = self._format(label, done, total)
+        now = time.monotonic()
+        if now - self._drawn >= 0.1:
+            self._drawn = now
+            self.redraw()
+
+    def _format(self, label: str, done: int, total: int | None) -> str:
+        if total:
+            part = min(done / total, 1.0)
+            filled = int(part * self.BAR)
+            line = f"{label}  [{'#' * filled}{'-' * (self.BAR - filled)}]  {part:4.0%}"
+        else:
+            line = f"{label}  {done / 1e6:.1f} MB"
+        try:
+            width = os.get_terminal_size(self.stream.fileno()).columns
+        except (OSError, ValueError):
+            width = 80
+        return line[:max(width - 1, 1)]
+
+    def clear(self) -> None:
+        self.stream.write("\r\x1b[K")
+        self.stream.flush()
+
+    def redraw(self) -> None:
+        self.stream.write(f"\r\x1b[K{self._line}")
+        self.stream.flush()
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(None, None, None)
-            self._bar = None
+        """End the current line (left on the screen as it was last)."""
+        if self._label is not None:
+            set_status_line(None)
+            self.redraw()
+            self.stream.write("\n")
+            self.stream.flush()
             self._label = None
 
 
 @click.command()
 @click.option("--repo", type=click.Path(file_okay=False, path_type=Path),
-              help="The bare git mirror (created if missing). Config: repo.")
+              help="The snapshot repository (bare git; created if missing). Config: repo.")
 @click.option("--mirror", "mirrors", multiple=True, metavar="URL",
               help="A Gentoo mirror (the directory holding snapshots/); repeat to try several in order. "
                    "Config: sync.mirrors.")
@@ -85,7 +117,7 @@ def sync(state: State, repo: Path | None, mirrors: tuple[str, ...], keyrings: tu
 
     \b
     Each snapshot becomes one commit "Update portage tree to YYYY-MM-DD" on the
-    mirror's branch and an annotated tag YYYY-MM-DD (the day of metadata/timestamp.x
+    snapshot repository's branch and an annotated tag YYYY-MM-DD (the day of metadata/timestamp.x
     minus 86400 s). The md5 and the OpenPGP signature (by a pinned fingerprint) are
     checked before anything is imported.
 
@@ -144,12 +176,12 @@ def sync(state: State, repo: Path | None, mirrors: tuple[str, ...], keyrings: tu
 
 
 @click.command()
-@click.option("--repo", type=click.Path(file_okay=False, path_type=Path), help="The bare git mirror. Config: repo.")
+@click.option("--repo", type=click.Path(file_okay=False, path_type=Path), help="The snapshot repository (bare git). Config: repo.")
 @pass_state
 def tags(state: State, repo: Path | None) -> None:
     """List imported snapshots as "YYYY-MM-DD <commit>" lines, newest last."""
-    mirror = Repository(state.repo(repo), state.config.git.branch).require()
-    for tag in mirror.tags():
+    repository = Repository(state.repo(repo), state.config.git.branch).require()
+    for tag in repository.tags():
         click.echo(f"{tag.name} {tag.commit}")
 
 

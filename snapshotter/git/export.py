@@ -1,4 +1,4 @@
-"""Read the tree of a commit or tag straight out of the bare mirror, without a checkout.
+"""Read the tree of a commit or tag straight out of a bare repository, without a checkout.
 
 `tree_entries` + `read_blobs` stream what `git ls-tree -r` and `git cat-file --batch` say; `export_tree`
 materializes it into a directory and `publish` streams it into a tarball. Path names come from the

@@ -1,4 +1,4 @@
-"""The bare git mirror: creation, date tags, and running git with argument lists only."""
+"""The snapshot repository (bare git): creation, date tags, and running git with argument lists only."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ class Repository:
 
     def require(self) -> Repository:
         if not self.exists():
-            raise SnapshotterError(f"{self.path} is not a git mirror (no bare repository there); run `snapshotter sync` first")
+            raise SnapshotterError(f"{self.path} is not a snapshot repository (no bare git repository there); run `snapshotter sync` first")
         return self
 
     def create(self) -> Repository:

@@ -1,6 +1,6 @@
 """Publish date tags as signed emerge-webrsync snapshots (`DIR/snapshots/gentoo-YYYYMMDD.tar.xz`).
 
-The tree of a tag is streamed from the bare mirror (`git ls-tree` + `git cat-file --batch`) through a
+The tree of a tag is streamed from the snapshot repository (`git ls-tree` + `git cat-file --batch`) through a
 small deterministic tar writer into `xz`, with no temporary tree on disk. The tar bytes depend on the
 tree and the commit time only: one top-level directory `gentoo-YYYYMMDD/`, owner/group portage:portage
 (250) numeric and by name, git's sorted order, every mtime the commit's, modes 0644/0755/0777, no pax
@@ -312,6 +312,7 @@ class PublishOptions:
     keep: int = 0
     xz_level: int = 9
     xz_threads: int = 0
+    passphrase_file: Path | None = None  # for a passphrase-protected signing key (binhost builds)
 
 
 def publish_tag(repo: Path, tag: Tag, opts: PublishOptions) -> Published:
@@ -329,7 +330,8 @@ def publish_tag(repo: Path, tag: Tag, opts: PublishOptions) -> Published:
         finally:
             os.close(fd)
         md5 = file_digest(tmp, "md5")
-        signature = detach_sign(tmp, opts.signing_key, opts.gnupghome, name=name)
+        signature = detach_sign(tmp, opts.signing_key, opts.gnupghome, name=name,
+                                passphrase_file=opts.passphrase_file)
         side = {
             ".md5sum": f"{md5}  {name}\n".encode(),
             ".gpgsig": signature,
@@ -449,18 +451,18 @@ def _clean_stale_temps(snapdir: Path) -> None:
             p.unlink(missing_ok=True)
 
 
-def select_tags(mirror: Repository, names: list[str], *, all_tags: bool, published: set[date],
+def select_tags(repository: Repository, names: list[str], *, all_tags: bool, published: set[date],
                 keep: int, force: bool) -> tuple[list[Tag], list[str]]:
     """(tags to publish, tags skipped as already published)."""
-    tags = mirror.tags()
+    tags = repository.tags()
     if not tags:
-        raise SnapshotterError(f"no snapshot tags in {mirror.path}; run `snapshotter sync` first")
+        raise SnapshotterError(f"no snapshot tags in {repository.path}; run `snapshotter sync` first")
     if names and all_tags:
         raise SnapshotterError("give tags or --all, not both")
     if names:
         wanted = []
         for n in names:
-            t = mirror.find_tag(n)
+            t = repository.find_tag(n)
             if t not in wanted:
                 wanted.append(t)
     elif all_tags:
@@ -490,7 +492,7 @@ def publish(repo: Path, opts: PublishOptions, tags: list[str] | None = None, *, 
         raise SnapshotterError(f"xz level must be 0..9, got {opts.xz_level}")
     if opts.keep < 0 or opts.xz_threads < 0:
         raise SnapshotterError("keep and xz threads must not be negative")
-    mirror = Repository(repo).require()
+    repository = Repository(repo).require()
     snapdir = opts.out / "snapshots"
     try:
         snapdir.mkdir(parents=True, exist_ok=True)
@@ -499,7 +501,7 @@ def publish(repo: Path, opts: PublishOptions, tags: list[str] | None = None, *, 
     report = PublishReport()
     with flocked(opts.out / LOCK_NAME, f"publishing into {opts.out}", wait=lock_wait):
         _clean_stale_temps(snapdir)
-        todo, report.skipped = select_tags(mirror, list(tags or []), all_tags=all_tags,
+        todo, report.skipped = select_tags(repository, list(tags or []), all_tags=all_tags,
                                            published=set(published_days(snapdir)), keep=opts.keep, force=force)
         for tag in todo:
             report.published.append(publish_tag(repo, tag, opts))

@@ -1,4 +1,4 @@
-"""`snapshotter status`: what the mirror and the build queue look like, as plain lines."""
+"""`snapshotter status`: what the snapshot repository and the build queue look like, as plain lines."""
 
 from __future__ import annotations
 
@@ -31,10 +31,10 @@ class Status:
 
 
 def collect(cfg: Config, show: int = 10) -> Status:
-    mirror = Repository(cfg.repo, cfg.git.branch)
-    tags = mirror.tags()
-    state = syncstate.load(mirror) if mirror.exists() else syncstate.SyncState()
-    pending = syncstate.pending_pushes(cfg.git.push, mirror, state) if mirror.exists() else []
+    repo = Repository(cfg.repo, cfg.git.branch)
+    tags = repo.tags()
+    state = syncstate.load(repo) if repo.exists() else syncstate.SyncState()
+    pending = syncstate.pending_pushes(cfg.git.push, repo, state) if repo.exists() else []
     if not queue_exists(cfg):  # a read-only look creates nothing
         return Status(repo=str(cfg.repo), newest_tag=tags[-1].name if tags else None,
                       newest_commit=tags[-1].commit if tags else None, tag_count=len(tags),

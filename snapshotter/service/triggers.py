@@ -1,11 +1,11 @@
 """Which builds a ref update queues.
 
-- A new date tag (`YYYY-MM-DD`) on the snapshot mirror queues a build of every profile (or of those
+- A new date tag (`YYYY-MM-DD`) in the snapshot repository queues a build of every profile (or of those
   listed in `service.build_profiles`), with the overlays at their configured refs.
 - A push to an overlay repository queues the profiles whose overlays use that repository (matched by
-  its path or URL path), with that overlay pinned at the pushed commit and the tree at the mirror's
-  newest tag. A branch push counts when the branch is the overlay's configured `ref`; a tag push
-  always counts (a new release of the overlay).
+  its path or URL path), with that overlay pinned at the pushed commit and the tree at the snapshot
+  repository's newest tag. A branch push counts when the branch is the overlay's configured `ref`; a
+  tag push always counts (a new release of the overlay).
 
 Ref names and object ids come from outside (the pusher): they are checked against git's
 check-ref-format rules and a strict allow-list before anything else happens, and they are only ever
@@ -128,7 +128,7 @@ def repo_matches(url: str, repo: Path) -> bool:
     return any(_same_path(c, repo) for c in candidates)
 
 
-def is_mirror(cfg: Config, repo: Path) -> bool:
+def is_snapshot_repository(cfg: Config, repo: Path) -> bool:
     return _same_path(Path(cfg.repo), Path(repo))
 
 
@@ -168,7 +168,7 @@ def overlay_jobs(cfg: Config, repo: Path, update: RefUpdate) -> list[Job]:
         return []
     newest = Repository(cfg.repo, cfg.git.branch).newest_tag()
     if newest is None:
-        raise SnapshotterError(f"the mirror {cfg.repo} has no snapshot tag yet; nothing to build against")
+        raise SnapshotterError(f"the snapshot repository {cfg.repo} has no snapshot tag yet; nothing to build against")
     commit = peel_commit(repo, update.new)
     return [Job(profile, newest.name, ((overlay, commit),)) for profile, overlay in users]
 
@@ -176,17 +176,17 @@ def overlay_jobs(cfg: Config, repo: Path, update: RefUpdate) -> list[Job]:
 def jobs_for_push(cfg: Config, repo: Path, updates: list[RefUpdate]) -> list[Job]:
     """The jobs a push of `updates` into `repo` asks for, in a stable order, without duplicates."""
     jobs: list[Job] = []
-    mirror = is_mirror(cfg, repo)
+    snapshot_repo = is_snapshot_repository(cfg, repo)
     for up in updates:
         if up.deleted:
             log.info("%s deleted: nothing to build", up.ref)
             continue
-        if mirror:
+        if snapshot_repo:
             if up.kind == "tags" and tag_date(up.short) is not None:
                 if cfg.service.queue_builds:
                     jobs.extend(tag_jobs(cfg, [up.short]))
             else:
-                log.debug("%s on the mirror is not a snapshot tag: nothing to build", up.ref)
+                log.debug("%s in the snapshot repository is not a snapshot tag: nothing to build", up.ref)
         else:
             found = overlay_jobs(cfg, repo, up)
             if not found:

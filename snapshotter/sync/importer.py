@@ -1,4 +1,4 @@
-"""Importing one snapshot tarball into the git mirror with `git fast-import`.
+"""Importing one snapshot tarball into the snapshot repository with `git fast-import`.
 
 Only what changed against the previous commit is sent: each file's git blob id is computed while the
 tarball streams by and compared with the previous tree; changed files go to fast-import as blobs at once
@@ -89,22 +89,22 @@ def _quote(path: bytes) -> bytes:
 Tree = dict[bytes, bytes]
 
 
-def _cache_path(mirror: Repository) -> Path:
-    return mirror.state_dir / "tree.cache"
+def _cache_path(repo: Repository) -> Path:
+    return repo.state_dir / "tree.cache"
 
 
-def previous_tree(mirror: Repository, commit: str | None) -> Tree:
+def previous_tree(repo: Repository, commit: str | None) -> Tree:
     """The tree of `commit`: from the cache the last import left, else from `git ls-tree`."""
     if commit is None:
         return {}
     try:
-        with open(_cache_path(mirror), "rb") as f:
+        with open(_cache_path(repo), "rb") as f:
             cached_commit, tree = marshal.loads(f.read())  # load(f) would read piece by piece: 4x slower
         if cached_commit == commit and isinstance(tree, dict):
             return tree
     except (OSError, EOFError, ValueError, TypeError):
         pass
-    out = git(mirror.path, "ls-tree", "-r", "-z", "--full-tree", commit).stdout
+    out = git(repo.path, "ls-tree", "-r", "-z", "--full-tree", commit).stdout
     tree = {}
     for entry in out.split(b"\0"):
         if entry:
@@ -113,9 +113,9 @@ def previous_tree(mirror: Repository, commit: str | None) -> Tree:
     return tree
 
 
-def _save_tree(mirror: Repository, commit: str, tree: Tree) -> None:
+def _save_tree(repo: Repository, commit: str, tree: Tree) -> None:
     """Cache the new tree for the next import (atomic; a stale or missing cache only costs time)."""
-    path = _cache_path(mirror)
+    path = _cache_path(repo)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, marshal.dumps((commit, tree)), durable=False)
 
@@ -123,10 +123,10 @@ def _save_tree(mirror: Repository, commit: str, tree: Tree) -> None:
 class _FastImport:
     """A `git fast-import` child fed through a pipe; its errors are kept for the message."""
 
-    def __init__(self, mirror: Repository) -> None:
+    def __init__(self, repo: Repository) -> None:
         self._err = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
-            ["git", f"--git-dir={mirror.path}", "fast-import", "--quiet", "--done", "--force",
+            ["git", f"--git-dir={repo.path}", "fast-import", "--quiet", "--done", "--force",
              "--date-format=raw"],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._err,
             # zlib allocates and frees its deflate state for every object; without a high trim
@@ -191,9 +191,9 @@ class _Split:
     fast-import puts the two together. Hardlinks come last, when every blob is in place.
     """
 
-    def __init__(self, mirror: Repository) -> None:
-        self._mirror = mirror
-        self.procs = [_FastImport(mirror)]
+    def __init__(self, repo: Repository) -> None:
+        self._repo = repo
+        self.procs = [_FastImport(repo)]
         self._sent = [0]
         self.lines = [bytearray()]  # the commit's `M` lines for each process's parts
         self.late = bytearray()  # hardlinks: their blob may be in either process's pack
@@ -211,7 +211,7 @@ class _Split:
         if i is None:
             i = 0
             if len(self.procs) == 1 and self._count > PARALLEL_AFTER:
-                self.procs.append(_FastImport(self._mirror))
+                self.procs.append(_FastImport(self._repo))
                 self._sent.append(0)
                 self.lines.append(bytearray())
             if len(self.procs) == 2 and unit not in (b"", b"metadata") and self._sent[1] < self._sent[0]:
@@ -261,7 +261,7 @@ class _Split:
             t.join()
         if failed:
             raise failed[0]
-        final = _FastImport(self._mirror)
+        final = _FastImport(self._repo)
         self.procs.append(final)
         final.write(b"commit %s\n%s%sM 040000 %s \"\"\n%s%s\n" % (
             STAGING_REF.encode(), header, base, self._rev(f"{PART_REFS[0]}^{{tree}}").encode(), self._grafts(),
@@ -277,7 +277,7 @@ class _Split:
             failed.append(e)
 
     def _rev(self, rev: str) -> str:
-        return git_out(self._mirror.path, "rev-parse", "--verify", rev)
+        return git_out(self._repo.path, "rev-parse", "--verify", rev)
 
     def _grafts(self) -> bytes:
         """`M 040000` lines putting the second process's part subtrees in place."""
@@ -286,7 +286,7 @@ class _Split:
         for where, prefix in ((PART_REFS[1], b""), (f"{PART_REFS[1]}:metadata/md5-cache", b"metadata/md5-cache/")):
             if prefix and not any(u.startswith(prefix) for u in theirs):
                 continue
-            for entry in git(self._mirror.path, "ls-tree", "-z", where).stdout.split(b"\0"):
+            for entry in git(self._repo.path, "ls-tree", "-z", where).stdout.split(b"\0"):
                 if entry:
                     meta, _, name = entry.partition(b"\t")
                     ids[prefix + name] = meta.split()[2]
@@ -305,28 +305,28 @@ class _Split:
             proc.abort()
 
 
-def import_tarball(mirror: Repository, tarball: Path, identity: Identity, *, file_day: date | None = None,
+def import_tarball(repo: Repository, tarball: Path, identity: Identity, *, file_day: date | None = None,
                    sign_tag: Callable[[bytes], bytes] | None = None,
                    progress: Callable[[int, int], None] | None = None) -> ImportResult:
-    """Import `tarball` as the next commit of `mirror` and tag it; return what was done.
+    """Import `tarball` as the next commit of `repo` and tag it; return what was done.
 
     `file_day` is the date in the snapshot's file name: its timestamp.x must lie in [D, D + 2 days].
     The snapshot must be newer than the newest tag. `sign_tag(tag_body) -> armored signature` signs the
     annotated tag when given. Raises SnapshotError for a bad or unsafe snapshot; refs are untouched then.
     """
-    mirror.create()
-    parent = mirror.head()
-    newest = mirror.newest_tag()
+    repo.create()
+    parent = repo.head()
+    newest = repo.newest_tag()
     seen: set[bytes] = set()
     timestamp: int | None = None
-    split = _Split(mirror)
+    split = _Split(repo)
     try:
         # Locals for the loop below, which runs once per file (100k+ times on a first import).
         blob, change, sha1, see = split.blob, split.change, hashlib.sha1, seen.add
         with snapshot.decompressed(tarball, progress) as stream:
             # Loaded while the decompressor already runs ahead; becomes the new tree as the tarball
             # streams by.
-            tree = previous_tree(mirror, parent)
+            tree = previous_tree(repo, parent)
             lookup = tree.get
             for path, mode, data, link_to in snapshot.members(stream):
                 if link_to is not None:
@@ -377,26 +377,26 @@ def import_tarball(mirror: Repository, tarball: Path, identity: Identity, *, fil
         split.abort()
         raise
 
-    tag_obj = make_tag(mirror, commit, tag, identity, timestamp, sign_tag)
+    tag_obj = make_tag(repo, commit, tag, identity, timestamp, sign_tag)
     # Move main and create the tag in one transaction; the old value of main is checked.
     old_head = parent or "0" * 40
-    transaction = (f"update {mirror.branch_ref} {commit} {old_head}\n"
+    transaction = (f"update {repo.branch_ref} {commit} {old_head}\n"
                    f"create refs/tags/{tag} {tag_obj}\n"
                    f"delete {STAGING_REF}\n"
                    f"delete {PART_REFS[0]}\n"
                    f"delete {PART_REFS[1]}\n").encode()
-    git(mirror.path, "update-ref", "--stdin", input=transaction)
-    _save_tree(mirror, commit, tree)
+    git(repo.path, "update-ref", "--stdin", input=transaction)
+    _save_tree(repo, commit, tree)
     changed = len(deleted) + split.changed()
     log.debug("imported %s as %s (%d files changed)", tarball.name, commit, changed)
     return ImportResult(tag, commit, changed, timestamp)
 
 
-def make_tag(mirror: Repository, commit: str, tag: str, identity: Identity, timestamp: int,
+def make_tag(repo: Repository, commit: str, tag: str, identity: Identity, timestamp: int,
              sign_tag: Callable[[bytes], bytes] | None = None) -> str:
     """Write the annotated tag object (optionally signed) and return its id; no ref is touched."""
     body = (b"object %s\ntype commit\ntag %s\ntagger %s\n\n%s"
             % (commit.encode(), tag.encode(), identity.line(timestamp), tag_message(tag)))
     if sign_tag is not None:
         body += sign_tag(body)
-    return git(mirror.path, "mktag", input=body).stdout.decode().strip()
+    return git(repo.path, "mktag", input=body).stdout.decode().strip()

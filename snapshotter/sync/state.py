@@ -21,13 +21,13 @@ class SyncState:
     pushed: dict[str, str] = field(default_factory=dict)  # remote -> commit of main it has
 
 
-def _path(mirror: Repository) -> Path:
-    return mirror.state_dir / "state.json"
+def _path(repo: Repository) -> Path:
+    return repo.state_dir / "state.json"
 
 
-def load(mirror: Repository) -> SyncState:
+def load(repo: Repository) -> SyncState:
     try:
-        with open(_path(mirror)) as f:
+        with open(_path(repo)) as f:
             data = json.load(f)
     except (FileNotFoundError, json.JSONDecodeError):
         return SyncState()
@@ -35,21 +35,21 @@ def load(mirror: Repository) -> SyncState:
     return SyncState(**{k: v for k, v in data.items() if k in known})
 
 
-def save(mirror: Repository, state: SyncState) -> None:
+def save(repo: Repository, state: SyncState) -> None:
     """Write atomically and durably (fsutil.atomic_write)."""
-    mirror.state_dir.mkdir(parents=True, exist_ok=True)
+    repo.state_dir.mkdir(parents=True, exist_ok=True)
     data = json.dumps(asdict(state), indent=2, sort_keys=True) + "\n"
-    atomic_write(_path(mirror), data.encode(), durable=True)
+    atomic_write(_path(repo), data.encode(), durable=True)
 
 
 def now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def pending_pushes(remotes: list[str], mirror: Repository, state: SyncState | None = None) -> list[str]:
+def pending_pushes(remotes: list[str], repo: Repository, state: SyncState | None = None) -> list[str]:
     """Remotes that have not yet received the current `main`."""
-    head = mirror.head() if mirror.exists() else None
+    head = repo.head() if repo.exists() else None
     if head is None:
         return []
-    state = state or load(mirror)
+    state = state or load(repo)
     return [r for r in remotes if state.pushed.get(r) != head]

@@ -214,7 +214,7 @@ def test_cli_bad_stage_sha256_refused_before_extraction(small_env):
     (["--profile", "p", "--overlay-ref", "extra"], "--overlay-ref: expected NAME=REF"),
     (["--profile", "p", "--overlay-ref", "other=v1"], "overlay 'other' is not an overlay of profile p"),
     (["--profile", "p", "--overlay-ref", "extra=v9"], "overlay extra: ref 'v9' is not a tag, branch or commit"),
-    (["--profile", "p", "--repo", "/nonexistent"], "is not a git mirror"),
+    (["--profile", "p", "--repo", "/nonexistent"], "is not a snapshot repository"),
 ])
 def test_cli_setup_errors_are_one_line(small_env, args, words):
     base, write_cfg, _ = small_env
@@ -251,6 +251,27 @@ def test_stale_root_with_a_mount_is_not_deleted(tmp_path):
     assert (tmp_path / "src" / "precious").read_text() == "keep"
     builder.clean_stale(profile_dir)
     assert not stale.exists() and kept.exists()  # a --keep-root build dir is left alone
+
+
+@needs_root
+def test_namespace_runner_gets_the_builders_spec(tmp_path):
+    """run_in_namespace writes the spec, `python -m chroot.nsrun` reads it: the binds are mounted in the
+    runner's namespace only, argv runs there and its exit status comes back."""
+    root = (tmp_path / "root").resolve()
+    for d in ("proc", "dev", "sys", "var/cache/binpkgs", "var/cache/distfiles"):
+        (root / d).mkdir(parents=True)
+    pkgdir, distfiles = tmp_path / "packages", tmp_path / "distfiles"
+    pkgdir.mkdir()
+    distfiles.mkdir()
+    (distfiles / "marker").write_text("x")
+    argv = ["/bin/sh", "-c", f"test -f {root}/var/cache/distfiles/marker && test -d {root}/proc/self && exit 7"]
+    with open(tmp_path / "log", "wb") as logf:
+        status = builder.run_in_namespace(root, pkgdir, argv, tmp_path / "nsrun.json", logf, False,
+                                          distfiles=distfiles)
+    assert status == 7
+    assert "mounted proc, dev (rslave), sys (rslave), var/cache/binpkgs, var/cache/distfiles" in \
+        (tmp_path / "log").read_text()
+    assert mounts_under(root) == []  # the mounts lived in the runner's namespace only
 
 
 @needs_root

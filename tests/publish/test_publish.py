@@ -141,7 +141,7 @@ def test_errors_are_one_line_and_leave_nothing(synced: Path, gpg_key: testlib.Ke
         (["2026-01-09"], "no tag 2026-01-09"),
         (["20260110"], "not a snapshot tag"),
         (["--all", "2026-01-10"], "tags or --all"),
-        (["--repo", str(tmp_path / "nope"), "2026-01-11"], "not a git mirror"),
+        (["--repo", str(tmp_path / "nope"), "2026-01-11"], "not a snapshot repository"),
     ]
     for args, msg in cases:
         r = run_publish(synced, out, gpg_key, *args)
