@@ -274,27 +274,6 @@ def test_namespace_runner_gets_the_builders_spec(tmp_path):
     assert mounts_under(root) == []  # the mounts lived in the runner's namespace only
 
 
-@needs_root
-def test_namespace_runner_gets_the_builders_spec(tmp_path):
-    """run_in_namespace writes the spec, `python -m chroot.nsrun` reads it: the binds are mounted in the
-    runner's namespace only, argv runs there and its exit status comes back."""
-    root = (tmp_path / "root").resolve()
-    for d in ("proc", "dev", "sys", "var/cache/binpkgs", "var/cache/distfiles"):
-        (root / d).mkdir(parents=True)
-    pkgdir, distfiles = tmp_path / "packages", tmp_path / "distfiles"
-    pkgdir.mkdir()
-    distfiles.mkdir()
-    (distfiles / "marker").write_text("x")
-    argv = ["/bin/sh", "-c", f"test -f {root}/var/cache/distfiles/marker && test -d {root}/proc/self && exit 7"]
-    with open(tmp_path / "log", "wb") as logf:
-        status = builder.run_in_namespace(root, pkgdir, argv, tmp_path / "nsrun.json", logf, False,
-                                          distfiles=distfiles)
-    assert status == 7
-    assert "mounted proc, dev (rslave), sys (rslave), var/cache/binpkgs, var/cache/distfiles" in \
-        (tmp_path / "log").read_text()
-    assert mounts_under(root) == []  # the mounts lived in the runner's namespace only
-
-
 def test_replace_dir_swaps_in_a_new_result(tmp_path):
     old = tmp_path / "2026-01-01"
     testlib.write_tree(old, {"build.json": "old", "packages/a.gpkg.tar": "a"})
