@@ -14,10 +14,14 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 from urllib.parse import unquote, urlparse
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.connectionpool import ConnectionPool
+from urllib3.response import BaseHTTPResponse
 from urllib3.util.retry import Retry
 
 from snapshotter import __version__
@@ -39,6 +43,33 @@ class Unreachable(FetchError):
 Progress = Callable[[int, int | None], None]
 
 
+class _ReportingRetry(Retry):
+    """urllib3's Retry, saying one line of ours per retry (`URL: HTTP 503; retry 1 of 4`).
+
+    urllib3's own "Retrying (Retry(total=3, ...))" warning is only shown with -vv (see logs.py).
+    """
+
+    def increment(self, method: str | None = None, url: str | None = None,
+                  response: BaseHTTPResponse | None = None, error: Exception | None = None,
+                  _pool: ConnectionPool | None = None, _stacktrace: TracebackType | None = None) -> Self:
+        new = super().increment(method, url, response, error, _pool, _stacktrace)  # raises when exhausted
+        if error is None and (response is None or response.get_redirect_location()):
+            return new
+        where = url or "?"
+        if _pool is not None:
+            port = f":{_pool.port}" if _pool.port else ""
+            where = f"{_pool.scheme}://{_pool.host}{port}{url or ''}"
+        why = _reason(error) if error is not None else f"HTTP {response.status if response else '?'}"
+        attempt = len(new.history)
+        total = new.total
+        limit = f" of {attempt + total}" if isinstance(total, int) and not isinstance(total, bool) else ""
+        wait = new.get_backoff_time()
+        if response is not None and self.respect_retry_after_header:
+            wait = new.get_retry_after(response) or wait
+        log.warning("%s: %s; retry %d%s%s", where, why, attempt, limit, f" in {wait:.0f} s" if wait >= 1 else "")
+        return new
+
+
 class Downloader:
     def __init__(self, cache_dir: Path, timeout: float = 60.0, retries: int = 4, backoff: float = 1.0) -> None:
         self.cache_dir = cache_dir
@@ -46,9 +77,9 @@ class Downloader:
         self.retries = retries
         self.backoff = backoff
         self.session = requests.Session()
-        retry = Retry(total=retries, connect=retries, read=retries, status=retries, backoff_factor=backoff,
-                      status_forcelist=(429, 500, 502, 503, 504), allowed_methods=("GET",),
-                      raise_on_status=False, respect_retry_after_header=True)
+        retry = _ReportingRetry(total=retries, connect=retries, read=retries, status=retries,
+                                backoff_factor=backoff, status_forcelist=(429, 500, 502, 503, 504),
+                                allowed_methods=("GET",), raise_on_status=False, respect_retry_after_header=True)
         adapter = HTTPAdapter(max_retries=retry)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
@@ -170,7 +201,9 @@ def _reason(e: Exception) -> str:
     for key, nice in (("Connection refused", "connection refused"), ("timed out", "timed out"),
                       ("Connection reset", "connection reset"), ("Name or service not known", "unknown host"),
                       ("Max retries exceeded", "gave up after retries"), ("short read", "short read"),
-                      ("IncompleteRead", "connection closed early (incomplete read)")):
+                      ("IncompleteRead", "connection closed early (incomplete read)"),
+                      ("RemoteDisconnected", "connection closed by the server"),
+                      ("Connection aborted", "connection aborted")):
         if key in text:
             return nice
     return text.splitlines()[0][:200] if text else type(e).__name__

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
+import time
 from datetime import date, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TextIO
 
 import click
 
@@ -15,9 +17,7 @@ from snapshotter.cli import State, pass_state
 from snapshotter.config import validate
 from snapshotter.errors import SnapshotterError
 from snapshotter.git.repository import Repository
-
-if TYPE_CHECKING:
-    from click._termui_impl import ProgressBar
+from snapshotter.logs import set_status_line
 
 log = logging.getLogger("snapshotter")
 
@@ -33,12 +33,21 @@ def parse_day(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 
 
 class TerminalProgress:
-    """A progress bar on stderr when it is a terminal; nothing otherwise (cron, systemd, pipes)."""
+    """A progress line on stderr when it is a terminal; nothing otherwise (cron, systemd, pipes).
 
-    def __init__(self) -> None:
-        self.enabled = sys.stderr.isatty()
+    One line per step (`fetch NAME`, `import NAME`), redrawn in place with \\r, at most ten times a second,
+    cut to the terminal's width so that it never wraps. While it is shown, log records erase it and draw it
+    again (logs.set_status_line), so a log line never lands in the middle of it.
+    """
+
+    BAR = 30
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = self.stream.isatty()
         self._label: str | None = None
-        self._bar: ProgressBar[int] | None = None
+        self._line = ""
+        self._drawn = 0.0
 
     def __call__(self, label: str, done: int, total: int | None) -> None:
         if not self.enabled:
@@ -46,18 +55,41 @@ class TerminalProgress:
         if label != self._label:
             self.close()
             self._label = label
-            self._bar = click.progressbar(length=total or 0, label=label, file=sys.stderr, show_pos=False,
-                                          show_percent=bool(total), width=30)
-            self._bar.__enter__()
-            self._last = 0
-        assert self._bar is not None
-        self._bar.update(done - self._last)
-        self._last = done
+            set_status_line(self)
+        self._line = self._format(label, done, total)
+        now = time.monotonic()
+        if now - self._drawn >= 0.1:
+            self._drawn = now
+            self.redraw()
+
+    def _format(self, label: str, done: int, total: int | None) -> str:
+        if total:
+            part = min(done / total, 1.0)
+            filled = int(part * self.BAR)
+            line = f"{label}  [{'#' * filled}{'-' * (self.BAR - filled)}]  {part:4.0%}"
+        else:
+            line = f"{label}  {done / 1e6:.1f} MB"
+        try:
+            width = os.get_terminal_size(self.stream.fileno()).columns
+        except (OSError, ValueError):
+            width = 80
+        return line[:max(width - 1, 1)]
+
+    def clear(self) -> None:
+        self.stream.write("\r\x1b[K")
+        self.stream.flush()
+
+    def redraw(self) -> None:
+        self.stream.write(f"\r\x1b[K{self._line}")
+        self.stream.flush()
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(None, None, None)
-            self._bar = None
+        """End the current line (left on the screen as it was last)."""
+        if self._label is not None:
+            set_status_line(None)
+            self.redraw()
+            self.stream.write("\n")
+            self.stream.flush()
             self._label = None
 
 
