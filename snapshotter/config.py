@@ -8,6 +8,7 @@ are taken relative to the configuration file. Command-line flags override the fi
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import shlex
@@ -325,6 +326,79 @@ class BinhostSettings:
     rollback_days: int = 14  # ... and whatever an edition pointed at within this many days
 
 
+_LISTEN_RE = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<v4>[0-9.]+)):(?P<port>[0-9]{1,5})$")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One `[[tls.endpoints]]`: the TLS endpoint of a (profile, edition) at its own IP:port."""
+
+    profile: str
+    edition: str
+    listen: str  # "IP:PORT" ("[IPv6]:PORT"), normalised
+    server_cert: str  # NAME of `snapshotter pki issue-server NAME`
+
+    @property
+    def host(self) -> str:
+        return self.listen.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+
+@dataclass
+class TlsSettings:
+    """[tls]: the PKI of client certificates and the lighttpd endpoints (docs/tls.md)."""
+
+    pki_dir: Path = Path("/etc/snapshotter/pki")  # root only (0700): CA keys, issued certificates, CRLs
+    server_cert: str = "binhost"  # default server certificate of the endpoints (pki issue-server NAME)
+    access_log_dir: Path = Path("/var/log/lighttpd")  # snapshotter-PROFILE-EDITION.access.log per endpoint
+    endpoints: list[Endpoint] = field(default_factory=list)
+
+
+def parse_listen(key: str, value: Any) -> str:
+    """Normalise "IP:PORT" or "[IPv6]:PORT"; ConfigError naming `key` for anything else."""
+    s = _str(key, value)
+    m = _LISTEN_RE.match(s)
+    port = int(m.group("port")) if m else 0
+    if not m or not 1 <= port <= 65535:
+        raise ConfigError(f"{key}: expected \"IP:PORT\" (an IPv6 address in brackets), got {s!r}")
+    try:
+        ip = ipaddress.ip_address(m.group("v6") or m.group("v4"))
+    except ValueError:
+        raise ConfigError(f"{key}: not an IP address: {s!r} (endpoints are IP-based virtual hosts)") from None
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+def parse_tls(table: Any, base: Path) -> TlsSettings:
+    if not isinstance(table, dict):
+        raise ConfigError(f"tls: expected a table ([tls]), got {table!r}")
+    rest = {k: v for k, v in table.items() if k != "endpoints"}
+    tls: TlsSettings = _section("tls", TlsSettings, rest, base)
+    raw = table.get("endpoints", [])
+    if not isinstance(raw, list):
+        raise ConfigError("tls.endpoints: expected tables [[tls.endpoints]] {profile, edition, listen}")
+    known = ("profile", "edition", "listen", "server_cert")
+    for i, item in enumerate(raw):
+        k = f"tls.endpoints[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{k}: expected a table {{profile, edition, listen}}, got {item!r}")
+        for sub in item:
+            if sub not in known:
+                raise ConfigError(f"{k}.{sub}: unknown key (known: {', '.join(sorted(known))})")
+        for sub in ("profile", "edition", "listen"):
+            if sub not in item:
+                raise ConfigError(f"{k}.{sub}: missing")
+        names = {sub: _str(f"{k}.{sub}", item.get(sub, tls.server_cert))
+                 for sub in ("profile", "edition", "server_cert")}
+        for sub, v in names.items():
+            if not NAME_RE.match(v):
+                raise ConfigError(f"{k}.{sub}: not a valid name: {v!r}")
+        tls.endpoints.append(Endpoint(listen=parse_listen(f"{k}.listen", item["listen"]), **names))
+    return tls
+
+
 @dataclass(frozen=True)
 class SigningSettings:
     """The key that signs a profile's packages and published files (see `signing_for`)."""
@@ -345,6 +419,7 @@ class Config:
     build: BuildSettings = field(default_factory=BuildSettings)
     service: ServiceSettings = field(default_factory=ServiceSettings)
     binhost: BinhostSettings = field(default_factory=BinhostSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
     profiles: dict[str, Profile] = field(default_factory=dict)
 
 
@@ -464,6 +539,7 @@ def validate(cfg: Config) -> Config:
         if cfg.profiles and name not in cfg.profiles:
             raise ConfigError(f"service.build_profiles[{i}]: no profile {name!r} (known: {', '.join(sorted(cfg.profiles))})")
     _validate_binhost(cfg.binhost)
+    _validate_tls(cfg)
     return cfg
 
 
@@ -485,6 +561,29 @@ def _validate_binhost(b: BinhostSettings) -> None:
         raise ConfigError(f"binhost.keep_builds: must be at least 1, got {b.keep_builds}")
     if b.rollback_days < 0:
         raise ConfigError(f"binhost.rollback_days: must not be negative, got {b.rollback_days}")
+
+
+def _validate_tls(cfg: Config) -> None:
+    t = cfg.tls
+    if not NAME_RE.match(t.server_cert):
+        raise ConfigError(f"tls.server_cert: not a valid name: {t.server_cert!r}")
+    seen: dict[tuple[str, str], int] = {}
+    listens: dict[str, int] = {}
+    for i, ep in enumerate(t.endpoints):
+        k = f"tls.endpoints[{i}]"
+        if ep.edition not in cfg.binhost.editions:
+            raise ConfigError(f"{k}.edition: {ep.edition!r} is not one of binhost.editions "
+                              f"({', '.join(cfg.binhost.editions)})")
+        if cfg.profiles and ep.profile not in cfg.profiles:
+            raise ConfigError(f"{k}.profile: no profile {ep.profile!r} (known: {', '.join(sorted(cfg.profiles))})")
+        if (ep.profile, ep.edition) in seen:
+            raise ConfigError(f"{k}: profile {ep.profile!r} edition {ep.edition!r} already has an endpoint "
+                              f"(tls.endpoints[{seen[ep.profile, ep.edition]}])")
+        if ep.listen in listens:
+            raise ConfigError(f"{k}.listen: {ep.listen} is already used by tls.endpoints[{listens[ep.listen]}] "
+                              "(one IP:port per profile and edition)")
+        seen[ep.profile, ep.edition] = i
+        listens[ep.listen] = i
 
 
 def signing_for(cfg: Config, profile: Profile | str) -> SigningSettings | None:
@@ -539,11 +638,13 @@ def from_dict(data: dict[str, Any], base: Path, path: Path | None = None) -> Con
             setattr(cfg, key, coerce(key, value, _TOP_LEVEL[key], base))
         elif key in _SECTIONS:
             setattr(cfg, key, _section(key, _SECTIONS[key], value, base))
+        elif key == "tls":
+            cfg.tls = parse_tls(value, base)
         elif key == "profiles":
             if not isinstance(value, dict):
                 raise ConfigError("profiles: expected tables [profiles.NAME]")
             cfg.profiles = {name: parse_profile(name, table, base) for name, table in value.items()}
         else:
-            known = sorted([*_TOP_LEVEL, *_SECTIONS, "profiles"])
+            known = sorted([*_TOP_LEVEL, *_SECTIONS, "profiles", "tls"])
             raise ConfigError(f"{key}: unknown key (known: {', '.join(known)})")
     return cfg
