@@ -260,11 +260,12 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
             cwd: Path | None = None, left_behind: list[str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the installed `snapshotter` console script for real, in a subprocess.
 
+    It inherits $SNAPSHOTTER_CONFIG: in the suite, the session's configuration whose every path is under a
+    temporary directory (tests/conftest.py); pass --config for a test's own.
     With `left_behind` (a list), the command runs under a subreaper, and the names of the processes it
     left behind (a detached `git gc`, a gpg-agent, ...; still running when it exits or not) are appended.
     """
     full_env = dict(os.environ)
-    full_env.pop("SNAPSHOTTER_CONFIG", None)
     if env:
         full_env.update(env)
     argv = ["snapshotter", *args]

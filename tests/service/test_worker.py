@@ -104,10 +104,8 @@ def test_build_child_payloads_round_trip():
 
 
 def start_worker(cfg: Path, *args: str) -> subprocess.Popen[str]:
-    env = dict(os.environ)
-    env.pop("SNAPSHOTTER_CONFIG", None)
     return subprocess.Popen(["snapshotter", "--config", str(cfg), "worker", *args], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def procs_with_cmdline(argv: list[str], under: Path) -> list[int]:
