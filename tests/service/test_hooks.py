@@ -70,20 +70,21 @@ def test_install_refuses_foreign_hook_and_non_bare_repo(setup, tmp_path: Path):
     assert "Traceback" not in out.stderr
 
 
-def test_push_of_a_new_date_tag_queues_every_profile_within_a_second(setup, tmp_path: Path):
+def test_push_of_a_new_date_tag_queues_every_profile(setup, tmp_path: Path):
+    """(How long the push takes with its hook: benchmarks/bench_service.py.)"""
     repos, _ = setup
     repos.date_tag("2026-11-20")
-    start = time.monotonic()
     out = git_run(repos.mirror_work, "push", "origin", "main", "2026-11-20")
-    push_time = time.monotonic() - start
     wait_for_jobs(tmp_path, 3)
-    print(f"push of a date tag incl. hook: {push_time:.3f} s")
-    assert push_time < 1.0
     assert sorted(jobs(tmp_path)) == [("basic", "2026-11-20", ()), ("desktop", "2026-11-20", ()),
                                       ("server", "2026-11-20", ())]
     assert "queued build" in out  # the pusher sees what was queued ("remote: ...")
-    # The same tag pushed again (e.g. to a second mirror) does not queue the builds twice.
-    git_run(repos.mirror_work, "push", "-f", "origin", "2026-11-20:refs/tags/2026-11-20")
+    # The same tag pushed again does not queue the builds twice. (Pushing an unchanged ref is "Everything
+    # up-to-date" and runs no hook: the tag is deleted on the server and pushed anew, so the hook runs.)
+    git_run(repos.mirror_work, "push", "origin", ":refs/tags/2026-11-20")
+    out = git_run(repos.mirror_work, "push", "origin", "2026-11-20")
+    assert "[new tag]" in out and out.count("already queued") == 3, out
+    assert len(jobs(tmp_path)) == 3
     # A branch push and a non-date tag on the mirror queue nothing.
     repos.commit(repos.mirror_work, "x", "y")
     git_run(repos.mirror_work, "tag", "release-1")
@@ -92,13 +93,10 @@ def test_push_of_a_new_date_tag_queues_every_profile_within_a_second(setup, tmp_
 
 
 def test_overlay_push_pins_the_overlay_for_profiles_using_it(setup, tmp_path: Path):
+    """(How long the push takes with its hook: benchmarks/bench_service.py.)"""
     repos, _ = setup
     commit = repos.commit(repos.overlay_work, "NEWS", "1\n")
-    start = time.monotonic()
     git_run(repos.overlay_work, "push", "origin", "main")
-    push_time = time.monotonic() - start
-    print(f"push of an overlay commit incl. hook: {push_time:.3f} s")
-    assert push_time < 1.0
     # desktop follows main; server follows "stable" (no build for a push to main)
     assert jobs(tmp_path) == [("desktop", "2026-11-19", (("myov", commit),))]
     # A push to the branch server follows; then a tag (an annotated tag is peeled to its commit).

@@ -123,7 +123,6 @@ def wait_line(lines: list[str], text: str, timeout: float = 30.0) -> float:
 
 def start_run(cfg: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], list[str]]:
     full = dict(os.environ, **env)
-    full.pop("SNAPSHOTTER_CONFIG", None)
     proc = subprocess.Popen(["snapshotter", "--config", str(cfg), "run"], stderr=subprocess.PIPE, text=True,
                             env=full, stdin=subprocess.DEVNULL)
     lines: list[str] = []
@@ -148,11 +147,8 @@ def test_run_loop_retries_until_the_snapshot_appears_then_stops_on_sigterm(tmp_p
         n = len(lines)
         time.sleep(1.5)
         assert not any("retry" in line for line in lines[n:]), "no retries once the day is imported"
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)  # how fast it exits while idle: benchmarks/bench_service.py
         assert proc.wait(timeout=10) == 0
-        print(f"SIGTERM to exit while idle: {time.monotonic() - t0:.2f} s")
-        assert time.monotonic() - t0 < 2
     finally:
         if proc.poll() is None:
             proc.kill()
