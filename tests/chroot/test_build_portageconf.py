@@ -139,6 +139,18 @@ def test_manifest_json_is_stable(tmp_path):
         manifest.Manifest.from_json(text.replace('"ok"', '"okay"'))
 
 
+def test_manifest_is_never_written_through_a_planted_symlink(tmp_path):
+    m = manifest.Manifest(profile="p", tag="2026-01-01", commit="c" * 40, repo="/r", stage={"source": "s", "sha256": "x"},
+                          overlays=[], portage_profile=None, make_conf={"content": "", "sha256": ""},
+                          portage_confdir=None, repos_conf="", world=None, emerge_command=["emerge"])
+    victim = tmp_path / "victim"
+    victim.write_text("untouched")
+    (tmp_path / "build.json").symlink_to(victim)
+    with pytest.raises(FileExistsError):
+        manifest.write(m, tmp_path / "build.json")  # created exclusively in the fresh staging directory
+    assert victim.read_text() == "untouched"
+
+
 def test_documented_example_profile_parses(tmp_path):
     """The commented [profiles.basic] of examples/snapshotter.toml is valid once uncommented."""
     text = (testlib.REPO_ROOT / "examples/snapshotter.toml").read_text()
