@@ -55,6 +55,7 @@ class TerminalProgress:
         if label != self._label:
             self.close()
             self._label = label
+            self._drawn = 0.0  # a new step is shown at once
             set_status_line(self)
         self._line = self._format(label, done, total)
         now = time.monotonic()

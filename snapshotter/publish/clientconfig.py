@@ -14,11 +14,20 @@ _PATH_RE = re.compile(r"^/[^\s\"'\\$`]*$")
 
 
 def check_mirror_url(url: str) -> str:
-    """An http(s)/ftp/file URL without whitespace, quotes or shell characters; no trailing slash."""
+    """An http(s)/ftp/file URL without whitespace, quotes or shell characters; no trailing slash.
+
+    A URL ending in /snapshots is refused: it is the snapshots directory, not the mirror's root that
+    GENTOO_MIRRORS wants (emerge-webrsync would ask for .../snapshots/snapshots/gentoo-YYYYMMDD.tar.xz).
+    """
     if not _URL_RE.match(url):
         raise SnapshotterError(f"not a usable mirror URL (http://, https://, ftp:// or file://, "
                                f"no spaces or quotes): {url!r}")
-    return url.rstrip("/")
+    url = url.rstrip("/")
+    if url.endswith("/snapshots"):
+        raise SnapshotterError(f"mirror URL {url} ends in /snapshots: give the URL of publish's OUT directory, "
+                               f"the one that holds snapshots/ ({url.removesuffix('/snapshots')}); "
+                               "emerge-webrsync adds /snapshots/ itself")
+    return url
 
 
 def check_abs_path(path: str, what: str) -> str:
