@@ -1,0 +1,164 @@
+"""The lighttpd configuration of the binhost endpoints (`snapshotter web-config lighttpd`, docs/tls.md).
+
+One IP-based virtual host (`$SERVER["socket"] == "IP:PORT"`) per `[[tls.endpoints]]`, i.e. per
+(profile, edition): TLS with the full server chain, client certificates enforced against that edition's
+client CA and CRL, the edition's document root WEB_ROOT/<edition>/<profile> (a symlink that promotion
+switches: lighttpd resolves it per request, so promotion needs no reload), and an access log per
+endpoint whose user field (%u) is the client certificate's CN. The output is deterministic: the same
+configuration gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+
+from snapshotter.binhost.pki import Pki, PkiError
+from snapshotter.config import Config, Endpoint
+from snapshotter.errors import ConfigError
+
+ACCESS_LOG_FORMAT = '%h %u %t "%r" %>s %b "%{User-Agent}i"'
+# lighttpd's strings are double-quoted with backslash escapes: paths that would need quoting are refused.
+_UNSAFE = re.compile(r'["\\\x00-\x1f\x7f]')
+DEFAULT_USER = "www-data"
+
+
+@dataclass(frozen=True)
+class LighttpdOptions:
+    """Process settings of the generated server (not in the TOML: they belong to the host's lighttpd)."""
+
+    user: str | None = DEFAULT_USER  # server.username; None keeps the user lighttpd was started as
+    group: str | None = DEFAULT_USER
+    pid_file: Path | None = None
+
+
+@dataclass
+class WebConfig:
+    text: str
+    endpoints: list[Endpoint]
+    warnings: list[str] = field(default_factory=list)
+
+
+def _q(value: str | Path, what: str) -> str:
+    s = str(value)
+    if _UNSAFE.search(s):
+        raise ConfigError(f"{what}: {s!r} has a character lighttpd's configuration cannot hold (quote, "
+                          "backslash or control character)")
+    return f'"{s}"'
+
+
+def access_log(cfg: Config, ep: Endpoint) -> Path:
+    return cfg.tls.access_log_dir / f"snapshotter-{ep.profile}-{ep.edition}.access.log"
+
+
+def document_root(cfg: Config, ep: Endpoint) -> Path:
+    assert cfg.binhost.web_root is not None
+    return cfg.binhost.web_root / ep.edition / ep.profile
+
+
+def _bind_host(ep: Endpoint) -> str:
+    return f"[{ep.host}]" if ":" in ep.host else ep.host
+
+
+def _check_files(cfg: Config, pki: Pki, warnings: list[str]) -> None:
+    """Every file the configuration names exists (one clear line otherwise); the server certificates
+    name the endpoints' addresses (a warning otherwise: clients connecting by IP would refuse them)."""
+    names = sorted({ep.server_cert for ep in cfg.tls.endpoints})
+    for name in names:
+        try:
+            chain, key = pki.server_chain(name), pki.server_key(name)
+        except PkiError as e:
+            raise ConfigError(f"tls.server_cert: {e}") from None
+        if not chain.is_file() or not key.is_file():
+            raise PkiError(f"no server certificate {name!r} in {pki.root}: run "
+                           f"`snapshotter pki issue-server {name} --ip ADDRESS ...` first")
+        cert = x509.load_pem_x509_certificate(chain.read_bytes())
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            ips = {str(i) for i in san.get_values_for_type(x509.IPAddress)}
+        except x509.ExtensionNotFound:
+            ips = set()
+        for ep in cfg.tls.endpoints:
+            if ep.server_cert == name and str(ipaddress.ip_address(ep.host)) not in ips:
+                warnings.append(f"server certificate {name!r} does not name {ep.host} (endpoint {ep.profile}/"
+                                f"{ep.edition}): clients must connect by one of its DNS names, or reissue it "
+                                f"with --ip {ep.host}")
+    for edition in sorted({ep.edition for ep in cfg.tls.endpoints}):
+        if not pki.client_ca_cert(edition).is_file() or not pki.crl(edition).is_file():
+            raise PkiError(f"no client CA for edition {edition!r} in {pki.root}: run `snapshotter pki init`")
+
+
+def render(cfg: Config, options: LighttpdOptions | None = None, *, check_files: bool = True) -> WebConfig:
+    """The lighttpd configuration for `cfg.tls.endpoints` (see the module docstring)."""
+    opts = options or LighttpdOptions()
+    if not cfg.tls.endpoints:
+        raise ConfigError("tls.endpoints: no endpoints configured; add one [[tls.endpoints]] "
+                          "(profile, edition, listen = \"IP:PORT\") per profile and edition")
+    if cfg.binhost.web_root is None:
+        raise ConfigError("binhost.web_root: not set (the editions' document roots are WEB_ROOT/EDITION/PROFILE)")
+    pki = Pki(cfg.tls.pki_dir)
+    warnings: list[str] = []
+    if check_files:
+        _check_files(cfg, pki, warnings)
+    first = cfg.tls.endpoints[0]
+    logs = cfg.tls.access_log_dir
+    lines = [
+        "# Generated by `snapshotter web-config lighttpd`; regenerate it rather than editing it.",
+        "# One endpoint per (profile, edition): a client certificate of that edition's client CA is",
+        "# required at the TLS handshake. See docs/tls.md.",
+        "# After `snapshotter pki revoke` or `pki issue-server`, RESTART lighttpd (systemctl restart):",
+        "# it reads the root-only PKI files only at start, as root. A graceful reload (SIGUSR1,",
+        "# systemctl reload) re-reads them after dropping privileges, fails, and stops the server.",
+        "# A promotion or rollback needs nothing: each document root is a symlink, resolved per request.",
+        "",
+        'server.modules = ("mod_openssl", "mod_accesslog")',
+        f"server.bind = {_q(_bind_host(first), 'tls.endpoints[0].listen')}",
+        f"server.port = {first.port}",
+        f"server.document-root = {_q(document_root(cfg, first), 'binhost.web_root')}",
+        f"server.errorlog = {_q(logs / 'snapshotter-error.log', 'tls.access_log_dir')}",
+        'server.follow-symlink = "enable"',
+        # No stat cache: a promotion switches the document root symlink, and every request must see the
+        # switch at once (a cached entry would serve the previous root's file for up to a few seconds).
+        'server.stat-cache-engine = "disable"',
+        'server.tag = "lighttpd"',
+    ]
+    if opts.user:
+        lines.append(f"server.username = {_q(opts.user, '--user')}")
+    if opts.group:
+        lines.append(f"server.groupname = {_q(opts.group, '--group')}")
+    if opts.pid_file is not None:
+        lines.append(f"server.pid-file = {_q(opts.pid_file, '--pid-file')}")
+    lines += [
+        'mimetype.assign = (".json" => "application/json", ".asc" => "text/plain", ".md5sum" => "text/plain",',
+        '                   "" => "application/octet-stream")',
+        'ssl.openssl.ssl-conf-cmd = ("MinProtocol" => "TLSv1.2")',
+    ]
+    for i, ep in enumerate(cfg.tls.endpoints):
+        k = f"tls.endpoints[{i}]"
+        lines += [
+            "",
+            f"# profile {ep.profile}, edition {ep.edition}",
+            f'$SERVER["socket"] == {_q(ep.listen, k + ".listen")} {{',
+            '    ssl.engine = "enable"',
+            f"    ssl.pemfile = {_q(pki.server_chain(ep.server_cert), 'tls.pki_dir')}",
+            f"    ssl.privkey = {_q(pki.server_key(ep.server_cert), 'tls.pki_dir')}",
+            '    ssl.verifyclient.activate = "enable"',
+            '    ssl.verifyclient.enforce = "enable"',
+            f"    ssl.verifyclient.ca-file = {_q(pki.client_ca_cert(ep.edition), 'tls.pki_dir')}",
+            f"    ssl.ca-crl-file = {_q(pki.crl(ep.edition), 'tls.pki_dir')}",
+            "    ssl.verifyclient.depth = 1",
+            '    ssl.verifyclient.username = "SSL_CLIENT_S_DN_CN"',
+            f"    server.document-root = {_q(document_root(cfg, ep), 'binhost.web_root')}",
+            f"    accesslog.filename = {_q(access_log(cfg, ep), 'tls.access_log_dir')}",
+            f"    accesslog.format = {_q_format(ACCESS_LOG_FORMAT)}",
+            "}",
+        ]
+    return WebConfig(text="\n".join(lines) + "\n", endpoints=list(cfg.tls.endpoints), warnings=warnings)
+
+
+def _q_format(fmt: str) -> str:
+    return '"' + fmt.replace("\\", "\\\\").replace('"', '\\"') + '"'
