@@ -12,6 +12,7 @@ that needs a passphrase fails with one line instead of waiting for a terminal).
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -129,19 +130,26 @@ def _require_secret_key(gpg: gnupg.GPG, fpr: str, gnupghome: Path | None) -> Non
     raise SigningError(f"no secret key {fpr}{where}")
 
 
-def detach_sign(path: Path, key: str, gnupghome: Path | None, *, name: str | None = None) -> bytes:
+def detach_sign(path: Path, key: str, gnupghome: Path | None, *, name: str | None = None,
+                passphrase_file: Path | None = None) -> bytes:
     """An armored detached signature of the file `path` by `key` (a fingerprint) from `gnupghome`.
 
-    Raises SigningError (one clear line) when the key is missing, expired, revoked, needs a passphrase
-    that is not available, or gpg fails. `name` is how the file is called in messages.
+    A key with a passphrase needs `passphrase_file` (given to gpg with the loopback pinentry: no terminal,
+    no pinentry program). Raises SigningError (one clear line) when the key is missing, expired, revoked,
+    needs a passphrase that is not available, or gpg fails. `name` is how the file is called in messages.
     """
     fpr = signing_fingerprint(key)
     gpg = _gpg(gnupghome)
     _require_secret_key(gpg, fpr, gnupghome)
+    pinentry = ["--pinentry-mode", "error"]
+    if passphrase_file is not None:
+        if not os.access(passphrase_file, os.R_OK) or not Path(passphrase_file).is_file():
+            raise SigningError(f"passphrase file {passphrase_file} is missing or not readable")
+        pinentry = ["--pinentry-mode", "loopback", "--passphrase-file", str(passphrase_file)]
     try:
         with open(path, "rb") as f:
             result = gpg.sign_file(f, keyid=fpr, detach=True, binary=False,
-                                   extra_args=["--pinentry-mode", "error", "--digest-algo", "SHA512"])
+                                   extra_args=[*pinentry, "--digest-algo", "SHA512"])
     except OSError as e:
         raise SigningError(f"cannot sign {path}: {e.strerror}") from None
     data: bytes = result.data or b""

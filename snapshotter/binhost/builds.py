@@ -179,7 +179,7 @@ def read_build(path: Path) -> Build:
             files["Packages"] = str(index["sha256"])
             size += int(index.get("size") or 0)
         ok = data.get("ok") is True
-        signing = data.get("signing_key")
+        signing = data.get("signing_key") or _make_conf_signing_key(data.get("make_conf"))
         return Build(id=build_id, profile=profile, tag=tag, n=n, path=path, state=OK if ok else FAILED,
                      commit=commit, overlays=_overlays(data.get("overlays")),
                      packages=len(files) - (1 if "Packages" in files else 0), size=size,
@@ -188,6 +188,17 @@ def read_build(path: Path) -> Build:
                      package_files=files)
     except (ValueError, KeyError, TypeError) as e:
         return _invalid(base, f"build.json: {e}")
+
+
+def _make_conf_signing_key(make_conf: Any) -> str | None:
+    """BINPKG_GPG_SIGNING_KEY as the build's make.conf set it last (how the packages were signed)."""
+    content = make_conf.get("content") if isinstance(make_conf, dict) else None
+    if not isinstance(content, str):
+        return None
+    found = None
+    for m in re.finditer(r"^\s*(?:export\s+)?BINPKG_GPG_SIGNING_KEY=[\"']?([0-9A-Fa-f]{40})[\"']?\s*$", content, re.M):
+        found = m[1].upper()
+    return found
 
 
 def _invalid(base: Build, detail: str) -> Build:

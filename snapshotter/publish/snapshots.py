@@ -312,6 +312,7 @@ class PublishOptions:
     keep: int = 0
     xz_level: int = 9
     xz_threads: int = 0
+    passphrase_file: Path | None = None  # for a passphrase-protected signing key (binhost builds)
 
 
 def publish_tag(repo: Path, tag: Tag, opts: PublishOptions) -> Published:
@@ -329,7 +330,8 @@ def publish_tag(repo: Path, tag: Tag, opts: PublishOptions) -> Published:
         finally:
             os.close(fd)
         md5 = file_digest(tmp, "md5")
-        signature = detach_sign(tmp, opts.signing_key, opts.gnupghome, name=name)
+        signature = detach_sign(tmp, opts.signing_key, opts.gnupghome, name=name,
+                                passphrase_file=opts.passphrase_file)
         side = {
             ".md5sum": f"{md5}  {name}\n".encode(),
             ".gpgsig": signature,
