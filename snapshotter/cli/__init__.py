@@ -92,9 +92,9 @@ def main(ctx: click.Context, config_path: Path | None, verbose: int, quiet: bool
 
 
 def _register() -> None:
-    from snapshotter.cli import build, pki, publish, service, sync
+    from snapshotter.cli import binhost, build, pki, publish, service, sync
 
-    for module in (sync, publish, build, service, pki):
+    for module in (sync, publish, build, service, pki, binhost):
         for command in module.COMMANDS:
             main.add_command(command)
 
