@@ -5,7 +5,7 @@ shared/notes/real-portage-in-tests.md §2): `debootstrap --variant=minbase bookw
 way Gentoo installs it (meson, system-wide, from the PyPI sdist), and the Gentoo-isms a stage3 has
 (`portage` user/group 250, /usr/bin/python, /usr/bin/gtar, /var/lib/portage, ...). It is packed as
 `stage-<recipe hash>.tar.zst` under /var/cache/snapshotter-tests/ and reused across runs; any change of
-this file changes the hash and rebuilds it. Run `python tests/stage.py` to build it ahead of the tests.
+this file changes the hash and rebuilds it. Run `python tests/helpers/stage.py` to build it ahead of the tests.
 """
 
 from __future__ import annotations
