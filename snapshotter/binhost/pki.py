@@ -467,8 +467,10 @@ class Pki:
                              f"if it moves to {edition}, run: snapshotter pki revoke {host} --edition {info.edition}")
         return tuple(notes)
 
-    def revoke(self, host: str, edition: str, *, now: dt.datetime | None = None) -> list[str]:
-        """Revoke every not yet revoked certificate of `host` in `edition`; regenerate the CRL.
+    def revoke(self, host: str, edition: str, *, serial: str | None = None,
+               now: dt.datetime | None = None) -> list[str]:
+        """Revoke every not yet revoked certificate of `host` in `edition` (only `serial`, when given, e.g.
+        the old one after a renewal); regenerate the CRL.
 
         Returns the revoked serials; a host without such a certificate is an error.
         """
@@ -480,13 +482,15 @@ class Pki:
         with self._locked():
             ca_key, ca_cert = self._load_ca(d, f"client CA {edition}")
             revoked = self._revoked(edition)
-            serials = [serial for serial, cert in self._issued(edition)
-                       if _cn(cert).lower() == host.lower() and serial not in revoked]
+            wanted = serial.lower().lstrip("0") if serial is not None else None
+            serials = [s for s, cert in self._issued(edition)
+                       if _cn(cert).lower() == host.lower() and s not in revoked and wanted in (None, s)]
             if not serials:
-                raise PkiError(f"{host} has no certificate of edition {edition} that is not revoked already "
+                what = f"certificate {serial} of {host}" if serial is not None else f"certificate of {host}"
+                raise PkiError(f"no {what} in edition {edition} that is not revoked already "
                                "(see `snapshotter pki list`)")
-            for serial in serials:
-                revoked[serial] = when.isoformat()
+            for s in serials:
+                revoked[s] = when.isoformat()
             number = self._crl_number(edition) + 1
             data = json.dumps(dict(sorted(revoked.items())), indent=1).encode() + b"\n"
             atomic_write(d / REVOKED, data, mode=0o600, durable=True)

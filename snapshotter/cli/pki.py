@@ -37,7 +37,7 @@ def pki_group() -> None:
     snapshotter pki init
     snapshotter pki issue-server binhost --ip 10.0.0.5 --ip 10.0.0.6 --dns binhost.example.org
     snapshotter pki issue-client web01 --edition production --out ./web01
-    snapshotter pki revoke web01 --edition production      # then: systemctl restart lighttpd
+    snapshotter pki revoke web01 --edition production   # then: systemctl restart snapshotter-lighttpd
     snapshotter pki list
     """
 
@@ -82,7 +82,7 @@ def issue_server_cmd(state: State, name: str, ips: tuple[str, ...], dns: tuple[s
     cert = _pki(state, pki_dir).issue_server(name, ips=list(ips), dns=list(dns), days=days)
     click.echo(f"issued server certificate {cert.name} serial {cert.serial} valid until "
                f"{cert.not_after:%Y-%m-%d}: {cert.chain} (key {cert.key})")
-    click.echo("restart lighttpd to use it (systemctl restart lighttpd)")
+    click.echo("restart lighttpd to use it (systemctl restart snapshotter-lighttpd)")
 
 
 @pki_group.command("issue-client")
@@ -118,22 +118,25 @@ def issue_client_cmd(state: State, host: str, edition: str, out: Path | None, da
 @pki_group.command("revoke")
 @click.argument("host")
 @click.option("--edition", required=True, metavar="EDITION", help="The edition whose certificates to revoke.")
+@click.option("--serial", default=None, metavar="SERIAL",
+              help="Revoke only this certificate (e.g. the old one after a renewal; see `pki list`).")
 @_PKI_DIR
 @pass_state
-def revoke_cmd(state: State, host: str, edition: str, pki_dir: Path | None) -> None:
-    """Revoke every certificate of HOST in EDITION and regenerate that edition's CRL.
+def revoke_cmd(state: State, host: str, edition: str, serial: str | None, pki_dir: Path | None) -> None:
+    """Revoke every certificate of HOST in EDITION (or only --serial) and regenerate that edition's CRL.
 
-    lighttpd reads the CRL at start: restart it afterwards (systemctl restart lighttpd).
+    lighttpd reads the CRL at start: restart it afterwards (systemctl restart snapshotter-lighttpd).
 
     \b
     Example:
-      snapshotter pki revoke web01 --edition production && systemctl restart lighttpd
+      snapshotter pki revoke web01 --edition production && systemctl restart snapshotter-lighttpd
     """
     _edition(state, edition)
     pki = _pki(state, pki_dir)
-    for serial in pki.revoke(host, edition):
-        click.echo(f"revoked {edition} certificate of {host} serial {serial}")
-    click.echo(f"CRL updated: {pki.crl(edition)}; restart lighttpd to apply it (systemctl restart lighttpd)")
+    for serial_hex in pki.revoke(host, edition, serial=serial):
+        click.echo(f"revoked {edition} certificate of {host} serial {serial_hex}")
+    click.echo(f"CRL updated: {pki.crl(edition)}; restart lighttpd to apply it "
+               "(systemctl restart snapshotter-lighttpd)")
 
 
 @pki_group.command("list")

@@ -132,8 +132,15 @@ def test_revoke_regenerates_the_crl_and_list_shows_it(tmp_path: Path, pki: Pki) 
     assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == 2
     assert crl.next_update_utc is not None and crl.next_update_utc > dt.datetime.now(dt.UTC) + dt.timedelta(days=3000)
     assert len(x509.load_pem_x509_crl(pki.crl("production").read_bytes())) == 0
-    with pytest.raises(PkiError, match="web01 has no certificate of edition testing that is not revoked"):
+    with pytest.raises(PkiError, match="no certificate of web01 in edition testing that is not revoked already"):
         pki.revoke("web01", "testing")
+    # --serial: only that one (the old certificate after a renewal)
+    old = pki.issue_client("web02", "testing", tmp_path / "e")
+    with pytest.raises(PkiError, match=f"no certificate {a.serial} of web02 in edition testing"):
+        pki.revoke("web02", "testing", serial=a.serial)
+    assert pki.revoke("web02", "testing", serial=old.serial) == [old.serial]
+    crl = x509.load_pem_x509_crl(pki.crl("testing").read_bytes())
+    assert sorted(f"{r.serial_number:x}" for r in crl) == sorted([a.serial, b.serial, old.serial])
     rows = {(c.host, c.edition, c.serial): c for c in pki.list()}
     assert rows["web01", "testing", a.serial].revoked is not None
     assert rows["web02", "testing", keep.serial].revoked is None
