@@ -84,7 +84,10 @@ def main(ctx: click.Context, config_path: Path | None, verbose: int, quiet: bool
       snapshotter build --profile basic     rebuild all binary packages from a tag in a chroot
       snapshotter run             the daily loop (sync, push, publish, queue builds)
 
-    Every option of the configuration file can be given as a flag; flags win.
+    Flags override the configuration file, but only some of its keys have one: an option's help
+    names the key it overrides ("Config: sync.mirrors"); every other key is set in the file
+    (examples/snapshotter.toml has them all, commented).
+
     Exit status: 0 ok, 1 error, 2 usage, 3 push failed (import kept), 4 build failed, 75 locked.
     """
     setup_logging(verbose, quiet)

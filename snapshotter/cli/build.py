@@ -14,12 +14,12 @@ from snapshotter.service.build import BuildRequest, run_build
 @click.command("build")
 @click.option("--profile", "profile", required=True, metavar="NAME", help="Build profile ([profiles.NAME]).")
 @click.option("--repo", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="The snapshot repository (default: `repo` of the config).")
+              help="The snapshot repository (bare git). Config: repo.")
 @click.option("--tag", default=None, metavar="YYYY-MM-DD", help="Snapshot tag to build (default: the newest).")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Output directory; results go to OUTPUT/PROFILE/TAG/ (default: [build].output).")
+              help="Output directory; results go to OUTPUT/PROFILE/TAG/. Config: build.output.")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where build roots are made (default: [build].work_dir).")
+              help="Where build roots are made. Config: build.work_dir.")
 @click.option("--overlay-ref", "overlay_refs", multiple=True, metavar="NAME=REF",
               help="Pin an overlay of the profile to another tag/branch/commit for this build (repeatable).")
 @click.option("--keep-root", is_flag=True, help="Keep the build root afterwards (for debugging).")
@@ -34,6 +34,11 @@ def build_cmd(state: State, profile: str, repo: Path | None, tag: str | None, ou
     outlives the build, even on kill -9. Output: OUTPUT/PROFILE/TAG/{packages/,build.log,build.json}; a
     failed build goes to OUTPUT/PROFILE/TAG.failed/. -v streams emerge's output live.
     Exit status: 0 built, 1 setup error, 4 emerge failed (log tail shown), 75 profile locked.
+
+    \b
+    Examples:
+      snapshotter build --profile basic                              # at the newest tag
+      snapshotter build --profile desktop --tag 2026-11-20 --overlay-ref myov=v1.2 --keep-root
     """
     cfg = state.config
     cfg.repo = state.repo(repo)

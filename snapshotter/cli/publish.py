@@ -43,6 +43,14 @@ def publish_cmd(state: State, tags: tuple[str, ...], repo: Path | None, all_tags
     For each TAG (YYYY-MM-DD; default: the newest) write OUT/snapshots/gentoo-YYYYMMDD.tar.xz with
     its .md5sum and .gpgsig, and point gentoo-latest.tar.xz at the newest published day. Tags that are
     already published are skipped unless --force. The same tag always gives the same bytes.
+
+    \b
+    Examples:
+      snapshotter publish --out /srv/www --signing-key FPR     # the newest tag
+      snapshotter publish --all --keep 30                      # every tag not yet published; keep 30 days
+      snapshotter publish 2026-11-20 --force                   # that day again
+    Prints one line per event: "published TAG PATH SIZE bytes md5 MD5", "already published TAG ...",
+    "pruned NAME", and "latest TAG" (where gentoo-latest.tar.xz points).
     """
     cfg = state.config
     opts = options_from_config(cfg, out=out, signing_key=signing_key, gnupghome=gnupghome, keep=keep,
@@ -66,7 +74,12 @@ def publish_cmd(state: State, tags: tuple[str, ...], repo: Path | None, all_tags
               help="The snapshot repository (bare git). Config: repo.")
 @pass_state
 def export_cmd(state: State, tag: str, dest: Path, repo: Path | None) -> None:
-    """Write the tree of TAG (YYYY-MM-DD) into DEST (created if missing; must be empty)."""
+    """Write the tree of TAG (YYYY-MM-DD) into DEST (created if missing; must be empty).
+
+    \b
+    Example:
+      snapshotter export 2026-11-20 /var/tmp/gentoo-2026-11-20
+    """
     repository = Repository(state.repo(repo)).require()
     t = repository.find_tag(tag)
     export_tree(repository.path, t.commit, dest)
@@ -82,7 +95,15 @@ def export_cmd(state: State, tag: str, dest: Path, repo: Path | None) -> None:
               help="The client's gentoo repository directory.")
 @click.option("--keyserver", metavar="URL", help="A keyserver carrying our key (for clients using gemato).")
 def client_config_cmd(mirror_url: str, key_path: str, location: str, keyserver: str | None) -> None:
-    """Print the repos.conf stanza and GENTOO_MIRRORS line a client needs."""
+    """Print the repos.conf stanza and GENTOO_MIRRORS line a client needs.
+
+    The URL is the root that serves publish's OUT directory, not its snapshots/ (emerge-webrsync adds
+    /snapshots/ itself); a URL ending in /snapshots is refused.
+
+    \b
+    Example:
+      snapshotter client-config --mirror-url https://mirror.example.org --key-path /etc/portage/our-key.asc
+    """
     click.echo(client_config(mirror_url, key_path, location, keyserver), nl=False)
 
 

@@ -36,7 +36,12 @@ def _when(ts: float | None) -> str:
 # ---- hooks -------------------------------------------------------------------------------------
 @click.group("hooks")
 def hooks_group() -> None:
-    """Git hooks that queue builds when tags or overlay commits are pushed."""
+    """Git hooks that queue builds when tags or overlay commits are pushed.
+
+    \b
+    Example:
+      snapshotter --config /etc/snapshotter/snapshotter.toml hooks install /var/lib/snapshotter/gentoo.git
+    """
 
 
 @hooks_group.command("install")
@@ -49,6 +54,11 @@ def hooks_install(state: State, repo: Path, executable: str | None, force: bool)
 
     The hook runs `snapshotter [--config FILE] hooks enqueue` with this executable and the
     configuration given with the global --config (or $SNAPSHOTTER_CONFIG) baked in.
+
+    \b
+    Examples:
+      snapshotter --config /etc/snapshotter/snapshotter.toml hooks install /var/lib/snapshotter/gentoo.git
+      snapshotter hooks install /srv/git/myov.git --executable /opt/snapshotter/bin/snapshotter
     """
     from snapshotter.service import hooks
 
@@ -56,8 +66,9 @@ def hooks_install(state: State, repo: Path, executable: str | None, force: bool)
     if config is None and os.environ.get("SNAPSHOTTER_CONFIG"):
         config = Path(os.environ["SNAPSHOTTER_CONFIG"])
     state.config  # noqa: B018  -- refuse to install a hook pointing at a broken configuration
-    target = hooks.install(repo, executable or hooks.find_executable(), config, force=force)
-    click.echo(f"installed {target}")
+    exe = executable or hooks.find_executable()
+    target = hooks.install(repo, exe, config, force=force)
+    click.echo(f"installed {target} (runs {exe}{f' --config {config.absolute()}' if config else ''} hooks enqueue)")
 
 
 @hooks_group.command("enqueue")
@@ -65,7 +76,12 @@ def hooks_install(state: State, repo: Path, executable: str | None, force: bool)
               help="The repository pushed to (default: $GIT_DIR, else the current directory).")
 @pass_state
 def hooks_enqueue(state: State, repo: Path | None) -> None:
-    """Read post-receive lines ("<old> <new> <ref>") on stdin and queue the builds they ask for."""
+    """Read post-receive lines ("<old> <new> <ref>") on stdin and queue the builds they ask for.
+
+    \b
+    Example (what the installed hook runs, with git's lines on stdin):
+      echo "$OLD $NEW refs/tags/2026-11-20" | snapshotter hooks enqueue --repo /var/lib/snapshotter/gentoo.git
+    """
     from snapshotter.service import triggers
 
     if repo is None:
@@ -82,7 +98,13 @@ def hooks_enqueue(state: State, repo: Path | None) -> None:
 @click.option("-n", "--limit", type=click.IntRange(min=1), default=None, help="Only the newest N jobs.")
 @click.pass_context
 def queue_group(ctx: click.Context, states: tuple[str, ...], limit: int | None) -> None:
-    """List the build jobs (oldest first); subcommands act on one job."""
+    """List the build jobs (oldest first); subcommands act on one job.
+
+    \b
+    Examples:
+      snapshotter queue                        # every job
+      snapshotter queue --state failed -n 5    # the five newest failed jobs
+    """
     if ctx.invoked_subcommand is not None:
         return
     from snapshotter.service.jobqueue import JobState, open_queue
@@ -101,7 +123,12 @@ def queue_group(ctx: click.Context, states: tuple[str, ...], limit: int | None) 
 @click.argument("job_id", type=int)
 @pass_state
 def queue_retry(state: State, job_id: int) -> None:
-    """Queue the failed job JOB_ID again."""
+    """Queue the failed job JOB_ID again.
+
+    \b
+    Example:
+      snapshotter queue retry 12
+    """
     from snapshotter.service.jobqueue import open_queue
 
     rec = open_queue(state.config).retry(job_id)
@@ -112,7 +139,12 @@ def queue_retry(state: State, job_id: int) -> None:
 @click.argument("job_id", type=int)
 @pass_state
 def queue_show(state: State, job_id: int) -> None:
-    """Everything about job JOB_ID."""
+    """Everything about job JOB_ID.
+
+    \b
+    Example:
+      snapshotter queue show 12
+    """
     from snapshotter.service.jobqueue import open_queue
 
     rec = open_queue(state.config).get(job_id)
@@ -159,12 +191,18 @@ def queue_add(state: State, profiles: tuple[str, ...], tag: str | None, overlays
 @click.command("worker")
 @click.option("--once", is_flag=True, help="Take at most one job, build it and exit (4 if it failed).")
 @click.option("--lease", "lease", type=click.FloatRange(min=0.5), default=None,
-              help="Job lease in seconds, renewed while building (default: service.lease_seconds).")
+              help="Job lease in seconds, renewed while building. Config: service.lease_seconds.")
 @click.option("--poll", "poll", type=click.FloatRange(min=0.05), default=None,
-              help="Seconds between looks at an empty queue (default: service.poll_interval).")
+              help="Seconds between looks at an empty queue. Config: service.poll_interval.")
 @pass_state
 def worker_cmd(state: State, once: bool, lease: float | None, poll: float | None) -> None:
-    """Build queued jobs one at a time. Several workers may run (here or on other hosts)."""
+    """Build queued jobs one at a time. Several workers may run (here or on other hosts).
+
+    \b
+    Examples:
+      snapshotter worker             # until SIGTERM (systemd/snapshotter-worker.service)
+      snapshotter worker --once      # one job, then exit (4 if its build failed)
+    """
     from snapshotter.service.worker import Worker
 
     worker = Worker(state.config, state.config_path, lease_seconds=lease, poll_interval=poll)
@@ -184,6 +222,11 @@ def run_cmd(state: State, once: bool) -> None:
     step and exit 0. With --once (cron, a systemd timer): one cycle, no retries.
     Exit status with --once: 0 ok (also when the day's snapshot is not out yet), 1 sync or publish
     failed, 3 a push failed (the import is kept).
+
+    \b
+    Examples:
+      snapshotter run             # the loop (systemd/snapshotter.service)
+      snapshotter run --once      # one cycle (cron, systemd/snapshotter-sync.timer)
     """
     from snapshotter.service.loop import Service, run_cycle
 
@@ -202,7 +245,12 @@ def run_cmd(state: State, once: bool) -> None:
 @click.command("status")
 @pass_state
 def status_cmd(state: State) -> None:
-    """Newest tag, last sync success and failure, pending pushes, queued/running/failed builds."""
+    """Newest tag, last sync success and failure, pending pushes, queued/running/failed builds.
+
+    \b
+    Example:
+      snapshotter --config /etc/snapshotter/snapshotter.toml status
+    """
     from snapshotter.service import status
 
     for line in status.render(status.collect(state.config)):

@@ -98,7 +98,8 @@ class TerminalProgress:
 @click.option("--repo", type=click.Path(file_okay=False, path_type=Path),
               help="The snapshot repository (bare git; created if missing). Config: repo.")
 @click.option("--mirror", "mirrors", multiple=True, metavar="URL",
-              help="A Gentoo mirror (the directory holding snapshots/); repeat to try several in order. "
+              help="A Gentoo mirror: its root, the directory holding snapshots/ (not .../snapshots); repeat "
+                   "to try several in order. "
                    "Config: sync.mirrors.")
 @click.option("--keyring", "keyrings", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="An armored public key file trusted for snapshot signatures; repeatable. Config: sync.keyring.")
@@ -180,7 +181,12 @@ def sync(state: State, repo: Path | None, mirrors: tuple[str, ...], keyrings: tu
 @click.option("--repo", type=click.Path(file_okay=False, path_type=Path), help="The snapshot repository (bare git). Config: repo.")
 @pass_state
 def tags(state: State, repo: Path | None) -> None:
-    """List imported snapshots as "YYYY-MM-DD <commit>" lines, newest last."""
+    """List imported snapshots as "YYYY-MM-DD <commit>" lines, newest last.
+
+    \b
+    Example:
+      snapshotter tags --repo /var/lib/snapshotter/gentoo.git | tail -n 1    # the newest
+    """
     repository = Repository(state.repo(repo), state.config.git.branch).require()
     for tag in repository.tags():
         click.echo(f"{tag.name} {tag.commit}")

@@ -343,7 +343,7 @@ def publish_tag(repo: Path, tag: Tag, opts: PublishOptions) -> Published:
         for t in temps.values():
             t.unlink(missing_ok=True)
     size = (snapdir / name).stat().st_size
-    log.info("published %s (%s, %d bytes, md5 %s)", name, tag.name, size, md5)
+    log.debug("published %s (%s, %d bytes, md5 %s)", name, tag.name, size, md5)  # the caller reports it
     return Published(tag.name, snapdir / name, md5, size, tar_size)
 
 
@@ -437,7 +437,7 @@ def prune(snapdir: Path, keep: int) -> list[str]:
             if p.exists():
                 p.unlink()
                 removed.append(p.name)
-        log.info("pruned %s", name)
+        log.debug("pruned %s", name)  # the caller reports it
     if removed:
         fsync_dir(snapdir)
     return removed

@@ -85,5 +85,5 @@ def install(repo: Path, executable: str, config: Path | None, force: bool = Fals
         if not ours:
             raise SnapshotterError(f"{target} exists and was not installed by snapshotter; use --force to replace it")
     atomic_write(target, render(str(exe), config).encode(), mode=0o755, durable=True)
-    log.info("installed %s (runs %s%s)", target, exe, f" --config {config}" if config else "")
+    log.debug("installed %s (runs %s%s)", target, exe, f" --config {config}" if config else "")  # the caller says it
     return target

@@ -186,8 +186,8 @@ def step_publish(cfg: Config, result: CycleResult) -> None:
         report = run_publish(cfg, all_tags=True)  # every tag not yet published (within publish.keep)
         result.published = True
         done = [p.tag for p in report.published]
-        log.info("publish: %s (latest %s)", f"published {', '.join(done)}" if done else "nothing new",
-                 report.latest)
+        log.info("publish: %s (latest %s)%s", f"published {', '.join(done)}" if done else "nothing new",
+                 report.latest, f"; pruned {', '.join(report.pruned)}" if report.pruned else "")
     except SnapshotterError as e:
         result.publish_error = str(e)
         log.error("publish failed: %s", e)

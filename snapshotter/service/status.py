@@ -60,7 +60,7 @@ def _lease(rec: JobRecord) -> str:
 def render(st: Status) -> list[str]:
     lines = [f"repository: {st.repo}"]
     if st.newest_tag:
-        lines.append(f"newest tag: {st.newest_tag} {st.newest_commit} ({st.tag_count} tags)")
+        lines.append(f"newest tag: {st.newest_tag} {st.newest_commit} ({st.tag_count} tag{'' if st.tag_count == 1 else 's'})")
     else:
         lines.append("newest tag: none (no snapshot imported yet)")
     lines.append(f"last success: {st.last_success or 'never'}")
