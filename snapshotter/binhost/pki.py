@@ -21,6 +21,7 @@ import ipaddress
 import json
 import os
 import re
+import shutil
 import stat
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -366,9 +367,7 @@ class Pki:
             return False
         tmp = final.with_name(f".{final.name}.new")
         if os.path.lexists(tmp):  # left by an interrupted init: never used, so safe to remove
-            for child in tmp.iterdir():
-                child.unlink()
-            tmp.rmdir()
+            shutil.rmtree(tmp)
         os.mkdir(tmp, 0o700)
         key, cert = _make_ca(cn, CA_DAYS, now)
         _write_new(tmp / CA_KEY, _key_pem(key), 0o600)
@@ -433,7 +432,7 @@ class Pki:
             except FileNotFoundError:
                 raise PkiError(f"no server CA in {self.root}: run `snapshotter pki init`") from None
             if os.path.lexists(out) and not (os.path.isdir(out) and not os.path.islink(out)):
-                raise PkiError(f"--out {out}: not a directory")
+                raise PkiError(f"--out {out}: not a directory (or a symlink to one)")
             for f in files:
                 if os.path.lexists(f):
                     raise PkiError(f"{f} already exists: give an empty or new --out directory")

@@ -65,7 +65,8 @@ def init_cmd(state: State, pki_dir: Path | None) -> None:
 @click.argument("name")
 @click.option("--ip", "ips", multiple=True, metavar="ADDRESS", help="An IP address clients connect to (repeatable).")
 @click.option("--dns", "dns", multiple=True, metavar="NAME", help="A DNS name clients connect to (repeatable).")
-@click.option("--days", type=int, default=SERVER_DAYS, show_default=True, help="Validity in days.")
+@click.option("--days", type=click.IntRange(min=1), default=SERVER_DAYS, show_default=True,
+              help="Validity in days.")
 @_PKI_DIR
 @pass_state
 def issue_server_cmd(state: State, name: str, ips: tuple[str, ...], dns: tuple[str, ...], days: int,
@@ -90,7 +91,8 @@ def issue_server_cmd(state: State, name: str, ips: tuple[str, ...], dns: tuple[s
 @click.option("--edition", required=True, metavar="EDITION", help="The edition the host may download.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory for client.key, client.crt and server-ca.crt. Default: ./HOST.EDITION")
-@click.option("--days", type=int, default=CLIENT_DAYS, show_default=True, help="Validity in days.")
+@click.option("--days", type=click.IntRange(min=1), default=CLIENT_DAYS, show_default=True,
+              help="Validity in days.")
 @_PKI_DIR
 @pass_state
 def issue_client_cmd(state: State, host: str, edition: str, out: Path | None, days: int,

@@ -202,3 +202,16 @@ def test_cli(tmp_path: Path) -> None:
     for command in ("init", "issue-server", "issue-client", "revoke", "list"):
         help_text = cli(command, "--help").stdout
         assert "Example:" in help_text and f"snapshotter pki {command}" in help_text
+
+
+def test_an_interrupted_init_is_completed(tmp_path: Path) -> None:
+    """A CA is made in .NAME.new and renamed into place: what an interrupted init left is never used."""
+    pki = Pki(tmp_path / "pki")
+    pki.init(["testing"])
+    left = pki.root / "clients" / ".production.new"
+    (left / "issued").mkdir(parents=True)
+    (left / "ca.key").write_text("half-written")
+    assert pki.editions() == ["testing"]
+    assert pki.init(["testing", "production"]).created == ["client CA production"]
+    assert not left.exists()
+    load_cert(pki.client_ca_cert("production")).verify_directly_issued_by(load_cert(pki.client_ca_cert("production")))

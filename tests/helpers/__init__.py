@@ -10,4 +10,5 @@ never import each other: what two of them share lives here (or in tests/conftest
   importtrees  the trees and tarballs of the import tests (split import, tree cache)
   publishlib   three days synced by the real `snapshotter sync`, published by `snapshotter publish`
   servicelib   bare repositories pushed to, the service configuration and the queue's jobs
+  lighttpd     the real lighttpd started and stopped by a test, HTTPS requests with client certificates
 """
