@@ -50,7 +50,8 @@ class Build:
     packages: int = 0  # gpkg files (the Packages index not counted)
     size: int = 0  # bytes of the packages and the index, per build.json
     finished: str = ""
-    signing_key: str | None = None  # when build.json records it
+    signing_key: str | None = None  # the fingerprint that signed the packages, when known
+    unsigned: bool = False  # build.json says the packages are not signed (format 2, signing_key null)
     detail: str = ""  # why a build is invalid
     package_files: dict[str, str] = field(default_factory=dict, compare=False, repr=False)  # path -> sha256
 
@@ -164,7 +165,7 @@ def read_build(path: Path) -> Build:
             raise ValueError("not a JSON object")
         if data.get("profile") != profile or data.get("tag") != tag:
             raise ValueError(f"it is a build of {data.get('profile')!r} at {data.get('tag')!r}")
-        if data.get("id", build_id) != build_id:
+        if data.get("id") not in (None, "", build_id):  # format 1 had no id
             raise ValueError(f"it names build {data.get('id')!r}")
         commit = data.get("commit")
         if not isinstance(commit, str) or not re.match(r"^[0-9a-f]{40,64}$", commit):
@@ -180,11 +181,13 @@ def read_build(path: Path) -> Build:
             size += int(index.get("size") or 0)
         ok = data.get("ok") is True
         signing = data.get("signing_key") or _make_conf_signing_key(data.get("make_conf"))
+        fmt = data.get("format")
+        unsigned = isinstance(fmt, int) and fmt >= 2 and not signing
         return Build(id=build_id, profile=profile, tag=tag, n=n, path=path, state=OK if ok else FAILED,
                      commit=commit, overlays=_overlays(data.get("overlays")),
                      packages=len(files) - (1 if "Packages" in files else 0), size=size,
                      finished=str(data.get("finished") or ""),
-                     signing_key=signing if isinstance(signing, str) and signing else None,
+                     signing_key=signing if isinstance(signing, str) and signing else None, unsigned=unsigned,
                      package_files=files)
     except (ValueError, KeyError, TypeError) as e:
         return _invalid(base, f"build.json: {e}")

@@ -51,7 +51,8 @@ META = ".snapshotter"
 EDITION_JSON = "edition.json"
 FORMAT = 1
 # Test hook: with SNAPSHOTTER_TEST_STOP_AT=STEP the process stops itself (SIGSTOP) at that step of a
-# switch, so a test can kill -9 it exactly there. Steps: root-made, root-signed, link-made, switched.
+# switch, so a test can kill -9 it exactly there. Steps: publishable-made (before the rename of the build's
+# publishable directory), root-made, root-signed, link-made, switched (after the rename, before history).
 STOP_ENV = "SNAPSHOTTER_TEST_STOP_AT"
 SWITCH_LOCK_WAIT = 600.0  # seconds an automatic switch (after a build) waits for a promotion or purge
 
@@ -289,6 +290,9 @@ def require_ok(build: Build, action: str) -> Build:
         why = {"failed": "failed", "incomplete": "is incomplete (still running, or crashed)",
                "invalid": f"has an unreadable build.json ({build.detail})"}.get(build.state, build.state)
         raise SnapshotterError(f"build {build.profile} {build.id} {why}; refusing to {action} it")
+    if build.unsigned:
+        raise SnapshotterError(f"build {build.profile} {build.id} has unsigned packages (clients refuse them); "
+                               f"refusing to {action} it")
     if not build.packages_dir.is_dir():
         raise SnapshotterError(f"build {build.profile} {build.id} has no packages/ directory; refusing to "
                                f"{action} it")
@@ -353,6 +357,7 @@ def make_publishable(cfg: Config, build: Build, signing: SigningSettings | None 
             files = hash_files(partial)
             _check_packages(build, files)
             _fsync_tree(partial)
+            _step("publishable-made")
             os.rename(partial, dest)
             fsync_dir(pdir)
         except BaseException:
@@ -509,7 +514,7 @@ def switch_to(cfg: Config, build: Build, edition: str, action: str, *, lock_wait
     require_ok(build, action)
     make_publishable(cfg, build, signing)
     lay.meta.mkdir(parents=True, exist_ok=True)
-    with flocked(lay.lock, f"the editions in {lay.web_root}", wait=lock_wait):
+    with flocked(lay.lock, f"the web root {lay.web_root}", wait=lock_wait):
         _clean_temp_links(lay, edition)
         return _switch(cfg, lay, build, edition, action, signing)
 
@@ -578,7 +583,7 @@ def on_build_success(cfg: Config, profile: str, build_id: str, *,
     require_ok(build, "publish")
     make_publishable(cfg, build, signing)
     lay.meta.mkdir(parents=True, exist_ok=True)
-    with flocked(lay.lock, f"the editions in {lay.web_root}", wait=lock_wait):
+    with flocked(lay.lock, f"the web root {lay.web_root}", wait=lock_wait):
         _clean_temp_links(lay, auto)
         cur = current(lay, profile, auto)  # another build may have moved it meanwhile
         if cur.build is not None and parse_id(cur.build) >= build.key:

@@ -150,7 +150,7 @@ def purge(cfg: Config, *, dry_run: bool = False, lock_wait: float = 0.0) -> Purg
         _purge(cfg, lay, report, dry_run)
         return report
     lay.meta.mkdir(parents=True, exist_ok=True)
-    with flocked(lay.lock, f"the editions in {lay.web_root}", wait=lock_wait):
+    with flocked(lay.lock, f"the web root {lay.web_root}", wait=lock_wait):
         _purge(cfg, lay, report, dry_run)
     return report
 

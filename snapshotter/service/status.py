@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from snapshotter.binhost.retention import DiskUse, disk_use, human
 from snapshotter.git.repository import Repository
 from snapshotter.service.jobqueue import JobRecord, JobState, open_queue, queue_exists
 from snapshotter.sync import state as syncstate
@@ -28,6 +29,7 @@ class Status:
     running: list[JobRecord] = field(default_factory=list)
     queued: list[JobRecord] = field(default_factory=list)
     failed: list[JobRecord] = field(default_factory=list)
+    disk: DiskUse | None = None  # build output and web root
 
 
 def collect(cfg: Config, show: int = 10) -> Status:
@@ -40,14 +42,14 @@ def collect(cfg: Config, show: int = 10) -> Status:
                       newest_commit=tags[-1].commit if tags else None, tag_count=len(tags),
                       last_success=state.last_success, last_failure=state.last_failure,
                       last_failure_reason=state.last_failure_reason, pending_pushes=pending,
-                      counts=dict.fromkeys(JobState, 0))
+                      counts=dict.fromkeys(JobState, 0), disk=disk_use(cfg))
     queue = open_queue(cfg)
     return Status(repo=str(cfg.repo), newest_tag=tags[-1].name if tags else None,
                   newest_commit=tags[-1].commit if tags else None, tag_count=len(tags),
                   last_success=state.last_success, last_failure=state.last_failure,
                   last_failure_reason=state.last_failure_reason, pending_pushes=pending, counts=queue.counts(),
                   running=queue.list((JobState.RUNNING,)), queued=queue.list((JobState.QUEUED,), show),
-                  failed=queue.list((JobState.FAILED,), show))
+                  failed=queue.list((JobState.FAILED,), show), disk=disk_use(cfg))
 
 
 def _lease(rec: JobRecord) -> str:
@@ -77,4 +79,8 @@ def render(st: Status) -> list[str]:
     for rec in st.failed:
         lines.append(f"  failed  job {rec.id}: {rec.job.describe()}: {rec.detail or '?'} (log {rec.log_path or '-'});"
                      f" retry: snapshotter queue retry {rec.id}")
+    if st.disk is not None:
+        d = st.disk
+        web = "" if d.web_root_bytes is None else f"; web root {d.web_root} adds {human(d.web_root_bytes)}"
+        lines.append(f"disk: build output {human(d.output_bytes)} ({d.output_builds} builds){web}")
     return lines

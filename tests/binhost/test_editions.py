@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import binhostlib, testlib
 
+from chroot import manifest as manifestmod
 from snapshotter.binhost import editions, history
 from snapshotter.errors import ConfigError, SnapshotterError
 from snapshotter.openpgp import SigningError
@@ -213,6 +214,10 @@ def test_a_build_signed_with_another_key_is_refused(site: binhostlib.Site, other
         editions.on_build_success(site.cfg, "basic", b.id)
     ok = site.build("2026-01-10", signing_key=site.key.fingerprint)
     assert editions.on_build_success(site.cfg, "basic", ok.id).changed
+    if manifestmod.FORMAT >= 2:  # build.json says whether the packages are signed
+        unsigned = site.build("2026-01-11", signing_key=None)
+        with pytest.raises(SnapshotterError, match="has unsigned packages .clients refuse them.; refusing to promote"):
+            editions.promote(site.cfg, "basic", "production", build_id=unsigned.id)
 
 
 def test_a_passphrase_protected_key_signs_with_passphrase_file(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ written by chroot.manifest), and a configuration with a web root and a throwaway
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import subprocess
@@ -94,6 +95,10 @@ def write_build(output: Path, profile: str, tag: str, commit: str, *, ok: bool =
         emerge_command=["emerge", "--emptytree", "@world"], started="2026-01-10T01:00:00+00:00",
         finished="2026-01-10T01:10:00+00:00", duration_seconds=600.0, exit_status=0 if ok else 1, ok=ok,
         packages=pkgs, packages_index=idx, snapshotter_version="test")
+    known = {f.name for f in dataclasses.fields(manifestmod.Manifest)}
+    if "id" in known:  # build.json format 2: the id and the key that signed the packages
+        man.id = build_id  # type: ignore[attr-defined]
+        man.signing_key = signing_key  # type: ignore[attr-defined]
     manifestmod.write(man, path / "build.json")
     return builds.read_build(path)
 
@@ -116,6 +121,8 @@ class Site:
         return config.load(self.config_path)
 
     def build(self, tag: str, profile: str = "basic", **kw: object) -> builds.Build:
+        """A build signed (per build.json and make.conf) with the site's key unless `signing_key` says otherwise."""
+        kw.setdefault("signing_key", self.key.fingerprint)
         return write_build(self.output, profile, tag, self.commits[tag], confdir=kw.pop("confdir", self.confdir),
                            repo=self.repo, **kw)  # type: ignore[arg-type]
 
