@@ -3,7 +3,8 @@
 `portage/portage_settings-YYYYMMDD.tar.xz` (+ `.asc`) in a build's publishable directory holds, with paths
 relative to /etc/portage:
 
-    make.conf                         the build's make.conf without builder-only settings
+    make.conf                         the build's make.conf without builder-only settings, ending with
+                                      `source /etc/portage/make.conf.local` (the host's own settings)
     package.*/snapshotter             each package.* file (or directory, concatenated) of portage_confdir
     env/...                           portage_confdir's env/ files (what package.env refers to)
     repos.conf/snapshotter.conf       the gentoo tree by emerge-webrsync, signature checked, no auto-sync
@@ -37,6 +38,7 @@ from snapshotter.publish.clientconfig import DEFAULT_KEY_PATH
 URL_PLACEHOLDER = "@SNAPSHOTTER_URL@"
 CLIENT_KEY_PATH = DEFAULT_KEY_PATH  # where clients keep the signing key (repos.conf sync-openpgp-key-path)
 BINREPO_NAME = "snapshotter"
+LOCAL_MAKE_CONF = "/etc/portage/make.conf.local"  # sourced at the end of the client's make.conf
 
 # make.conf variables that describe the build host, not the client: dropped from the client's make.conf.
 BUILDER_ONLY = re.compile(r"^(FEATURES|PKGDIR|DISTDIR|PORTDIR|BINPKG_[A-Z0-9_]*|PORTAGE_[A-Z0-9_]*DIR)$")
@@ -180,7 +182,9 @@ def settings_members(build: Build, data: dict[str, Any] | None = None) -> dict[s
         raise SnapshotterError(f"build {build.profile} {build.id}: build.json has no make.conf")
     header = (f"# ---- snapshotter: client settings of build {build.profile} {build.id} (tag {build.tag}); "
               "builder-only settings removed ----\n")
-    members = {"make.conf": (header + client_make_conf(mc["content"])).encode()}
+    footer = ("# ---- this host's own settings (kept across updates; the update script creates the file empty when\n"
+              f"# it is missing: Portage refuses a missing sourced file) ----\nsource {LOCAL_MAKE_CONF}\n")
+    members = {"make.conf": (header + client_make_conf(mc["content"]) + footer).encode()}
     pc = data.get("portage_confdir")
     if isinstance(pc, dict) and pc.get("path"):
         confdir = Path(str(pc["path"]))

@@ -65,6 +65,7 @@ def test_same_build_same_bytes_and_the_content(tmp_path: Path) -> None:
         assert (info.uid, info.gid, info.uname, info.gname, info.mtime) == (0, 0, "root", "root", MTIME)
         assert info.mode == (0o755 if info.isdir() else 0o644)
     mc = content(first.data, "make.conf")
+    assert mc.endswith("\nsource /etc/portage/make.conf.local\n")
     assert 'USE="ssl -X"' in mc and 'COMMON_FLAGS="-O2 -pipe"' in mc and "LC_MESSAGES=C.utf8" in mc
     for var in ("FEATURES", "PKGDIR", "DISTDIR", "PORTAGE_TMPDIR", "BINPKG_FORMAT", "BINPKG_GPG_SIGNING_KEY",
                 "BINPKG_GPG_SIGNING_GPG_HOME"):
