@@ -31,14 +31,15 @@ _PKI_DIR = click.option("--pki-dir", type=click.Path(file_okay=False, path_type=
 
 @click.group("pki")
 def pki_group() -> None:
-    """Certificates of the binhost endpoints: a server CA and one client CA per edition.
+    """Certificates of the binhost endpoints: a server CA and one client CA per edition (docs/tls.md).
 
     \b
-    snapshotter pki init
-    snapshotter pki issue-server binhost --ip 10.0.0.5 --ip 10.0.0.6 --dns binhost.example.org
-    snapshotter pki issue-client web01 --edition production --out ./web01
-    snapshotter pki revoke web01 --edition production   # then: systemctl restart snapshotter-lighttpd
-    snapshotter pki list
+    Examples:
+      snapshotter pki init
+      snapshotter pki issue-server binhost --ip 10.0.0.5 --ip 10.0.0.6 --dns binhost.example.org
+      snapshotter pki issue-client web01 --edition production --out ./web01
+      snapshotter pki revoke web01 --edition production   # then: systemctl restart snapshotter-lighttpd
+      snapshotter pki list
     """
 
 
@@ -167,7 +168,12 @@ def list_cmd(state: State, pki_dir: Path | None) -> None:
 
 @click.group("web-config")
 def web_config_group() -> None:
-    """Web server configuration for the binhost endpoints ([[tls.endpoints]])."""
+    """Web server configuration for the binhost endpoints ([[tls.endpoints]], docs/tls.md).
+
+    \b
+    Example:
+      snapshotter web-config lighttpd --out /etc/lighttpd/snapshotter.conf
+    """
 
 
 @web_config_group.command("lighttpd")
