@@ -154,7 +154,9 @@ def test_wget_with_the_client_certificate(site: Site) -> None:
 def test_the_access_log_names_the_host(site: Site) -> None:
     for (profile, edition), (ip, port) in site.endpoints.items():
         assert lighttpd.https_get(ip, port, f"/which.txt?{profile}", **site.client(f"host-{edition}")).status == 200
-    site.server.restart()  # lighttpd writes its access logs out when it stops
+    # A line is written when its request ends, which can be just after the client has the response:
+    # once lighttpd has stopped, every line is there.
+    site.server.restart()
     for (profile, edition) in site.endpoints:
         lines = access_log(site.cfg, site.cfg.tls.endpoints[0]).parent.joinpath(
             f"snapshotter-{profile}-{edition}.access.log").read_text().splitlines()
