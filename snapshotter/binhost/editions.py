@@ -9,7 +9,8 @@ Layout under `[binhost] web_root` (docs/binhost.md):
     .snapshotter/builds/PROFILE/ID.files.json   sha256 of every file under ID/ (computed once)
     .snapshotter/roots/PROFILE/EDITION.N/ edition.json, edition.json.asc, b/ID -> the build,
                                           b/PREVIOUS -> the build before (for clients mid-update)
-    .snapshotter/snapshots/FPR/COMMIT/snapshots/   snapshots made once per (signing key, commit)
+    .snapshotter/snapshots/FPR/COMMIT/    snapshots made once per (signing key, commit), files.json
+                                          lists them
     .snapshotter/history.jsonl            the switches (history.py)
     .snapshotter/lock                     held around every switch and purge
 
@@ -29,6 +30,7 @@ import logging
 import os
 import shutil
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -40,10 +42,9 @@ from snapshotter.config import Config, SigningSettings, signing_for, validate_na
 from snapshotter.errors import ConfigError, SnapshotterError
 from snapshotter.fsutil import atomic_write, fsync_dir, is_temp, temp_name
 from snapshotter.git.export import resolve
-from snapshotter.git.repository import Repository
+from snapshotter.git.repository import Repository, Tag
 from snapshotter.lock import flocked
 from snapshotter.openpgp import SigningError, detach_sign
-from snapshotter.publish.snapshots import SIDE_SUFFIXES, PublishOptions, publish_tag, snapshot_name
 
 log = logging.getLogger(__name__)
 
@@ -239,35 +240,56 @@ def hash_files(top: Path) -> dict[str, str]:
     return dict(sorted(out.items()))
 
 
-def _snapshot(cfg: Config, lay: Layout, build: Build, signing: SigningSettings, dest: Path) -> None:
-    """The build's tag as `snapshotter publish` makes it (same tarball bytes), signed by the profile's key,
-    hard-linked into `dest` from a cache that makes it once per (key, commit)."""
+SnapshotMaker = Callable[[Config, Tag, SigningSettings, Path], list[Path]]
+"""Writes the snapshot of a tag, signed with the given key, into a directory (which exists) and returns
+its files (the tarball and its side files, e.g. `.md5sum`, `.gpgsig`). The service passes the one of
+`snapshotter publish` (service/delivery.py): this package does not import publish (tests/test_layers.py)."""
+
+CACHE_FILES = "files.json"
+
+
+def _snapshot(cfg: Config, lay: Layout, build: Build, signing: SigningSettings, dest: Path,
+              maker: SnapshotMaker) -> None:
+    """The build's tag as `maker` makes it, signed by the profile's key, hard-linked into `dest` from a cache
+    that makes it once per (key, commit)."""
     repo = Repository(cfg.repo, cfg.git.branch).require()
     tag = repo.find_tag(build.tag)
     if tag.commit != build.commit:
         raise SnapshotterError(f"build {build.profile} {build.id}: tag {build.tag} is commit {tag.commit} in "
                                f"{cfg.repo}, but the build used {build.commit}")
     cache = lay.snapshot_cache(signing.fingerprint, tag.commit)
-    snapdir = cache / "snapshots"
-    name = snapshot_name(tag.day)
-    snapdir.mkdir(parents=True, exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
     with flocked(cache / ".lock", f"snapshot cache {cache}", wait=3600):
-        for p in snapdir.iterdir():
-            if is_temp(p.name):
-                p.unlink(missing_ok=True)  # left by a publisher that died
-        if not all((snapdir / (name + s)).is_file() for s in ("", *SIDE_SUFFIXES)):
-            publish_tag(cfg.repo, tag, PublishOptions(
-                out=cache, signing_key=signing.fingerprint, gnupghome=signing.gnupghome,
-                passphrase_file=signing.passphrase_file, xz_level=cfg.publish.xz_level,
-                xz_threads=cfg.publish.xz_threads))
+        files = _cached_files(cache)
+        if files is None:
+            for dirpath, _dirnames, filenames in os.walk(cache):
+                for name in filenames:
+                    if is_temp(name):
+                        os.unlink(os.path.join(dirpath, name))  # left by a maker that died
+            made = maker(cfg, tag, signing, cache)
+            files = [p.resolve().relative_to(cache.resolve()).as_posix() for p in made]
+            atomic_write(cache / CACHE_FILES, (json.dumps(files) + "\n").encode(), durable=True)
         dest.mkdir(mode=0o755)
-        for suffix in (*SIDE_SUFFIXES, ""):
+        for rel in files:
+            src = cache / rel
             try:
-                os.link(snapdir / (name + suffix), dest / (name + suffix))
+                os.link(src, dest / src.name)
             except OSError as e:
                 if e.errno != errno.EXDEV:
                     raise
-                _copy_file(snapdir / (name + suffix), dest / (name + suffix))
+                _copy_file(src, dest / src.name)
+
+
+def _cached_files(cache: Path) -> list[str] | None:
+    """The files a maker made into `cache` earlier (all still there), or None."""
+    try:
+        files = json.loads((cache / CACHE_FILES).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(files, list) or not files or not all(isinstance(f, str) and (cache / f).is_file()
+                                                           for f in files):
+        return None
+    return files
 
 
 def _sign(path: Path, signing: SigningSettings) -> None:
@@ -327,7 +349,8 @@ def publishable_files(lay: Layout, profile: str, build_id: str) -> dict[str, str
     return files
 
 
-def make_publishable(cfg: Config, build: Build, signing: SigningSettings | None = None) -> Path:
+def make_publishable(cfg: Config, build: Build, snapshot: SnapshotMaker,
+                     signing: SigningSettings | None = None) -> Path:
     """`.snapshotter/builds/PROFILE/ID/` for `build` (made once; later calls return it).
 
     Built in a temporary directory next to it (packages hard-linked from OUTPUT, the tag's snapshot, the
@@ -352,7 +375,7 @@ def make_publishable(cfg: Config, build: Build, signing: SigningSettings | None 
         partial.mkdir(mode=0o755)
         try:
             link_tree(build.packages_dir, partial / "packages", f"build {build.profile} {build.id}")
-            _snapshot(cfg, lay, build, signing, partial / "snapshots")
+            _snapshot(cfg, lay, build, signing, partial / "snapshots", snapshot)
             _settings(cfg, build, signing, partial / "portage")
             files = hash_files(partial)
             _check_packages(build, files)
@@ -506,20 +529,21 @@ def _clean_temp_links(lay: Layout, edition: str) -> None:
                 p.unlink(missing_ok=True)
 
 
-def switch_to(cfg: Config, build: Build, edition: str, action: str, *, lock_wait: float = 0.0) -> SwitchReport:
+def switch_to(cfg: Config, build: Build, edition: str, action: str, *, snapshot: SnapshotMaker,
+              lock_wait: float = 0.0) -> SwitchReport:
     """Make `build` publishable (outside the lock: it may compress a snapshot), then switch under the lock."""
     lay = layout(cfg)
     check_edition(cfg, edition)
     signing = require_signing(cfg, build.profile)
     require_ok(build, action)
-    make_publishable(cfg, build, signing)
+    make_publishable(cfg, build, snapshot, signing)
     lay.meta.mkdir(parents=True, exist_ok=True)
     with flocked(lay.lock, f"the web root {lay.web_root}", wait=lock_wait):
         _clean_temp_links(lay, edition)
         return _switch(cfg, lay, build, edition, action, signing)
 
 
-def promote(cfg: Config, profile: str, to_edition: str, *, from_edition: str | None = None,
+def promote(cfg: Config, profile: str, to_edition: str, *, snapshot: SnapshotMaker, from_edition: str | None = None,
             build_id: str | None = None, lock_wait: float = 0.0) -> SwitchReport:
     """Point `to_edition` of `profile` at the build `from_edition` (default: the automatic edition) points
     at, or at `build_id`."""
@@ -541,10 +565,10 @@ def promote(cfg: Config, profile: str, to_edition: str, *, from_edition: str | N
                                    + "; nothing to promote")
         build_id = st.build
     build = find_build(cfg.build.output, profile, build_id)
-    return switch_to(cfg, build, to_edition, "promote", lock_wait=lock_wait)
+    return switch_to(cfg, build, to_edition, "promote", snapshot=snapshot, lock_wait=lock_wait)
 
 
-def rollback(cfg: Config, profile: str, edition: str, *, to: str | None = None,
+def rollback(cfg: Config, profile: str, edition: str, *, snapshot: SnapshotMaker, to: str | None = None,
              lock_wait: float = 0.0) -> SwitchReport:
     """Point `edition` of `profile` back at the build it pointed at before the current one, or at `to`."""
     validate_name(profile)
@@ -561,10 +585,10 @@ def rollback(cfg: Config, profile: str, edition: str, *, to: str | None = None,
     if to == st.build:
         raise SnapshotterError(f"{profile}/{edition} is at build {to} already")
     build = find_build(cfg.build.output, profile, to)
-    return switch_to(cfg, build, edition, "rollback", lock_wait=lock_wait)
+    return switch_to(cfg, build, edition, "rollback", snapshot=snapshot, lock_wait=lock_wait)
 
 
-def on_build_success(cfg: Config, profile: str, build_id: str, *,
+def on_build_success(cfg: Config, profile: str, build_id: str, *, snapshot: SnapshotMaker,
                      lock_wait: float = SWITCH_LOCK_WAIT) -> SwitchReport:
     """After a successful build: move the profile's automatic edition to it, only forward in (tag, N)
     order (a late build of an older tag never replaces a newer one; a rebuild of the same tag does).
@@ -581,7 +605,7 @@ def on_build_success(cfg: Config, profile: str, build_id: str, *,
                             f"{profile}/{auto} stays at {cur.build} (not older than {build.id})")
     signing = require_signing(cfg, profile)
     require_ok(build, "publish")
-    make_publishable(cfg, build, signing)
+    make_publishable(cfg, build, snapshot, signing)
     lay.meta.mkdir(parents=True, exist_ok=True)
     with flocked(lay.lock, f"the web root {lay.web_root}", wait=lock_wait):
         _clean_temp_links(lay, auto)

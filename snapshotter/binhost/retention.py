@@ -22,8 +22,9 @@ from pathlib import Path
 
 from snapshotter.binhost import history
 from snapshotter.binhost.builds import INCOMPLETE, Build, build_lock_path, list_builds, tombstone
-from snapshotter.binhost.editions import Layout, current, reconcile
+from snapshotter.binhost.editions import CACHE_FILES, Layout, current, reconcile
 from snapshotter.config import NAME_RE, Config
+from snapshotter.errors import LockedError
 from snapshotter.fsutil import fsync_dir
 from snapshotter.lock import flocked
 
@@ -127,19 +128,24 @@ def _unused_roots(cfg: Config, lay: Layout, profiles: list[str]) -> list[tuple[s
     return out
 
 
-def _unused_snapshots(lay: Layout) -> list[Path]:
-    """Cached snapshot directories (FPR/COMMIT) whose files no publishable build links any more."""
+def _cache_entries(lay: Layout) -> list[tuple[Path, list[Path]]]:
+    """(directory, snapshot files) of each cached snapshot (FPR/COMMIT)."""
     top = lay.meta / "snapshots"
-    out: list[Path] = []
+    out: list[tuple[Path, list[Path]]] = []
     if not top.is_dir():
         return out
     for fpr in sorted(os.listdir(top)):
         for commit in sorted(os.listdir(top / fpr)):
-            snapdir = top / fpr / commit / "snapshots"
-            files = [p for p in snapdir.iterdir() if p.is_file()] if snapdir.is_dir() else []
-            if all(p.stat().st_nlink == 1 for p in files):
-                out.append(top / fpr / commit)
+            d = top / fpr / commit
+            files = [Path(dp) / n for dp, _dn, fn in os.walk(d) for n in fn
+                     if not (dp == str(d) and n in (".lock", CACHE_FILES))]
+            out.append((d, files))
     return out
+
+
+def _unused_snapshots(lay: Layout) -> list[Path]:
+    """Cached snapshot directories (FPR/COMMIT) whose files no publishable build links any more."""
+    return [d for d, files in _cache_entries(lay) if all(p.stat().st_nlink == 1 for p in files)]
 
 
 def purge(cfg: Config, *, dry_run: bool = False, lock_wait: float = 0.0) -> PurgeReport:
@@ -195,19 +201,16 @@ def _purge(cfg: Config, lay: Layout | None, report: PurgeReport, dry_run: bool) 
         return
     for p in _unused_snapshots(lay):
         try:
-            with flocked(p / ".lock", f"snapshot cache {p}"):
-                shutil.rmtree(p / "snapshots", ignore_errors=True)
-        except OSError:
+            with flocked(p / ".lock", f"snapshot cache {p}"):  # a build being made publishable may use it
+                (p / CACHE_FILES).unlink(missing_ok=True)
+        except LockedError:
             continue
         shutil.rmtree(p, ignore_errors=True)
         report.snapshots_removed.append(str(p.relative_to(lay.meta / "snapshots")))
 
 
 def _snapshots_freed_by(lay: Layout, removed: set[tuple[str, str]], already: list[str]) -> list[str]:
-    """For a dry run: cache entries whose every extra link is in a build that would be removed."""
-    top = lay.meta / "snapshots"
-    if not top.is_dir():
-        return []
+    """For a dry run: cache entries whose every other link is in a build that would be removed."""
     links: dict[int, int] = {}  # inode -> links inside builds that would be removed
     for profile, build_id in removed:
         snapdir = lay.publishable(profile, build_id) / "snapshots"
@@ -216,15 +219,11 @@ def _snapshots_freed_by(lay: Layout, removed: set[tuple[str, str]], already: lis
                 ino = p.stat().st_ino
                 links[ino] = links.get(ino, 0) + 1
     out = []
-    for fpr in sorted(os.listdir(top)):
-        for commit in sorted(os.listdir(top / fpr)):
-            rel = f"{fpr}/{commit}"
-            snapdir = top / fpr / commit / "snapshots"
-            if rel in already or not snapdir.is_dir():
-                continue
-            files = [p.stat() for p in snapdir.iterdir() if p.is_file()]
-            if files and all(st.st_nlink - 1 <= links.get(st.st_ino, 0) for st in files):
-                out.append(rel)
+    for d, files in _cache_entries(lay):
+        rel = str(d.relative_to(lay.meta / "snapshots"))
+        stats = [p.stat() for p in files]
+        if rel not in already and stats and all(st.st_nlink - 1 <= links.get(st.st_ino, 0) for st in stats):
+            out.append(rel)
     return out
 
 

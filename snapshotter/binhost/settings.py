@@ -33,10 +33,10 @@ from typing import Any
 
 from snapshotter.binhost.builds import Build, manifest
 from snapshotter.errors import SnapshotterError
-from snapshotter.publish.clientconfig import DEFAULT_KEY_PATH
 
 URL_PLACEHOLDER = "@SNAPSHOTTER_URL@"
-CLIENT_KEY_PATH = DEFAULT_KEY_PATH  # where clients keep the signing key (repos.conf sync-openpgp-key-path)
+# Where clients keep the signing key (repos.conf sync-openpgp-key-path; publish.clientconfig's default too).
+CLIENT_KEY_PATH = "/etc/portage/snapshotter-signing-key.asc"
 BINREPO_NAME = "snapshotter"
 LOCAL_MAKE_CONF = "/etc/portage/make.conf.local"  # sourced at the end of the client's make.conf
 

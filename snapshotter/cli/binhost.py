@@ -9,6 +9,7 @@ import click
 from snapshotter.binhost import editions as editionsmod
 from snapshotter.binhost import retention
 from snapshotter.cli import State, pass_state
+from snapshotter.service import delivery
 
 
 @click.command("builds")
@@ -62,8 +63,8 @@ def promote_cmd(state: State, profile: str, to_edition: str, from_edition: str |
     `snapshotter editions` shows.
     Exit status: 0 switched (or already there), 1 error, 75 another switch or purge is running.
     """
-    _print_switch(editionsmod.promote(state.config, profile, to_edition, from_edition=from_edition,
-                                      build_id=build_id))
+    _print_switch(delivery.promote(state.config, profile, to_edition, from_edition=from_edition,
+                                   build_id=build_id))
 
 
 @click.command("rollback")
@@ -82,7 +83,7 @@ def rollback_cmd(state: State, profile: str, edition: str, to_build: str | None)
     Without --to, a second rollback returns to where the first started (it undoes the last switch).
     Exit status: 0 switched, 1 error (no earlier build, failed or removed build), 75 locked.
     """
-    _print_switch(editionsmod.rollback(state.config, profile, edition, to=to_build))
+    _print_switch(delivery.rollback(state.config, profile, edition, to=to_build))
 
 
 @click.command("editions")

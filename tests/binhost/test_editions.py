@@ -17,6 +17,7 @@ from chroot import manifest as manifestmod
 from snapshotter.binhost import editions, history
 from snapshotter.errors import ConfigError, SnapshotterError
 from snapshotter.openpgp import SigningError
+from snapshotter.service import delivery
 
 
 @pytest.fixture
@@ -41,7 +42,7 @@ def verify(site: binhostlib.Site, data: Path, tmp_path: Path) -> str:
 
 def test_a_publishable_build(site: binhostlib.Site, tmp_path: Path) -> None:
     b = site.build("2026-01-10")
-    pub = editions.make_publishable(site.cfg, b)
+    pub = delivery.make_publishable(site.cfg, b)
     assert pub == site.web_root / ".snapshotter" / "builds" / "basic" / b.id
     for rel in ("Packages", "app-misc/hello/hello-1.0-1.gpkg.tar", "sys-apps/tool/tool-2-1.gpkg.tar"):
         assert (pub / "packages" / rel).stat().st_ino == (b.packages_dir / rel).stat().st_ino  # hard links
@@ -65,16 +66,16 @@ def test_a_publishable_build(site: binhostlib.Site, tmp_path: Path) -> None:
         "snapshots/gentoo-20260110.tar.xz.md5sum"]
     # Made once: a second call changes nothing; a rebuild of the tag reuses the cached snapshot.
     before = {p: p.stat().st_ino for p in pub.rglob("*")}
-    assert editions.make_publishable(site.cfg, b) == pub
+    assert delivery.make_publishable(site.cfg, b) == pub
     assert {p: p.stat().st_ino for p in pub.rglob("*")} == before
     b2 = site.build("2026-01-10")
-    pub2 = editions.make_publishable(site.cfg, b2)
+    pub2 = delivery.make_publishable(site.cfg, b2)
     assert (pub2 / "snapshots" / snap.name).stat().st_ino == snap.stat().st_ino
 
 
 def test_switch_publishes_a_signed_edition_json_listing_every_file(site: binhostlib.Site, tmp_path: Path) -> None:
     b = site.build("2026-01-10", overlays=[{"name": "company", "url": "u", "ref": "r", "commit": "c" * 40}])
-    report = editions.on_build_success(site.cfg, "basic", b.id)
+    report = delivery.on_build_success(site.cfg, "basic", b.id)
     assert (report.changed, report.from_build, report.to_build, report.edition) == (True, None, b.id, "testing")
     root = doc_root(site, "testing")
     assert os.readlink(root) == "../.snapshotter/roots/basic/testing.1"
@@ -101,29 +102,29 @@ def test_switch_publishes_a_signed_edition_json_listing_every_file(site: binhost
 def test_promote_rollback_and_history(site: binhostlib.Site, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SUDO_USER", "alice")
     b10 = site.build("2026-01-10")
-    editions.on_build_success(site.cfg, "basic", b10.id)
-    r = editions.promote(site.cfg, "basic", "production")
+    delivery.on_build_success(site.cfg, "basic", b10.id)
+    r = delivery.promote(site.cfg, "basic", "production")
     assert (r.changed, r.to_build, r.action) == (True, b10.id, "promote")
     b11 = site.build("2026-01-11")
-    editions.on_build_success(site.cfg, "basic", b11.id)
+    delivery.on_build_success(site.cfg, "basic", b11.id)
     assert edition_of(site, "testing")["build"] == b11.id
     assert edition_of(site, "production")["build"] == b10.id  # production stays
-    r = editions.promote(site.cfg, "basic", "production")
+    r = delivery.promote(site.cfg, "basic", "production")
     assert (r.from_build, r.to_build) == (b10.id, b11.id)
     prod = doc_root(site, "production")
     assert sorted(os.listdir(prod / "b")) == [b10.id, b11.id]  # the previous build stays for clients mid-update
     assert (prod / "b" / b10.id / "packages" / "Packages").is_file()
-    again = editions.promote(site.cfg, "basic", "production")
+    again = delivery.promote(site.cfg, "basic", "production")
     assert not again.changed and "already at build" in again.message
     monkeypatch.setenv("SUDO_USER", "bob")
-    r = editions.rollback(site.cfg, "basic", "production")
+    r = delivery.rollback(site.cfg, "basic", "production")
     assert (r.from_build, r.to_build, r.action) == (b11.id, b10.id, "rollback")
     assert edition_of(site, "production")["build"] == b10.id
-    r = editions.rollback(site.cfg, "basic", "production")  # undoes the rollback
+    r = delivery.rollback(site.cfg, "basic", "production")  # undoes the rollback
     assert r.to_build == b11.id
-    r = editions.rollback(site.cfg, "basic", "production", to=b10.id)
+    r = delivery.rollback(site.cfg, "basic", "production", to=b10.id)
     assert r.to_build == b10.id
-    r = editions.promote(site.cfg, "basic", "production", build_id=b11.id)
+    r = delivery.promote(site.cfg, "basic", "production", build_id=b11.id)
     assert r.to_build == b11.id
     entries = history.read(site.web_root / ".snapshotter" / "history.jsonl")
     assert [(e.action, e.edition, e.from_build, e.to_build, e.user) for e in entries] == [
@@ -147,13 +148,13 @@ def test_promote_rollback_and_history(site: binhostlib.Site, monkeypatch: pytest
 
 def test_the_automatic_edition_moves_only_forward(site: binhostlib.Site) -> None:
     b11 = site.build("2026-01-11")
-    assert editions.on_build_success(site.cfg, "basic", b11.id).changed
+    assert delivery.on_build_success(site.cfg, "basic", b11.id).changed
     late = site.build("2026-01-10")  # a late build of an older tag
-    r = editions.on_build_success(site.cfg, "basic", late.id)
+    r = delivery.on_build_success(site.cfg, "basic", late.id)
     assert not r.changed and "stays at 2026-01-11.1" in r.message
     assert edition_of(site, "testing")["build"] == b11.id
     rebuild = site.build("2026-01-11")  # a rebuild of the same tag (an overlay push) wins
-    assert editions.on_build_success(site.cfg, "basic", rebuild.id).to_build == "2026-01-11.2"
+    assert delivery.on_build_success(site.cfg, "basic", rebuild.id).to_build == "2026-01-11.2"
     assert edition_of(site, "testing")["build"] == "2026-01-11.2"
     assert not (site.web_root / ".snapshotter" / "builds" / "basic" / late.id).exists()  # never made publishable
     assert not doc_root(site, "production").exists()
@@ -162,48 +163,48 @@ def test_the_automatic_edition_moves_only_forward(site: binhostlib.Site) -> None
 def test_no_web_root_or_no_automatic_edition_publishes_nothing(tmp_path: Path, gpg_key: testlib.Key) -> None:
     s = binhostlib.make_site(tmp_path / "a", gpg_key, extra='automatic_edition = ""')
     b = s.build("2026-01-10")
-    r = editions.on_build_success(s.cfg, "basic", b.id)
+    r = delivery.on_build_success(s.cfg, "basic", b.id)
     assert not r.changed and "no automatic edition" in r.message and not s.web_root.exists()
     cfg = s.cfg
     cfg.binhost.web_root = None
-    assert "no [binhost] web_root" in editions.on_build_success(cfg, "basic", b.id).message
+    assert "no [binhost] web_root" in delivery.on_build_success(cfg, "basic", b.id).message
     with pytest.raises(ConfigError, match=r"no web root: set \[binhost\] web_root"):
-        editions.promote(cfg, "basic", "production", build_id=b.id)
+        delivery.promote(cfg, "basic", "production", build_id=b.id)
 
 
 def test_refusals(site: binhostlib.Site) -> None:
     cfg = site.cfg
     failed = site.build("2026-01-10", ok=False)
     with pytest.raises(SnapshotterError, match=f"^build basic {failed.id} failed; refusing to promote it$"):
-        editions.promote(cfg, "basic", "production", build_id=failed.id)
-    assert editions.on_build_success(cfg, "basic", site.build("2026-01-11").id).changed
+        delivery.promote(cfg, "basic", "production", build_id=failed.id)
+    assert delivery.on_build_success(cfg, "basic", site.build("2026-01-11").id).changed
     from snapshotter.binhost import builds
     _, incomplete = builds.allocate(site.output, "basic", "2026-01-12")
     with pytest.raises(SnapshotterError, match="is incomplete"):
-        editions.promote(cfg, "basic", "production", build_id=incomplete.name)
+        delivery.promote(cfg, "basic", "production", build_id=incomplete.name)
     with pytest.raises(SnapshotterError, match="^profile basic has no build 2026-01-09.1"):
-        editions.promote(cfg, "basic", "production", build_id="2026-01-09.1")
+        delivery.promote(cfg, "basic", "production", build_id="2026-01-09.1")
     with pytest.raises(ConfigError, match=r"^unknown edition 'staging' \(editions: testing, production\)$"):
-        editions.promote(cfg, "basic", "staging")
+        delivery.promote(cfg, "basic", "staging")
     with pytest.raises(ConfigError, match="--from or --build, not both"):
-        editions.promote(cfg, "basic", "production", from_edition="testing", build_id="2026-01-11.1")
+        delivery.promote(cfg, "basic", "production", from_edition="testing", build_id="2026-01-11.1")
     with pytest.raises(ConfigError, match="--from and --to are both testing"):
-        editions.promote(cfg, "basic", "testing")
+        delivery.promote(cfg, "basic", "testing")
     with pytest.raises(SnapshotterError, match="^basic/production points at no build; nothing to promote$"):
-        editions.promote(cfg, "basic", "testing", from_edition="production")
+        delivery.promote(cfg, "basic", "testing", from_edition="production")
     with pytest.raises(SnapshotterError, match="has no earlier build to roll back to"):
-        editions.rollback(cfg, "basic", "testing")
+        delivery.rollback(cfg, "basic", "testing")
     with pytest.raises(SnapshotterError, match="points at no build; nothing to roll back"):
-        editions.rollback(cfg, "basic", "production")
+        delivery.rollback(cfg, "basic", "production")
     with pytest.raises(SnapshotterError, match="is at build 2026-01-11.1 already"):
-        editions.rollback(cfg, "basic", "testing", to="2026-01-11.1")
+        delivery.rollback(cfg, "basic", "testing", to="2026-01-11.1")
     (site.web_root / "production").mkdir()
     (site.web_root / "production" / "basic").mkdir()  # something else where the document root belongs
     with pytest.raises(SnapshotterError, match="exists and is not a symlink; move it away"):
-        editions.promote(cfg, "basic", "production")
+        delivery.promote(cfg, "basic", "production")
     cfg.binhost.signing_key = ""
     with pytest.raises(SigningError, match=r"no signing key for profile basic: set \[binhost\] signing_key"):
-        editions.promote(cfg, "basic", "production")
+        delivery.promote(cfg, "basic", "production")
     assert edition_of(site, "testing")["build"] == "2026-01-11.1"
 
 
@@ -211,13 +212,13 @@ def test_a_build_signed_with_another_key_is_refused(site: binhostlib.Site, other
     b = site.build("2026-01-10", signing_key=other_key.fingerprint)
     with pytest.raises(SnapshotterError, match=f"was signed with {other_key.fingerprint}, but the profile's signing "
                                                f"key is now {site.key.fingerprint}"):
-        editions.on_build_success(site.cfg, "basic", b.id)
+        delivery.on_build_success(site.cfg, "basic", b.id)
     ok = site.build("2026-01-10", signing_key=site.key.fingerprint)
-    assert editions.on_build_success(site.cfg, "basic", ok.id).changed
+    assert delivery.on_build_success(site.cfg, "basic", ok.id).changed
     if manifestmod.FORMAT >= 2:  # build.json says whether the packages are signed
         unsigned = site.build("2026-01-11", signing_key=None)
         with pytest.raises(SnapshotterError, match="has unsigned packages .clients refuse them.; refusing to promote"):
-            editions.promote(site.cfg, "basic", "production", build_id=unsigned.id)
+            delivery.promote(site.cfg, "basic", "production", build_id=unsigned.id)
 
 
 def test_a_passphrase_protected_key_signs_with_passphrase_file(tmp_path: Path) -> None:
@@ -239,22 +240,22 @@ def test_a_passphrase_protected_key_signs_with_passphrase_file(tmp_path: Path) -
     no_pass = binhostlib.make_site(tmp_path / "a", key)
     b = no_pass.build("2026-01-10")
     with pytest.raises(SigningError, match=f"signing .* with {fpr} failed"):
-        editions.on_build_success(no_pass.cfg, "basic", b.id)
+        delivery.on_build_success(no_pass.cfg, "basic", b.id)
     assert not (no_pass.web_root / "testing").exists()
     site = binhostlib.make_site(tmp_path / "b", key, extra=f'passphrase_file = "{pass_file}"')
     b = site.build("2026-01-10")
-    assert editions.on_build_success(site.cfg, "basic", b.id).changed
+    assert delivery.on_build_success(site.cfg, "basic", b.id).changed
     assert "[GNUPG:] GOODSIG" in verify(site, doc_root(site, "testing") / "edition.json", tmp_path)
 
 
 def test_a_lost_history_line_is_written_by_the_next_switch(site: binhostlib.Site) -> None:
     b10, b11 = site.build("2026-01-10"), site.build("2026-01-11")
-    editions.on_build_success(site.cfg, "basic", b10.id)
-    editions.on_build_success(site.cfg, "basic", b11.id)
+    delivery.on_build_success(site.cfg, "basic", b10.id)
+    delivery.on_build_success(site.cfg, "basic", b11.id)
     hist = site.web_root / ".snapshotter" / "history.jsonl"
     lines = hist.read_text().splitlines(keepends=True)
     hist.write_text(lines[0] + lines[1][:20])  # the second line lost mid-write
-    editions.promote(site.cfg, "basic", "production")
+    delivery.promote(site.cfg, "basic", "production")
     assert [(e.edition, e.to_build) for e in history.read(hist)] == [
         ("testing", b10.id), ("testing", b11.id), ("production", b11.id)]
 
@@ -267,7 +268,7 @@ def test_across_file_systems_packages_are_copied_with_one_warning(
     try:
         b = site.build("2026-01-10")
         with caplog.at_level(logging.WARNING):
-            pub = editions.make_publishable(site.cfg, b)
+            pub = delivery.make_publishable(site.cfg, b)
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warnings) == 1 and "another file system" in warnings[0].getMessage()
         for rel in ("Packages", "app-misc/hello/hello-1.0-1.gpkg.tar"):

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from helpers import binhostlib, testlib
 
-from snapshotter.binhost import editions, history, retention
+from snapshotter.binhost import history, retention
+from snapshotter.service import delivery
 
 STEPS = ["publishable-made", "root-made", "root-signed", "link-made", "switched"]
 
@@ -52,9 +53,9 @@ def check_consistent(site: binhostlib.Site, old: str, new: str, tmp_path: Path) 
 def test_kill_9_during_a_promotion(step: str, tmp_path: Path, gpg_key: testlib.Key) -> None:
     site = binhostlib.make_site(tmp_path / "site", gpg_key)
     b10, b11 = site.build("2026-01-10"), site.build("2026-01-11")
-    editions.promote(site.cfg, "basic", "production", build_id=b10.id)
+    delivery.promote(site.cfg, "basic", "production", build_id=b10.id)
     if step != "publishable-made":
-        editions.make_publishable(site.cfg, b11)
+        delivery.make_publishable(site.cfg, b11)
     env = {**os.environ, "SNAPSHOTTER_TEST_STOP_AT": step}
     env.pop("SNAPSHOTTER_CONFIG", None)
     proc = subprocess.Popen(["snapshotter", "--config", str(site.config_path), "promote", "basic", "--to",

@@ -10,6 +10,7 @@ import pytest
 from helpers import binhostlib, testlib
 
 from snapshotter.binhost import builds, editions, retention
+from snapshotter.service import delivery
 
 DAY = 86400
 T0 = 1780000000  # "now" of the first switches
@@ -29,18 +30,18 @@ def test_purge_keeps_what_editions_need(tmp_path: Path, gpg_key: testlib.Key,
                                 profiles=("basic", "other"))
     at(monkeypatch, T0)
     old = site.build("2026-01-10")  # production points at it
-    editions.promote(site.cfg, "basic", "production", build_id=old.id)
+    delivery.promote(site.cfg, "basic", "production", build_id=old.id)
     expired = site.build("2026-01-11")  # testing pointed at it until T0 + 10 days: outside the window
     failed = site.build("2026-01-11", ok=False)
-    editions.on_build_success(site.cfg, "basic", expired.id)
+    delivery.on_build_success(site.cfg, "basic", expired.id)
     window = site.build("2026-01-12")  # testing pointed at it until T0 + 19 days: inside the window
     at(monkeypatch, T0 + 10 * DAY)
-    editions.on_build_success(site.cfg, "basic", window.id)
+    delivery.on_build_success(site.cfg, "basic", window.id)
     prev = site.build("2026-01-12")  # the previous build of testing's current root
     at(monkeypatch, T0 + 19 * DAY)
-    editions.on_build_success(site.cfg, "basic", prev.id)
+    delivery.on_build_success(site.cfg, "basic", prev.id)
     current = site.build("2026-01-12")
-    editions.on_build_success(site.cfg, "basic", current.id)
+    delivery.on_build_success(site.cfg, "basic", current.id)
     other_old = site.build("2026-01-10", profile="other")
     other_new = site.build("2026-01-10", profile="other")
     _, crashed = builds.allocate(site.output, "basic", "2026-01-11")
@@ -111,7 +112,7 @@ def test_purge_without_a_web_root_and_disk_use(tmp_path: Path, gpg_key: testlib.
     assert use.output_builds == 3 and use.output_bytes >= sum(b.size for b in bs) and use.web_root_bytes is None
     assert [b.id for b in retention.purge(cfg).removed] == [bs[0].id]
     cfg.binhost.web_root = site.web_root
-    editions.on_build_success(cfg, "basic", bs[2].id)
+    delivery.on_build_success(cfg, "basic", bs[2].id)
     use2 = retention.disk_use(cfg)
     assert use2.output_builds == 2 and use2.web_root_bytes is not None
     # The packages are hard links: the web root adds the snapshot, settings and metadata, not the packages.
