@@ -10,5 +10,6 @@ never import each other: what two of them share lives here (or in tests/conftest
   importtrees  the trees and tarballs of the import tests (split import, tree cache)
   publishlib   three days synced by the real `snapshotter sync`, published by `snapshotter publish`
   servicelib   bare repositories pushed to, the service configuration and the queue's jobs
+  hostdirs     the session's configuration that keeps every path in a temporary directory, host checks
   lighttpd     the real lighttpd started and stopped by a test, HTTPS requests with client certificates
 """
