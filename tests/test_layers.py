@@ -2,15 +2,15 @@
 (inside functions and under `if TYPE_CHECKING:` too; relative ones resolved; `importlib.import_module`
 with a literal name counted) must point down the layers:
 
-    cli  ->  service  ->  {sync, binhost -> publish}  ->  core {config, errors, lock, fsutil, logs, download,
-                                                                 openpgp, git, ...}
+    cli  ->  service  ->  {sync, publish, binhost}  ->  core {config, errors, lock, fsutil, logs, download,
+                                                               openpgp, git, ...}
              service  ->  chroot (a library of its own: it imports nothing of snapshotter)
 
   * chroot imports nothing of snapshotter;
   * nothing imports snapshotter.cli but snapshotter/cli itself and snapshotter/__main__.py;
   * core modules import no feature package (sync, publish, binhost), not service, not cli, not chroot;
-  * a feature package imports no other feature package (but binhost -> publish: an edition publishes
-    the build's tag as `snapshotter publish` does), not service, not cli, not chroot;
+  * a feature package imports no other feature package, not service, not cli, not chroot (binhost gets
+    the snapshot files of a build's tag from publish through service.delivery);
   * service may import the feature packages, core and chroot, not cli;
   * only snapshotter.service (and its submodules) imports chroot.
 
@@ -28,8 +28,6 @@ from helpers import testlib
 
 PACKAGES = ("snapshotter", "chroot")
 FEATURES = ("sync", "publish", "binhost")
-# The one edge between feature packages: binhost publishes a build's tag through publish.
-FEATURE_EDGES = {("binhost", "publish")}
 CORE_PACKAGES = ("git",)  # subpackages of snapshotter that are core (top-level modules always are)
 
 
@@ -122,8 +120,7 @@ def check_module(module: str, source: str, is_package: bool, packages: set[str])
         elif own == "core" and theirs != "core":
             rule = (f"core modules import no feature package ({', '.join(FEATURES)}), not service and not cli: "
                     "the layers point down")
-        elif own.startswith("feature:") and theirs != "core" and not (
-                theirs.startswith("feature:") and (own[8:], theirs[8:]) in FEATURE_EDGES):
+        elif own.startswith("feature:") and theirs != "core":
             rule = (f"snapshotter.{own.split(':')[1]} imports no other feature package, not service and not cli "
                     "(what two feature packages share belongs in core)")
         if rule is not None:
@@ -170,7 +167,7 @@ PLANTED = [
      "snapshotter.publish.snapshots"),
     ("snapshotter.publish.snapshots", False, "from snapshotter.sync import importer\n", "snapshotter.sync"),
     ("snapshotter.publish.snapshots", False, "from snapshotter.binhost import editions\n",
-     "snapshotter.binhost"),  # the binhost -> publish edge is one way
+     "snapshotter.binhost"),
     ("snapshotter.publish", True, "from . import clientconfig\nfrom ..service.jobqueue import open_queue\n",
      "snapshotter.service.jobqueue"),
     ("snapshotter.binhost.builds", False, "import importlib\nimportlib.import_module('snapshotter.sync.run')\n",
