@@ -592,11 +592,25 @@ def on_build_success(cfg: Config, profile: str, build_id: str, *, snapshot: Snap
                      lock_wait: float = SWITCH_LOCK_WAIT) -> SwitchReport:
     """After a successful build: move the profile's automatic edition to it, only forward in (tag, N)
     order (a late build of an older tag never replaces a newer one; a rebuild of the same tag does).
-    Nothing happens without a web root or an automatic edition."""
+    Nothing happens without a web root or an automatic edition.
+
+    The build itself succeeded whatever happens here, so problems come back in the report, not as an
+    exception: exit_status != 0 and a one-line message (no signing key, unsigned packages, a busy lock
+    after `lock_wait` seconds, gpg failing, ...) for the caller to log.
+    """
     auto = cfg.binhost.automatic_edition
     if cfg.binhost.web_root is None or not auto:
         why = "no [binhost] web_root" if cfg.binhost.web_root is None else "no automatic edition"
         return SwitchReport(profile, auto, "automatic", None, build_id, False, message=f"not published ({why})")
+    try:
+        return _automatic(cfg, profile, build_id, auto, snapshot, lock_wait)
+    except SnapshotterError as e:
+        return SwitchReport(profile, auto, "automatic", None, build_id, False,
+                            message=f"build {profile} {build_id} not published to {auto}: {e}", exit_status=e.exit_code)
+
+
+def _automatic(cfg: Config, profile: str, build_id: str, auto: str, snapshot: SnapshotMaker,
+               lock_wait: float) -> SwitchReport:
     lay = layout(cfg)
     build = find_build(cfg.build.output, profile, build_id)
     cur = current(lay, profile, auto)

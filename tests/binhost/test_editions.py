@@ -212,13 +212,19 @@ def test_a_build_signed_with_another_key_is_refused(site: binhostlib.Site, other
     b = site.build("2026-01-10", signing_key=other_key.fingerprint)
     with pytest.raises(SnapshotterError, match=f"was signed with {other_key.fingerprint}, but the profile's signing "
                                                f"key is now {site.key.fingerprint}"):
-        delivery.on_build_success(site.cfg, "basic", b.id)
+        delivery.promote(site.cfg, "basic", "testing", build_id=b.id)
+    r = delivery.on_build_success(site.cfg, "basic", b.id)
+    assert r.exit_status == 1 and "but the profile's signing key is now" in r.message
     ok = site.build("2026-01-10", signing_key=site.key.fingerprint)
     assert delivery.on_build_success(site.cfg, "basic", ok.id).changed
     if manifestmod.FORMAT >= 2:  # build.json says whether the packages are signed
         unsigned = site.build("2026-01-11", signing_key=None)
         with pytest.raises(SnapshotterError, match="has unsigned packages .clients refuse them.; refusing to promote"):
             delivery.promote(site.cfg, "basic", "production", build_id=unsigned.id)
+        r = delivery.on_build_success(site.cfg, "basic", unsigned.id)  # the build succeeded: a report, no raise
+        assert (r.changed, r.exit_status) == (False, 1)
+        assert r.message == (f"build basic {unsigned.id} not published to testing: build basic {unsigned.id} has "
+                             "unsigned packages (clients refuse them); refusing to publish it")
 
 
 def test_a_passphrase_protected_key_signs_with_passphrase_file(tmp_path: Path) -> None:
@@ -240,7 +246,8 @@ def test_a_passphrase_protected_key_signs_with_passphrase_file(tmp_path: Path) -
     no_pass = binhostlib.make_site(tmp_path / "a", key)
     b = no_pass.build("2026-01-10")
     with pytest.raises(SigningError, match=f"signing .* with {fpr} failed"):
-        delivery.on_build_success(no_pass.cfg, "basic", b.id)
+        delivery.promote(no_pass.cfg, "basic", "testing", build_id=b.id)
+    assert delivery.on_build_success(no_pass.cfg, "basic", b.id).exit_status == 1
     assert not (no_pass.web_root / "testing").exists()
     site = binhostlib.make_site(tmp_path / "b", key, extra=f'passphrase_file = "{pass_file}"')
     b = site.build("2026-01-10")
