@@ -2,11 +2,14 @@
 
 The caller hands a resolved `BuildSpec` (chroot.spec) and holds the profile's lock. Order (everything
 that can fail cheaply comes before anything is extracted): clean stale roots -> verify the stage sha256 ->
-extract into a fresh root -> place the trees and the Portage config -> run emerge in private namespaces
-(nsrun.py) with the output's packages/ bind-mounted as PKGDIR -> build.json -> remove the root.
+extract into a fresh root -> place the trees and the Portage config (and, when signing, trust the key in
+the root) -> run emerge in private namespaces (nsrun.py) with the build's packages/ bind-mounted as PKGDIR
+and the signing key's home copied into a tmpfs of the namespace -> build.json -> remove the root.
 
-Output: OUTPUT/<profile>/<tag>/ {packages/, build.log, build.json} on success; a failed build lands in
-OUTPUT/<profile>/<tag>.failed/ so it never replaces the packages of a good build.
+Output: the build's own directory (spec.output, OUTPUT/<profile>/<build id>/, created empty by the
+caller) gets packages/, build.log and, last, build.json with "ok" true or false. Once the builder has
+accepted the directory, every way out but kill -9 ends with a build.json: a setup error or a signal
+records "ok": false and the reason in "error". Nothing ever replaces another build's directory.
 """
 
 from __future__ import annotations
@@ -31,9 +34,9 @@ from chroot import manifest as manifestmod
 from chroot import portageconf, stage
 from chroot.errors import ChrootError, Terminated
 from chroot.mounts import assert_unmounted, inside, mounts_under, safe_rmtree
-from chroot.nsrun import NamespaceSpec
+from chroot.nsrun import NamespaceSpec, PrivateDir
 from chroot.procs import die_with_parent
-from chroot.spec import BuildSpec, PortageSettings, TreeSource
+from chroot.spec import BuildSpec, PortageSettings, Signing, TreeSource
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ class BuildResult:
     output_dir: Path
     log: Path
     manifest: Path
+    build_id: str = ""
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> list[str]:
         return read_tail(self.log, lines)
@@ -150,14 +154,15 @@ def _wait_namespace_gone(root: Path, timeout: float = 10.0) -> None:
 
 
 def run_in_namespace(root: Path, pkgdir: Path, argv: list[str], spec_path: Path, logf: IO[bytes],
-                     console: bool, distfiles: Path | None = None) -> int:
+                     console: bool, distfiles: Path | None = None, private: PrivateDir | None = None) -> int:
     """Run `argv` (the chroot command) inside fresh mount+PID namespaces; return its exit status.
 
-    `pkgdir` (and `distfiles`, if given) are bind-mounted at the root's PKGDIR (and DISTDIR)."""
+    `pkgdir` (and `distfiles`, if given) are bind-mounted at the root's PKGDIR (and DISTDIR); `private`
+    is a tmpfs of the namespace holding copies of host files (the signing key's home)."""
     binds = [(str(pkgdir), portageconf.PKGDIR.lstrip("/"))]
     if distfiles is not None:
         binds.append((str(distfiles), portageconf.DISTDIR.lstrip("/")))
-    spec_path.write_text(NamespaceSpec(root, binds, argv).to_json())
+    spec_path.write_text(NamespaceSpec(root, binds, argv, private).to_json())
     pkg_parent = str(Path(chroot.__file__).resolve().parent.parent)
     env = {"PATH": os.environ.get("PATH", CHROOT_PATH), "PYTHONPATH": pkg_parent, "LC_ALL": "C.UTF-8"}
     cmd = ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child", "--",
@@ -188,25 +193,24 @@ def emerge_argv(root: Path, profile: PortageSettings) -> list[str]:
             "/bin/bash", "--login", "-c", 'exec emerge "$@"', "emerge", *profile.emerge_args]
 
 
-def _replace_dir(src: Path, dest: Path) -> None:
-    """Move `src` to `dest`, replacing a previous `dest` only after the new one is in place."""
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.rename(dest, old)
-    os.rename(src, dest)
-    if old is not None:
-        safe_rmtree(old)
-
-
-def check_host() -> None:
+def check_host(signing: bool = False) -> None:
     """The builder needs root and a few host tools; say which is missing before anything is done."""
     if os.geteuid() != 0:
         raise ChrootError("snapshotter build must run as root (it extracts stages with their owners, "
                           "mounts and chroots)")
-    for tool in ("unshare", "chroot", "mount", "tar"):
+    for tool in ("unshare", "chroot", "mount", "tar", *(["gpg"] if signing else [])):
         if shutil.which(tool) is None:
-            raise ChrootError(f"snapshotter build needs `{tool}` on PATH (util-linux / coreutils / tar)")
+            raise ChrootError(f"snapshotter build needs `{tool}` on PATH (util-linux / coreutils / tar / gnupg)")
+
+
+def check_output_dir(path: Path) -> None:
+    """The build's directory must exist, be a real directory and be empty: a build never writes into
+    another build's directory."""
+    if path.is_symlink() or not path.is_dir():
+        raise ChrootError(f"build directory {path} does not exist or is not a directory")
+    if any(path.iterdir()):
+        raise ChrootError(f"build directory {path} is not empty; a build never writes into another build's "
+                          "directory")
 
 
 def _place_tree(root: Path, source: TreeSource) -> None:
@@ -216,94 +220,140 @@ def _place_tree(root: Path, source: TreeSource) -> None:
     source.place(dest)
 
 
+def _mount_points(root: Path, signing: Signing | None) -> list[str]:
+    points = ["proc", "dev", "sys", portageconf.PKGDIR.lstrip("/"), portageconf.DISTDIR.lstrip("/")]
+    if signing is not None:
+        points.append(portageconf.SIGNING_DIR.lstrip("/"))
+    return points
+
+
+def _private_dir(signing: Signing | None) -> PrivateDir | None:
+    """The signing key's home (and passphrase file) as copies in a tmpfs of the build's namespace."""
+    if signing is None:
+        return None
+    files = [] if signing.passphrase_file is None else \
+        [(str(signing.passphrase_file), Path(portageconf.SIGNING_PASSPHRASE).name)]
+    return PrivateDir(portageconf.SIGNING_DIR.lstrip("/"),
+                      dirs=[(str(signing.gnupghome), Path(portageconf.SIGNING_GNUPGHOME).name)], files=files)
+
+
 def run_build(spec: BuildSpec, *, console: bool = False) -> BuildResult:
-    """Build `spec`; see the module docstring. The caller holds the profile's lock.
+    """Build `spec` into its directory `spec.output`; see the module docstring. The caller holds the
+    profile's lock.
 
-    Setup problems (bad stage sha256, unsafe stage, missing host tools) raise ChrootError before
-    anything is built; an emerge failure returns ok=False (exit_status != 0).
+    Missing host tools or a `spec.output` that is not an empty directory raise ChrootError and touch
+    nothing. From then on every failure is recorded in the build's directory (build.json "ok": false,
+    with the reason in "error"): a setup problem (stage sha256, unsafe stage, trusting the key) or a
+    signal is raised after that; an emerge failure returns ok=False (exit_status != 0).
     """
-    check_host()
+    check_host(signing=spec.signing is not None)
+    check_output_dir(spec.output)
     profile = spec.settings
-    with _stop_signals_raise():
-        clean_stale(spec.work_dir)
-        spec.output.mkdir(parents=True, exist_ok=True)
-        for d in [*spec.output.glob(".*.partial-*"), *spec.output.glob(".*.old-*")]:  # left by a crashed run
-            safe_rmtree(d)
-        stage_sha = stage.verify_stage(spec.stage.path, spec.stage.sha256)
-        return _build(spec, profile, stage_sha, console)
+    man = manifestmod.Manifest(
+        profile=profile.name, tag=spec.tag, commit=spec.commit, repo=spec.repo,
+        stage={"source": spec.stage.source, "sha256": None},
+        overlays=[o.describe() for o in spec.overlays], portage_profile=profile.portage_profile,
+        make_conf=None, portage_confdir=None, repos_conf="", world=profile.world,
+        emerge_command=["emerge", *profile.emerge_args], snapshotter_version=spec.tool_version,
+        id=spec.build_id, signing_key=None if spec.signing is None else spec.signing.fingerprint)
+    log_path = spec.output / "build.log"
+    man.started = _utc_now().isoformat()
+    with open(log_path, "ab") as logf:
+        logf.write(f">>> snapshotter: build {spec.build_id} of profile {profile.name}: tag {spec.tag} commit "
+                   f"{spec.commit}\n".encode())
+        try:
+            with _stop_signals_raise():
+                clean_stale(spec.work_dir)
+                man.stage["sha256"] = stage.verify_stage(spec.stage.path, spec.stage.sha256)
+                return _build(spec, profile, man, logf, console)
+        except BaseException as e:
+            _record_failure(spec, man, logf, e)
+            raise
 
 
-def _build(spec: BuildSpec, profile: PortageSettings, stage_sha: str, console: bool) -> BuildResult:
-    tag, commit, out_base = spec.tag, spec.commit, spec.output
+def _record_failure(spec: BuildSpec, man: manifestmod.Manifest, logf: IO[bytes], exc: BaseException) -> None:
+    """build.json "ok": false for a build stopped by `exc` before it recorded its own result. Never
+    raises: the original exception is what the caller sees."""
+    if (spec.output / "build.json").exists():
+        return
+    if isinstance(exc, KeyboardInterrupt):
+        why = "interrupted (Ctrl-C)"
+    elif isinstance(exc, ChrootError | OSError):
+        why = str(exc) or type(exc).__name__
+    else:
+        why = f"{type(exc).__name__}: {exc}"
+    man.ok = False
+    man.error = why
+    man.finished = _utc_now().isoformat()
+    try:
+        logf.write(f">>> snapshotter: build {spec.build_id} failed: {why}\n".encode())
+        logf.flush()
+        man.packages, man.packages_index = manifestmod.list_packages(spec.output / "packages")
+        manifestmod.write(man, spec.output / "build.json")
+        log.info("build %s of profile %s recorded as failed in %s", spec.build_id, spec.settings.name, spec.output)
+    except OSError as e:
+        log.error("could not record the failed build %s in %s: %s", spec.build_id, spec.output, e)
+
+
+def _build(spec: BuildSpec, profile: PortageSettings, man: manifestmod.Manifest, logf: IO[bytes],
+           console: bool) -> BuildResult:
+    tag, commit, out = spec.tag, spec.commit, spec.output
     stamp = _utc_now().strftime("%Y%m%dT%H%M%SZ")
     build_dir = spec.work_dir / f"{tag}-{stamp}-{os.getpid()}"
     build_dir.mkdir(parents=True)
     build_dir = build_dir.resolve()
     root = build_dir / "root"
-    staging = out_base / f".{tag}.partial-{os.getpid()}"
-    staging.mkdir()
-    pkgdir = staging / "packages"
+    pkgdir = out / "packages"
     pkgdir.mkdir()
-    log_path = staging / "build.log"
-    ok = False
     status = 1
     try:
-        log.info("build %s at %s (%s): extracting %s", profile.name, tag, commit[:12], spec.stage.path.name)
+        log.info("build %s %s at %s (%s): extracting %s", profile.name, spec.build_id, tag, commit[:12],
+                 spec.stage.path.name)
         stage.extract_stage(spec.stage.path, root)
         _place_tree(root, spec.gentoo)
         for ov in spec.overlays:
             _place_tree(root, ov)
-        confdir_hash = None
         if profile.portage_confdir is not None:
             portageconf.copy_confdir(profile.portage_confdir, root)
-            confdir_hash = portageconf.tree_hash(profile.portage_confdir)
-        make_conf = portageconf.write_make_conf(root, profile)
-        repos_conf = portageconf.write_repos_conf(root, [o.name for o in spec.overlays])
+            man.portage_confdir = {"path": str(profile.portage_confdir),
+                                   "sha256": portageconf.tree_hash(profile.portage_confdir)}
+        make_conf = portageconf.write_make_conf(root, profile, spec.signing)
+        man.make_conf = {"content": make_conf, "sha256": manifestmod.sha256_text(make_conf)}
+        man.repos_conf = portageconf.write_repos_conf(root, [o.name for o in spec.overlays])
         if profile.portage_profile:
             portageconf.set_make_profile(root, profile.portage_profile)
         if profile.world is not None:
             portageconf.write_world(root, profile.world)
         portageconf.copy_resolv_conf(root)
-        for d in ("proc", "dev", "sys", portageconf.PKGDIR.lstrip("/"), portageconf.DISTDIR.lstrip("/")):
+        if spec.signing is not None:
+            fprs = portageconf.trust_signing_key(root, spec.signing.public_key)
+            logf.write(f">>> snapshotter: signing gpkgs with {spec.signing.fingerprint}; trusted in "
+                       f"/{portageconf.PORTAGE_GNUPGHOME}: {', '.join(fprs)}\n".encode())
+        for d in _mount_points(root, spec.signing):
             t = inside(root, d)
             if t.is_symlink():
                 raise ChrootError(f"{t} is a symlink in the stage; refusing to mount there")
             t.mkdir(parents=True, exist_ok=True)
         argv = emerge_argv(root, profile)
-        man = manifestmod.Manifest(
-            profile=profile.name, tag=tag, commit=commit, repo=spec.repo,
-            stage={"source": spec.stage.source, "sha256": stage_sha},
-            overlays=[o.describe() for o in spec.overlays],
-            portage_profile=profile.portage_profile,
-            make_conf={"content": make_conf, "sha256": manifestmod.sha256_text(make_conf)},
-            portage_confdir=None if confdir_hash is None else {"path": str(profile.portage_confdir),
-                                                               "sha256": confdir_hash},
-            repos_conf=repos_conf, world=profile.world,
-            emerge_command=["emerge", *profile.emerge_args],
-            snapshotter_version=spec.tool_version)
         started = time.time()
         man.started = _utc_now().isoformat()
-        log.info("build %s at %s: emerge %s", profile.name, tag, " ".join(profile.emerge_args))
-        with open(log_path, "ab") as logf:
-            logf.write(f">>> snapshotter: build {profile.name} tag {tag} commit {commit}\n".encode())
-            spec.distfiles.mkdir(parents=True, exist_ok=True)
-            status = run_in_namespace(root, pkgdir.resolve(), argv, build_dir / "nsrun.json", logf, console,
-                                      distfiles=spec.distfiles.resolve())
+        log.info("build %s %s at %s: emerge %s", profile.name, spec.build_id, tag, " ".join(profile.emerge_args))
+        logf.flush()
+        spec.distfiles.mkdir(parents=True, exist_ok=True)
+        status = run_in_namespace(root, pkgdir.resolve(), argv, build_dir / "nsrun.json", logf, console,
+                                  distfiles=spec.distfiles.resolve(), private=_private_dir(spec.signing))
         man.finished = _utc_now().isoformat()
         man.duration_seconds = round(time.time() - started, 1)
         man.exit_status = status
-        ok = man.ok = status == 0
-        man.packages, man.packages_index = manifestmod.list_packages(pkgdir)
-        manifestmod.write(man, staging / "build.json")
+        man.ok = status == 0
     finally:
         _finish_root(build_dir, root, spec.keep_root)
-        if not ok and not (staging / "build.json").exists():
-            safe_rmtree(staging)  # setup failed or interrupted: nothing was built
-    final = out_base / (tag if ok else f"{tag}.failed")
-    _replace_dir(staging, final)
-    log.info("build %s at %s: %s, output in %s", profile.name, tag, "ok" if ok else f"FAILED ({status})", final)
-    return BuildResult(ok=ok, exit_status=status, output_dir=final, log=final / "build.log",
-                       manifest=final / "build.json")
+    man.packages, man.packages_index = manifestmod.list_packages(pkgdir)
+    manifestmod.write(man, out / "build.json")
+    log.info("build %s %s at %s: %s, output in %s", profile.name, spec.build_id, tag,
+             "ok" if man.ok else f"FAILED ({status})", out)
+    return BuildResult(ok=man.ok, exit_status=status, output_dir=out, log=out / "build.log",
+                       manifest=out / "build.json", build_id=spec.build_id)
 
 
 def _finish_root(build_dir: Path, root: Path, keep: bool) -> None:

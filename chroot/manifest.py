@@ -9,7 +9,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-FORMAT = 1
+FORMAT = 2  # 2: build ids (`id`), `signing_key`, `error`; a build's own directory
+READABLE_FORMATS = (1, 2)  # format 1 (no id, unsigned) is still read
 
 
 @dataclass
@@ -21,7 +22,7 @@ class Manifest:
     stage: dict[str, Any]  # {"source", "sha256"}
     overlays: list[dict[str, str]]  # [{"name", "url", "ref", "commit"}]
     portage_profile: str | None
-    make_conf: dict[str, Any]  # {"content", "sha256"}: the root's whole make.conf as built
+    make_conf: dict[str, Any] | None  # {"content", "sha256"}: the root's whole make.conf (None: not written)
     portage_confdir: dict[str, Any] | None  # {"path", "sha256"}
     repos_conf: str
     world: list[str] | None
@@ -34,6 +35,9 @@ class Manifest:
     packages: list[dict[str, Any]] = field(default_factory=list)  # [{"path", "sha256", "size"}]
     packages_index: dict[str, Any] | None = None  # the `Packages` file: {"sha256", "size"}
     snapshotter_version: str = ""
+    id: str = ""  # the build id (TAG.N), the name of the build's directory; "" in format 1
+    signing_key: str | None = None  # fingerprint that signed the packages; None: unsigned
+    error: str = ""  # why a build failed before or outside emerge (setup error, signal); "" otherwise
     format: int = FORMAT
 
     def to_json(self) -> str:
@@ -47,8 +51,8 @@ class Manifest:
         data = json.loads(text)
         if not isinstance(data, dict):
             raise ValueError("build.json: not a JSON object")
-        if data.get("format") != FORMAT:
-            raise ValueError(f"build.json: format {data.get('format')!r}, not {FORMAT}")
+        if data.get("format") not in READABLE_FORMATS:
+            raise ValueError(f"build.json: format {data.get('format')!r}, not one of {READABLE_FORMATS}")
         known = fields(cls)
         unknown = sorted(data.keys() - {f.name for f in known})
         missing = [f.name for f in known if f.name not in data and f.default is MISSING
@@ -79,26 +83,33 @@ def list_packages(pkgdir: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | 
 
 
 def write(manifest: Manifest, path: Path) -> None:
-    """Create build.json at `path`, in the build's fresh staging directory (builder.py).
+    """Create build.json at `path`, in the build's own directory, as the build's last step.
 
-    No write-temp-then-rename here: only the builder writes in the staging directory, and it is
-    published as a whole by one directory rename (builder._replace_dir), so no reader ever sees a part.
-    The file is created with O_CREAT|O_EXCL|O_NOFOLLOW (never through a planted symlink) and removed
-    again if writing fails, so a staging directory holds a build.json only when it is complete. (The
-    snapshotter's own atomic writes go through snapshotter.fsutil.atomic_write; this library imports
-    nothing of snapshotter.)
+    A build directory without build.json is a build that is running or crashed: readers take the
+    file's existence as "finished", so it must never be seen half-written. It is written to a temporary
+    name (O_CREAT|O_EXCL|O_NOFOLLOW: never through a planted symlink), fsynced and linked to `path`
+    with link(2), which fails if `path` exists: a build.json is never replaced. (The snapshotter's own
+    atomic writes go through snapshotter.fsutil.atomic_write; this library imports nothing of
+    snapshotter.)
     """
     data = memoryview(manifest.to_json().encode())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
         try:
             while data:
                 data = data[os.write(fd, data):]
+            os.fsync(fd)
         finally:
             os.close(fd)
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
+        os.link(tmp, path, follow_symlinks=False)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def load(path: Path) -> Manifest:

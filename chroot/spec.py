@@ -60,6 +60,22 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class Signing:
+    """Sign every gpkg the Portage way (FEATURES=binpkg-signing, BINPKG_GPG_SIGNING_*).
+
+    The caller has checked that `gnupghome` holds the secret key and that it can sign. The builder copies
+    the home (and the passphrase file) into a tmpfs that exists only in the build's mount namespace
+    (nsrun.PrivateDir), so the key is never in the stage, the root or a package, and trusts
+    `public_key` in the root's /etc/portage/gnupg (Portage verifies each package it has just signed).
+    """
+
+    gnupghome: Path  # host directory holding the secret key
+    fingerprint: str  # BINPKG_GPG_SIGNING_KEY (40 hex digits)
+    public_key: str  # the key's armored public part
+    passphrase_file: Path | None = None  # given to gpg with the loopback pinentry (no terminal needed)
+
+
+@dataclass(frozen=True)
 class BuildSpec:
     settings: PortageSettings
     tag: str
@@ -69,7 +85,9 @@ class BuildSpec:
     gentoo: TreeSource
     overlays: list[TreeSource]
     work_dir: Path  # this profile's build roots: WORK/<profile>/<tag>-<time>-<pid>/root
-    output: Path  # this profile's results: OUTPUT/<profile>/<tag>/
+    output: Path  # this build's own directory (OUTPUT/<profile>/<build id>/), created by the caller, empty
+    build_id: str  # recorded in build.json
     distfiles: Path  # DISTDIR, shared by builds, bind-mounted
+    signing: Signing | None = None  # None: the packages are not signed
     keep_root: bool = False
     tool_version: str = ""  # recorded in build.json

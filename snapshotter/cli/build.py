@@ -17,7 +17,7 @@ from snapshotter.service.build import BuildRequest, run_build
               help="The snapshot repository (bare git). Config: repo.")
 @click.option("--tag", default=None, metavar="YYYY-MM-DD", help="Snapshot tag to build (default: the newest).")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Output directory; results go to OUTPUT/PROFILE/TAG/. Config: build.output.")
+              help="Output directory; each build goes to OUTPUT/PROFILE/TAG.N/. Config: build.output.")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where build roots are made. Config: build.work_dir.")
 @click.option("--overlay-ref", "overlay_refs", multiple=True, metavar="NAME=REF",
@@ -31,13 +31,16 @@ def build_cmd(state: State, profile: str, repo: Path | None, tag: str | None, ou
     \b
     The stage is verified (stage_sha256) and extracted, the tag's tree is put at /var/db/repos/gentoo and
     each overlay at its pinned ref, and emerge runs in private mount and PID namespaces, so no mount
-    outlives the build, even on kill -9. Output: OUTPUT/PROFILE/TAG/{packages/,build.log,build.json}; a
-    failed build goes to OUTPUT/PROFILE/TAG.failed/. -v streams emerge's output live.
+    outlives the build, even on kill -9. With a signing key ([binhost] signing_key) every gpkg is signed;
+    a key that cannot sign stops the build before it starts.
+    Each build is new: id TAG.N, directory OUTPUT/PROFILE/TAG.N/{packages/,build.log,build.json}, never
+    replaced (a failed build keeps its own, "ok": false). Prints "ID DIRECTORY". -v streams emerge live.
     Exit status: 0 built, 1 setup error, 4 emerge failed (log tail shown), 75 profile locked.
 
     \b
     Examples:
       snapshotter build --profile basic                              # at the newest tag
+      2026-11-20.1 /var/cache/snapshotter/packages/basic/2026-11-20.1
       snapshotter build --profile desktop --tag 2026-11-20 --overlay-ref myov=v1.2 --keep-root
     """
     cfg = state.config
@@ -59,9 +62,9 @@ def build_cmd(state: State, profile: str, repo: Path | None, tag: str | None, ou
         for line in tail:
             click.echo(line, err=True)
         click.echo("----", err=True)
-        raise BuildFailed(f"build of profile {profile} failed (emerge exit status {result.exit_status}); "
-                          f"log: {result.log}")
-    click.echo(str(result.output_dir))
+        raise BuildFailed(f"build {result.build_id} of profile {profile} failed (emerge exit status "
+                          f"{result.exit_status}); log: {result.log}")
+    click.echo(f"{result.build_id} {result.output_dir}")
 
 
 COMMANDS: list[click.Command] = [build_cmd]

@@ -1,27 +1,45 @@
-"""A build of one profile at one tag, as the service runs it: resolve, pin, lock, then hand the chroot
-library a typed `BuildSpec`.
+"""A build of one profile at one tag, as the service runs it: resolve, pin, check, lock, allocate the
+build's id and directory, then hand the chroot library a typed `BuildSpec`.
 
 Here the configuration meets the builder: the tag is resolved to a commit of the snapshot repository,
-overlays are fetched into bare cache clones and pinned to commits, the stage is fetched with the same
-downloader as snapshots (retries, resume, size checks) and its sha256 checked, and the profile's lock is
-held for the whole build (one build per profile at a time). Errors of the chroot library come back as
-SnapshotterError with the same message and exit status.
+the signing key is checked with a test signature, overlays are fetched into bare cache clones and pinned
+to commits, the stage is fetched with the same downloader as snapshots (retries, resume, size checks) and
+its sha256 checked, and the profile's lock is held for the whole build (one build per profile at a time).
+Only then does the build get its id and its own directory (binhost.builds.allocate): a build that fails
+any of these checks leaves no directory; one that fails later is recorded there as failed. Errors of the
+chroot library come back as SnapshotterError with the same message and exit status.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from chroot import builder
+from chroot import builder, portageconf
 from chroot.builder import BuildResult
 from chroot.errors import ChrootError
-from chroot.spec import BuildSpec, PortageSettings, Stage
-from snapshotter import __version__
-from snapshotter.config import STAGE_SUFFIXES, Config, Overlay, Profile, is_url, parse_overlays, validate_name
+from chroot.spec import BuildSpec, PortageSettings, Signing, Stage
+from chroot.stage import verify_stage
+from snapshotter import __version__, openpgp
+from snapshotter.binhost.builds import allocate
+from snapshotter.config import (
+    STAGE_SUFFIXES,
+    Config,
+    Overlay,
+    Profile,
+    SigningSettings,
+    is_url,
+    parse_overlays,
+    signing_for,
+    validate_name,
+)
 from snapshotter.download import Downloader
 from snapshotter.errors import ConfigError, SnapshotterError
 from snapshotter.fsutil import file_digest
@@ -31,6 +49,8 @@ from snapshotter.lock import flocked
 
 log = logging.getLogger(__name__)
 
+UNSIGNED_WARNING = ("profile %s has no signing key ([binhost] signing_key): its packages are not signed, and "
+                    "Portage 3.0.78 and later refuse unsigned binary packages by default (binpkg appears unsigned)")
 
 
 
@@ -158,15 +178,73 @@ def fetch_stage(source: str, cache_dir: Path, expected_sha256: str | None, *, ti
         downloader.close()
 
 
-def run_build(cfg: Config, req: BuildRequest, *, console: bool = False) -> BuildResult:
-    """Build `req.profile` at `req.tag` (default: the newest tag) under the profile's lock.
+def default_gnupghome() -> Path:
+    """gpg's own home when none is configured: $GNUPGHOME, else ~/.gnupg."""
+    return Path(os.environ.get("GNUPGHOME") or Path.home() / ".gnupg")
 
-    Setup problems (unknown profile or tag, bad stage_sha256, overlay ref, locked profile) raise
-    SnapshotterError before anything is built; an emerge failure returns ok=False (exit_status != 0).
+
+def _agent_running(home: Path) -> bool:
+    if shutil.which("gpg-connect-agent") is None:
+        return True  # cannot tell: leave whatever runs alone
+    # Its exit status is 0 either way; a running agent answers with a data line.
+    proc = subprocess.run(["gpg-connect-agent", "--homedir", str(home), "--no-autostart", "GETINFO pid", "/bye"],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+    return any(line.startswith("D ") for line in proc.stdout.splitlines())
+
+
+def _stop_agent(home: Path) -> None:
+    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"], stdin=subprocess.DEVNULL,
+                   capture_output=True, timeout=30)
+
+
+def check_signing(profile: Profile, signing: SigningSettings) -> Signing:
+    """The chroot library's signing spec for `profile`, after a test signature with the key.
+
+    SigningError (one line) when the home, the secret key or the passphrase file is missing or the key
+    cannot sign (expired, revoked, needs a passphrase that is not given); ConfigError when the profile's
+    make_conf contradicts signing. A gpg-agent that the test signature started is stopped again."""
+    settings = portage_settings(profile)
+    try:
+        portageconf.check_signing_settings(settings)
+    except ChrootError as e:
+        raise ConfigError(str(e)) from None
+    home = signing.gnupghome or default_gnupghome()
+    what = f"profile {profile.name}: signing key {signing.fingerprint}"
+    if not home.is_dir():
+        raise openpgp.SigningError(f"{what}: gnupghome {home} does not exist or is not a directory")
+    passphrase = signing.passphrase_file
+    if passphrase is not None and (not passphrase.is_file() or not os.access(passphrase, os.R_OK)):
+        raise openpgp.SigningError(f"{what}: passphrase file {passphrase} is missing or not readable")
+    agent_was_running = _agent_running(home)
+    try:
+        with tempfile.TemporaryDirectory(prefix="snapshotter-signcheck-") as tmp:
+            probe = Path(tmp) / "probe"
+            probe.write_bytes(b"snapshotter: can this key sign packages?\n")
+            openpgp.detach_sign(probe, signing.fingerprint, home, name="a test message", passphrase_file=passphrase)
+        public = openpgp.export_public_key(signing.fingerprint, home)
+    except openpgp.SigningError as e:
+        hint = " (the key has a passphrase: set passphrase_file)" if "No pinentry" in str(e) else ""
+        raise openpgp.SigningError(f"{what}: {e}{hint}; the build was not started") from None
+    finally:
+        if not agent_was_running:
+            _stop_agent(home)
+    log.info("%s: a test signature works; packages will be signed", what)
+    return Signing(gnupghome=home.resolve(), fingerprint=signing.fingerprint, public_key=public.decode(),
+                   passphrase_file=None if passphrase is None else passphrase.resolve())
+
+
+def run_build(cfg: Config, req: BuildRequest, *, console: bool = False) -> BuildResult:
+    """Build `req.profile` at `req.tag` (default: the newest tag) under the profile's lock, as a new
+    build with its own id and directory (OUTPUT/<profile>/<TAG>.<N>/).
+
+    Setup problems (unknown profile or tag, missing or unusable signing key, bad stage_sha256, overlay
+    ref, locked profile) raise SnapshotterError before the build's directory exists; later ones are
+    recorded there as a failed build and raised; an emerge failure returns ok=False (exit_status != 0).
     """
     profile = resolve_profile(cfg, req.profile, req.overlay_refs)
+    sign_cfg = signing_for(cfg, profile)
     with chroot_errors():
-        builder.check_host()
+        builder.check_host(signing=sign_cfg is not None)
     repo = Repository(cfg.repo, cfg.git.branch).require()
     if req.tag is None:
         newest = repo.newest_tag()
@@ -175,18 +253,25 @@ def run_build(cfg: Config, req: BuildRequest, *, console: bool = False) -> Build
         tag = newest
     else:
         tag = repo.find_tag(req.tag)
+    signing = None if sign_cfg is None else check_signing(profile, sign_cfg)
+    if signing is None:
+        log.warning(UNSIGNED_WARNING, profile.name)
     work = cfg.build.work_dir
     with flocked(work / f"{profile.name}.lock", f"build profile {profile.name}"):
         # Everything that can be checked without a root is checked first: nothing is created on failure.
         overlays = [fetch_overlay(o, cfg.build.cache_dir) for o in profile.overlays]
         stage_file = fetch_stage(profile.stage, cfg.build.cache_dir / "stages", profile.stage_sha256,
                                  timeout=cfg.sync.timeout, retries=cfg.sync.retries)
+        with chroot_errors():
+            verify_stage(stage_file, profile.stage_sha256)
+        build_id, out = allocate(req.output or cfg.build.output, profile.name, tag.name)
+        log.info("build %s of profile %s at %s: %s", build_id, profile.name, tag.name, out)
         spec = BuildSpec(
             settings=portage_settings(profile), tag=tag.name, commit=tag.commit, repo=str(repo.path),
             stage=Stage(stage_file, profile.stage, profile.stage_sha256),
             gentoo=GitTree("gentoo", repo.path, tag.commit), overlays=list(overlays),
-            work_dir=work / profile.name, output=(req.output or cfg.build.output) / profile.name,
-            distfiles=cfg.build.distfiles or cfg.build.cache_dir / "distfiles",
+            work_dir=work / profile.name, output=out, build_id=build_id,
+            distfiles=cfg.build.distfiles or cfg.build.cache_dir / "distfiles", signing=signing,
             keep_root=req.keep_root, tool_version=__version__)
         with chroot_errors():
             return builder.run_build(spec, console=console)

@@ -1,9 +1,12 @@
-"""Real chroot builds with the real Portage in the stand-in stage (tests/stage.py), for real:
-mounts in private namespaces, emerge -e world, .gpkg.tar packages, kill -9, failures, round trip.
-The mirror is filled by the real `snapshotter sync` from signed snapshots on a loopback HTTP mirror.
+"""Real chroot builds with the real Portage in the stand-in stage (tests/helpers/stage.py), for real:
+mounts in private namespaces, emerge -e world, signed .gpkg.tar packages, build ids, kill -9, failures,
+round trip. The mirror is filled by the real `snapshotter sync` from signed snapshots on a loopback HTTP
+mirror.
 
 One stage, one mirror and one overlay are shared by the module; each scenario builds once and checks
-many things. Every test ends by checking the host's /proc/self/mountinfo for leaks (autouse fixture).
+many things. Profile `basic` signs with a passphrase-protected key (passphrase_file), `trouble` with a key
+without one. Every test ends by checking the host's /proc/self/mountinfo for leaks and that no gpg-agent
+of a build is left (autouse fixture).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from datetime import date
 from pathlib import Path
 
 import pytest
-from helpers import ebuild_repo, testlib
+from helpers import ebuild_repo, signkeys, testlib
 from helpers import stage as test_stage
 
 from chroot import builder, portageconf
@@ -84,6 +87,12 @@ def env(tmp_path_factory, gpg_key):
         shutil.copyfile(stage_file, base / "http" / "stages" / stage_file.name)
     (base / "http" / "distfiles").mkdir()
     (base / "http" / "distfiles" / ebuild_repo.DISTFILE).write_bytes(ebuild_repo.distfile())
+    # Signing keys: basic's has a passphrase (read from a file, no terminal), trouble's has none.
+    basic_key = signkeys.make_signing_key(base / "gnupg-basic", passphrase="build pass phrase")
+    passphrase = base / "basic-passphrase"
+    passphrase.write_text("build pass phrase\n")
+    passphrase.chmod(0o600)
+    trouble_key = signkeys.make_signing_key(base / "gnupg-trouble")
     cfg = base / "snapshotter.toml"
     cfg.write_text(f"""
 repo = "{base}/mirror.git"
@@ -101,16 +110,21 @@ world = ["app-misc/hello", "app-misc/extra", "dev-libs/tilde", "app-misc/fetched
 portage_confdir = "{confdir}"
 overlays = [{{ name = "extra", url = "{base}/overlay", ref = "v1" }}]
 make_conf = {{ MAKEOPTS = "-j2", USE = "-doc", GENTOO_MIRRORS = "{mirror.url}" }}
+signing_key = "{basic_key.fingerprint}"
+gnupghome = "{basic_key.home}"
+passphrase_file = "{passphrase}"
 
 [profiles.trouble]
 stage = "{mirror.url}/stages/{stage_file.name}"
 stage_sha256 = "{sha}"
 portage_profile = "default"
 world = ["app-misc/trouble"]
+signing_key = "{trouble_key.fingerprint}"
+gnupghome = "{trouble_key.home}"
 """)
     tags = sync_mirror(base, cfg, mirror, gpg_key)
     yield {"base": base, "work": work, "cfg": cfg, "tags": tags, "ov_tags": ov_tags, "stage": stage_file,
-           "sha": sha, "confdir": confdir, "http": mirror}
+           "sha": sha, "confdir": confdir, "http": mirror, "basic_key": basic_key, "trouble_key": trouble_key}
     mirror.server.shutdown()
     mirror.server.server_close()
     assert _mountinfo_under(base) == [], "a mount leaked: refusing to let pytest delete the tmp dir"
@@ -128,6 +142,48 @@ def no_leak(env):
     assert _mountinfo_under(env["base"]) == [] and _mountinfo_under(env["work"]) == []
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
     assert sorted(os.listdir("/dev")) == dev_before
+    # No gpg-agent outlives a build: not one in a root (the PID namespace took it), not one the signing
+    # check started on the host for the key's home.
+    assert signkeys.agents_under(env["work"]) == []
+    assert signkeys.agents_for(env["basic_key"].home) == [] and signkeys.agents_for(env["trouble_key"].home) == []
+
+
+def build_dirs(env, profile: str) -> dict[str, str | None]:
+    """The profile's build directories: name -> build.json's text (None while it has none)."""
+    out = env["base"] / "out" / profile
+    if not out.is_dir():
+        return {}
+    return {d.name: (d / "build.json").read_text() if (d / "build.json").exists() else None
+            for d in sorted(out.iterdir())}
+
+
+def secret_key_bytes(key: testlib.Key) -> list[bytes]:
+    """The contents of the key's secret key files (what must never leave its home)."""
+    return [p.read_bytes() for p in (key.home / "private-keys-v1.d").glob("*.key")]
+
+
+def tar_names(path: Path, *opts: str) -> list[str]:
+    return subprocess.run(["tar", *opts, "-tf", str(path)], capture_output=True, text=True, check=True).stdout.split()
+
+
+def check_signed_gpkg(gpkg: Path, key: testlib.Key, work: Path) -> None:
+    """A gpkg signed the Portage way: detached signatures of metadata and image, a clearsigned Manifest,
+    each verified by gpg with only the key's public part; the image holds nothing of the key's home."""
+    names = tar_names(gpkg)
+    top = names[0].split("/")[0]
+    assert {f"{top}/metadata.tar.zst.sig", f"{top}/image.tar.zst.sig", f"{top}/Manifest"} <= set(names), names
+    ex = work / gpkg.name
+    ex.mkdir()
+    subprocess.run(["tar", "-C", str(ex), "-xf", str(gpkg)], check=True)
+    d = ex / top
+    manifest_text = (d / "Manifest").read_bytes()
+    assert manifest_text.startswith(b"-----BEGIN PGP SIGNED MESSAGE-----")
+    for sig, data in ((manifest_text, None), ((d / "image.tar.zst.sig").read_bytes(), (d / "image.tar.zst").read_bytes()),
+                      ((d / "metadata.tar.zst.sig").read_bytes(), (d / "metadata.tar.zst").read_bytes())):
+        r = signkeys.gpg_verify(key.public, sig, data, ex)
+        assert r.returncode == 0 and f"VALIDSIG {key.fingerprint}" in r.stdout, (gpkg.name, r.stdout, r.stderr)
+    image = tar_names(d / "image.tar.zst", "--zstd")
+    assert not [n for n in image if "snapshotter-signing" in n or "private-keys" in n or "gnupg" in n], image
 
 
 def build(env, *args: str, timeout: float = 300):
@@ -158,14 +214,15 @@ def check_manifest(out: Path) -> dict:
     return man
 
 
-def test_build_world_with_pinned_overlay(env):
-    """Tag 1 with the overlay pinned at v1 (v2 exists): real gpkg packages of all of @world + index."""
+def test_build_world_with_pinned_overlay(env, tmp_path):
+    """Tag 1 with the overlay pinned at v1 (v2 exists): real gpkg packages of all of @world + index, each
+    signed by the profile's passphrase-protected key (no terminal), in the build's own directory."""
     t0 = time.monotonic()
     r = build(env, "-v", "build", "--profile", "basic", "--tag", TAG1)
     took = time.monotonic() - t0
     assert r.returncode == 0, r.stderr[-3000:]
-    out = env["base"] / "out" / "basic" / TAG1
-    assert r.stdout.strip() == str(out)
+    out = env["base"] / "out" / "basic" / f"{TAG1}.1"
+    assert r.stdout.strip() == f"{TAG1}.1 {out}"
     assert ">>> Emerging (1 of 6)" in r.stderr  # -v streams emerge's output live
     assert "Traceback" not in r.stderr
 
@@ -183,9 +240,21 @@ def test_build_world_with_pinned_overlay(env):
     assert packages_index_cpvs(pkgdir / "Packages") == {
         "app-misc/extra-1.0", "app-misc/fetched-1", "app-misc/hello-1.0", "dev-libs/libfoo-1.0", "dev-libs/tilde-1",
         "sys-apps/base-1"}
+    # Signed the Portage way, by the profile's key; nothing of the key's home in a package or the output.
+    key = env["basic_key"]
+    for gpkg in sorted(pkgdir.rglob("*.gpkg.tar")):
+        check_signed_gpkg(gpkg, key, tmp_path)
+    secrets = secret_key_bytes(key)
+    assert secrets
+    for f in out.rglob("*"):
+        if f.is_file():
+            data = f.read_bytes()
+            assert not any(sec in data for sec in secrets), f
+    assert sorted(p.name for p in out.iterdir()) == ["build.json", "build.log", "packages"]
 
     man = check_manifest(out)
-    assert man["ok"] is True and man["exit_status"] == 0
+    assert man["ok"] is True and man["exit_status"] == 0 and man["error"] == ""
+    assert man["id"] == f"{TAG1}.1" and man["format"] == 2 and man["signing_key"] == key.fingerprint
     assert man["profile"] == "basic" and man["tag"] == TAG1 and man["commit"] == env["tags"][TAG1]
     assert man["overlays"] == [{"name": "extra", "url": str(env["base"] / "overlay"), "ref": "v1",
                                 "commit": env["ov_tags"]["v1"]}]
@@ -194,22 +263,29 @@ def test_build_world_with_pinned_overlay(env):
     assert man["portage_confdir"] == {"path": str(env["confdir"]), "sha256": portageconf.tree_hash(env["confdir"])}
     mc = man["make_conf"]["content"]
     assert hashlib.sha256(mc.encode()).hexdigest() == man["make_conf"]["sha256"]
-    assert 'FEATURES="buildpkg cgroup ipc-sandbox network-sandbox parallel-fetch"' in mc
+    assert 'FEATURES="buildpkg cgroup ipc-sandbox network-sandbox parallel-fetch binpkg-signing"' in mc
     assert 'MAKEOPTS="-j2"' in mc and 'PKGDIR="/var/cache/binpkgs"' in mc and 'DISTDIR="/var/cache/distfiles"' in mc
+    assert f'BINPKG_GPG_SIGNING_KEY="{key.fingerprint}"' in mc
+    assert "--pinentry-mode loopback --passphrase-file /run/snapshotter-signing/passphrase [PORTAGE_CONFIG]" in mc
     assert man["emerge_command"] == ["emerge", "--emptytree", "@world"]
     assert man["started"] <= man["finished"]
     log_text = (out / "build.log").read_text()
     assert "Creating binpkg" in log_text
+    assert "private tmpfs run/snapshotter-signing (this namespace only): gnupg, passphrase" in log_text
+    assert "unlocked" in log_text and "GnuPG unlock failed" not in log_text  # Portage's unlock, no terminal
+    assert "refuse unsigned" not in r.stderr
     # The root is gone, nothing stale left, nothing mounted.
     assert list((env["work"] / "basic").iterdir()) == []
     print(f"\nbuild of 6 packages took {took:.1f}s (stage extraction + emerge + cleanup)")
 
 
 def test_second_tag_builds_new_version(env):
-    """Tag 2 changed hello to 1.1; the overlay pinned to v2 for this build gives extra-2.0."""
+    """Tag 2 changed hello to 1.1; the overlay pinned to v2 for this build gives extra-2.0. The kept root
+    holds the key's public part only (trusted in /etc/portage/gnupg), nothing of its home."""
     r = build(env, "build", "--profile", "basic", "--tag", TAG2, "--overlay-ref", "extra=v2", "--keep-root")
     assert r.returncode == 0, r.stderr[-3000:]
-    out = env["base"] / "out" / "basic" / TAG2
+    out = env["base"] / "out" / "basic" / f"{TAG2}.1"
+    assert r.stdout.strip() == f"{TAG2}.1 {out}"
     # --keep-root: the root stays (marked, so it is never taken for stale), with nothing mounted in it.
     (kept,) = (env["work"] / "basic").iterdir()
     root = kept / "root"
@@ -224,6 +300,15 @@ def test_second_tag_builds_new_version(env):
     assert (root / "var/db/pkg/app-misc/hello-1.1").is_dir()
     assert not any((root / "var/cache/binpkgs").iterdir())  # packages went to the bind-mounted output
     assert not any((root / "proc").iterdir())  # proc was mounted in the build's namespace only
+    # The key's home and passphrase lived in the namespace's tmpfs: the kept root has an empty mount point.
+    assert list((root / "run/snapshotter-signing").iterdir()) == []
+    key = env["basic_key"]
+    keygrips = {p.name for p in (key.home / "private-keys-v1.d").glob("*.key")}
+    assert keygrips and not [p for p in root.rglob("*.key") if p.name in keygrips]
+    assert not list((root / "etc/portage/gnupg").glob("private-keys-v1.d/*"))
+    listing = subprocess.run(["gpg", "--homedir", str(root / "etc/portage/gnupg"), "--batch", "--no-autostart",
+                              "--with-colons", "--list-keys"], capture_output=True, text=True).stdout
+    assert f"fpr:::::::::{key.fingerprint}:" in listing and "pub:u:" in listing  # trusted, as Portage needs
     builder.clean_stale(env["work"] / "basic")
     assert kept.exists()
     safe_rmtree(kept)
@@ -239,33 +324,42 @@ def test_second_tag_builds_new_version(env):
     assert (env["base"] / "cache/distfiles" / ebuild_repo.DISTFILE).read_bytes() == ebuild_repo.distfile()
     assert not (root / "var/cache/distfiles" / ebuild_repo.DISTFILE).exists()  # it lived in the bind mount
     # The older tag's result is untouched.
-    assert (env["base"] / "out" / "basic" / TAG1 / "packages/app-misc/hello/hello-1.0-1.gpkg.tar").exists()
+    assert (env["base"] / "out" / "basic" / f"{TAG1}.1" / "packages/app-misc/hello/hello-1.0-1.gpkg.tar").exists()
+    assert json.loads((out / "build.json").read_text())["signing_key"] == key.fingerprint
 
 
 _processes_in = builder.processes_in
 
 
+def wait_for_slow_ebuild(env, proc: subprocess.Popen, before: dict[str, str | None]) -> Path:
+    """The new build directory of profile trouble, once its slow ebuild runs."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        new = [env["base"] / "out" / "trouble" / n for n in build_dirs(env, "trouble").keys() - before.keys()]
+        if new and (new[0] / "build.log").exists() and \
+                ebuild_repo.SLOW_MARKER in (new[0] / "build.log").read_text(errors="replace"):
+            return new[0]
+        assert proc.poll() is None, "the build ended before the slow ebuild started"
+        time.sleep(0.5)
+    raise AssertionError("the slow ebuild never started")
+
+
 def test_kill_9_mid_emerge_leaves_no_mount_then_failure_cleans_stale_root(env):
-    """kill -9 of `snapshotter build` while emerge runs: no mount, no process, host /dev intact.
+    """kill -9 of `snapshotter build` while emerge runs: no mount, no process (the gpg-agent Portage started
+    for signing included), host /dev intact; the killed build's directory stays, without build.json.
     The next build of the profile removes the stale root; its failing ebuild gives exit 4 with the tail."""
     work = env["work"] / "trouble"
+    before = build_dirs(env, "trouble")
     full_env = dict(os.environ, SNAPSHOTTER_CONFIG=str(env["cfg"]))
     proc = subprocess.Popen(["snapshotter", "build", "--profile", "trouble", "--tag", TAG1],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=full_env)
     try:
-        deadline = time.monotonic() + 240
-        log_file = None
-        while time.monotonic() < deadline:
-            logs = list((env["base"] / "out" / "trouble").glob(f".{TAG1}.partial-*/build.log"))
-            if logs and ebuild_repo.SLOW_MARKER in logs[0].read_text(errors="replace"):
-                log_file = logs[0]
-                break
-            assert proc.poll() is None, "the build ended before the slow ebuild started"
-            time.sleep(0.5)
-        assert log_file is not None, "the slow ebuild never started"
+        killed_dir = wait_for_slow_ebuild(env, proc, before)
         (build_dir,) = work.iterdir()
         root = build_dir / "root"
         assert _processes_in(root), "emerge should be running inside the root"
+        # Portage unlocked the signing key at emerge's start: its gpg-agent runs in the build's namespace.
+        assert signkeys.agents_under(root), "a gpg-agent should be running inside the root"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     finally:
@@ -275,33 +369,43 @@ def test_kill_9_mid_emerge_leaves_no_mount_then_failure_cleans_stale_root(env):
     deadline = time.monotonic() + 15
     while _processes_in(root) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _processes_in(root) == []  # the PID namespace died with the builder: no orphan emerge or sleep
+    assert _processes_in(root) == []  # the PID namespace died with the builder: no orphan emerge, sleep, agent
+    assert signkeys.agents_under(env["work"]) == []
     assert mounts_under(env["base"]) == []  # mounts only ever existed in the dead namespace
     assert (root / "usr/bin/emerge").exists()  # the crashed root is still there, stale
+    assert list((root / "run/snapshotter-signing").iterdir()) == []  # the key's tmpfs died with the namespace
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    assert killed_dir.name.startswith(f"{TAG1}.") and not (killed_dir / "build.json").exists()  # incomplete
 
     # Tag 2's trouble-2 dies in src_compile: exit 4, the log tail with the reason, no traceback.
+    before = build_dirs(env, "trouble")
     r = build(env, "build", "--profile", "trouble")  # no --tag: the newest, TAG2
     assert r.returncode == 4, r.stderr[-3000:]
     assert ebuild_repo.FAIL_MARKER in r.stderr
     assert "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith("snapshotter: error: build of profile trouble failed")
+    (new,) = build_dirs(env, "trouble").keys() - before.keys()
+    assert new.startswith(f"{TAG2}.")
+    assert r.stderr.strip().splitlines()[-1].startswith(f"snapshotter: error: build {new} of profile trouble failed")
     assert not build_dir.exists()  # the stale root was removed safely
     assert list(work.iterdir()) == []
     # The URL stage was downloaded once and then taken from the cache.
     stage_url_path = f"/stages/{env['stage'].name}"
     assert env["http"].requests.count(stage_url_path) == 1
-    failed = env["base"] / "out" / "trouble" / f"{TAG2}.failed"
+    failed = env["base"] / "out" / "trouble" / new
     man = json.loads((failed / "build.json").read_text())
-    assert man["ok"] is False and man["exit_status"] != 0
+    assert man["ok"] is False and man["exit_status"] != 0 and man["id"] == new
+    assert man["signing_key"] == env["trouble_key"].fingerprint
     assert ebuild_repo.FAIL_MARKER in (failed / "build.log").read_text()
-    assert not (env["base"] / "out" / "trouble" / TAG2).exists()
-    assert list((env["base"] / "out" / "trouble").glob(".*")) == []  # the killed run's partial output is gone
+    # The killed build's directory is still there as it was: a build never replaces another's directory.
+    assert build_dirs(env, "trouble") == before | {new: (failed / "build.json").read_text()}
+    assert before[killed_dir.name] is None
 
 
 def test_packages_install_with_usepkgonly_into_fresh_root(env):
-    """Round trip: the packages of the tag-1 build install into a fresh root with emerge --usepkgonly."""
-    src = env["base"] / "out" / "basic" / TAG1 / "packages"
+    """Round trip: the signed packages of the tag-1 build install into a fresh root with emerge --usepkgonly,
+    which verifies each signature against the key trusted in its /etc/portage/gnupg and, with
+    binpkg-request-signature, would refuse an unsigned one."""
+    src = env["base"] / "out" / "basic" / f"{TAG1}.1" / "packages"
     if not (src / "Packages").exists():
         pytest.skip("needs the tag-1 build")
     rt = env["work"] / "roundtrip"
@@ -310,6 +414,7 @@ def test_packages_install_with_usepkgonly_into_fresh_root(env):
     root = rt / "root"
     prof = parse_profile("rt", {"stage": str(env["stage"]), "portage_profile": "default",
                                 "world": ["app-misc/hello", "app-misc/extra"],
+                                "make_conf": {"FEATURES": "binpkg-request-signature"},
                                 "emerge_args": ["--usepkgonly", "--emptytree", "@world"]}, rt)
     extract_stage(env["stage"], root)
     ov = buildsvc.fetch_overlay(Overlay("extra", str(env["base"] / "overlay"), "v1"), rt / "cache")
@@ -320,6 +425,7 @@ def test_packages_install_with_usepkgonly_into_fresh_root(env):
     portageconf.write_repos_conf(root, ["extra"])
     portageconf.set_make_profile(root, "default")
     portageconf.write_world(root, prof.world)
+    portageconf.trust_signing_key(root, env["basic_key"].public.read_text())
     for d in ("proc", "dev", "sys", "var/cache/binpkgs"):
         (root / d).mkdir(parents=True, exist_ok=True)
     with open(rt / "install.log", "wb") as logf:
@@ -351,19 +457,13 @@ def test_sigterm_and_ctrl_c_clean_up(env, sig, status):
     The build starts with SIGINT ignored, as from a background shell: Ctrl-C must work all the same.
     (How long the stop and clean-up take: benchmarks/bench_service.py.)"""
     work = env["work"] / "trouble"
-    out = env["base"] / "out" / "trouble"
+    before = build_dirs(env, "trouble")
     full_env = dict(os.environ, SNAPSHOTTER_CONFIG=str(env["cfg"]))
     proc = subprocess.Popen(["snapshotter", "build", "--profile", "trouble", "--tag", TAG1],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
                             preexec_fn=_sigint_ignored)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            logs = list(out.glob(f".{TAG1}.partial-*/build.log"))
-            if logs and ebuild_repo.SLOW_MARKER in logs[0].read_text(errors="replace"):
-                break
-            assert proc.poll() is None, "the build ended before the slow ebuild started"
-            time.sleep(0.5)
+        out = wait_for_slow_ebuild(env, proc, before)
         (build_dir,) = work.iterdir()
         root = build_dir / "root"
         inside_pids = _processes_in(root)
@@ -372,7 +472,7 @@ def test_sigterm_and_ctrl_c_clean_up(env, sig, status):
         assert mounts_under(root) == []
         # ... while a process in the chroot sees them (its mountinfo lists paths relative to its root).
         ns = {m.mount_point for m in parse_mountinfo(Path(f"/proc/{inside_pids[0]}/mountinfo").read_text())}
-        assert {"/proc", "/dev", "/sys", "/var/cache/binpkgs"} <= ns, ns
+        assert {"/proc", "/dev", "/sys", "/var/cache/binpkgs", "/run/snapshotter-signing"} <= ns, ns
         proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=60)
     finally:
@@ -383,5 +483,15 @@ def test_sigterm_and_ctrl_c_clean_up(env, sig, status):
     assert "Traceback" not in stderr
     assert _processes_in(root) == []
     assert not build_dir.exists()  # removed right away, not left stale
-    assert list(out.glob(".*")) == []  # no partial output
-    assert not (out / TAG1).exists()
+    # The stopped build is recorded as failed in its own, new directory (a new id for the same tag);
+    # every earlier build directory is exactly as it was.
+    after = build_dirs(env, "trouble")
+    assert after.keys() - before.keys() == {out.name} and {k: after[k] for k in before} == before
+    tag, n = out.name.rsplit(".", 1)
+    assert tag == TAG1 and int(n) == 1 + max((int(k.rsplit(".", 1)[1]) for k in before if k.startswith(TAG1)),
+                                             default=0)
+    man = json.loads((out / "build.json").read_text())
+    assert man["ok"] is False and man["exit_status"] is None and man["id"] == out.name
+    assert man["error"] == ("interrupted (Ctrl-C)" if sig == signal.SIGINT
+                            else "terminated by SIGTERM; build stopped and cleaned up")
+    assert sorted(p.name for p in out.iterdir()) == ["build.json", "build.log", "packages"]

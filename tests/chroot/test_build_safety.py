@@ -274,18 +274,20 @@ def test_namespace_runner_gets_the_builders_spec(tmp_path):
     assert mounts_under(root) == []  # the mounts lived in the runner's namespace only
 
 
-def test_replace_dir_swaps_in_a_new_result(tmp_path):
-    old = tmp_path / "2026-01-01"
-    testlib.write_tree(old, {"build.json": "old", "packages/a.gpkg.tar": "a"})
-    new = tmp_path / ".2026-01-01.partial-1"
-    testlib.write_tree(new, {"build.json": "new"})
-    builder._replace_dir(new, old)
-    assert (old / "build.json").read_text() == "new" and not (old / "packages").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["2026-01-01"]
-    fresh = tmp_path / ".2026-01-02.partial-1"
-    testlib.write_tree(fresh, {"build.json": "x"})
-    builder._replace_dir(fresh, tmp_path / "2026-01-02")
-    assert (tmp_path / "2026-01-02/build.json").read_text() == "x"
+def test_builder_writes_only_into_an_empty_build_directory(tmp_path):
+    """The build's directory (allocated by the caller) must be an empty directory: a build never writes
+    into another build's directory, nor through a symlink."""
+    builder.check_output_dir(tmp_path)
+    other = tmp_path / "2026-01-01.1"
+    testlib.write_tree(other, {"build.json": "done", "packages/a.gpkg.tar": "a"})
+    with pytest.raises(ChrootError, match="is not empty"):
+        builder.check_output_dir(other)
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    for bad in (tmp_path / "link", tmp_path / "missing"):
+        with pytest.raises(ChrootError, match="does not exist or is not a directory"):
+            builder.check_output_dir(bad)
+    assert (other / "build.json").read_text() == "done"
 
 
 def test_children_die_with_the_builder():

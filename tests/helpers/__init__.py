@@ -12,4 +12,5 @@ never import each other: what two of them share lives here (or in tests/conftest
   servicelib   bare repositories pushed to, the service configuration and the queue's jobs
   hostdirs     the session's configuration that keeps every path in a temporary directory, host checks
   lighttpd     the real lighttpd started and stopped by a test, HTTPS requests with client certificates
+  signkeys     package signing keys (with a passphrase too), the gpg-agents they leave, gpg --verify
 """

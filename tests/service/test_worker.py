@@ -144,8 +144,8 @@ def test_worker_once_builds_a_job_and_records_failures_for_retry(tmp_path: Path,
     assert proc.returncode == 0, proc.stderr
     rec = q.get(ok_id)
     assert rec.state == JobState.DONE and rec.attempts == 1
-    assert (tmp_path / "out/tiny/2026-11-19/packages/app-misc/fake/fake-1.gpkg.tar").read_text() == "v19\n"
-    assert rec.log_path == str(tmp_path / "out/tiny/2026-11-19/build.log")
+    assert (tmp_path / "out/tiny/2026-11-19.1/packages/app-misc/fake/fake-1.gpkg.tar").read_text() == "v19\n"
+    assert rec.log_path == str(tmp_path / "out/tiny/2026-11-19.1/build.log")
     assert "stand-in emerge --emptytree @world" in Path(rec.log_path).read_text()
     assert q.get(bad_id).state == JobState.QUEUED  # --once: one job only
     proc = testlib.run_cli("--config", str(cfg), "worker", "--once")
@@ -202,7 +202,9 @@ def test_worker_killed_mid_job_is_taken_over_after_the_lease_and_never_runs_twic
     rec = q.get(jid)
     assert rec.state == JobState.DONE and rec.attempts == 2 and not rec.worker.endswith(f":{a.pid}")
     assert "lease of worker" in b.stderr and "taking it over" in b.stderr
-    assert (tmp_path / "out/tiny/2026-11-19/packages/app-misc/fake/fake-1.gpkg.tar").read_text() == "v19\n"
+    # The killed attempt keeps its build directory (incomplete: no build.json); the new one is a new build.
+    assert not (tmp_path / "out/tiny/2026-11-19.1/build.json").exists()
+    assert (tmp_path / "out/tiny/2026-11-19.2/packages/app-misc/fake/fake-1.gpkg.tar").read_text() == "v19\n"
     assert not list((tmp_path / "work" / "tiny").iterdir())  # the killed build's root was cleaned up
 
 
@@ -260,7 +262,7 @@ def test_two_workers_share_the_queue_and_each_job_runs_once(tmp_path: Path, stan
     assert {r.attempts for r in q.list()} <= {1, 2}  # 2 only if a job had to wait for its profile's lock
     for profile in ("one", "two"):
         for tag, version in (("2026-11-19", "a\n"), ("2026-11-20", "b\n")):
-            pkg = tmp_path / "out" / profile / tag / "packages/app-misc/fake/fake-1.gpkg.tar"
+            pkg = tmp_path / "out" / profile / f"{tag}.1" / "packages/app-misc/fake/fake-1.gpkg.tar"
             assert pkg.read_text() == version
 
 
@@ -294,7 +296,7 @@ def test_hook_to_queue_to_worker_to_a_real_portage_build(tmp_path: Path):
     rec = queue(tmp_path).get(1)
     assert proc.returncode == 0, (proc.stderr, rec.detail, Path(rec.log_path).read_text()[-3000:])
     assert rec.state == JobState.DONE
-    pkgs = tmp_path / "out/real/2026-11-20/packages"
+    pkgs = tmp_path / "out/real/2026-11-20.1/packages"
     assert list(pkgs.glob("app-misc/hello/hello-1.1*")), sorted(str(p) for p in pkgs.rglob("*"))
     assert list(pkgs.glob("dev-libs/libfoo/libfoo-1.0*"))
     assert (pkgs / "Packages").is_file()
