@@ -293,7 +293,7 @@ class BuildSettings:
     """[build]: where chroot builds work and where their results go."""
 
     work_dir: Path = Path("/var/tmp/snapshotter/builds")  # one root per build, removed afterwards
-    output: Path = Path("/var/cache/snapshotter/packages")  # OUTPUT/<profile>/<tag>/
+    output: Path = Path("/var/cache/snapshotter/packages")  # OUTPUT/<profile>/<tag>.<N>/, one per build
     cache_dir: Path = Path("/var/cache/snapshotter/build")  # downloaded stages, overlay clones
     distfiles: Path | None = None  # DISTDIR shared by all builds (bind-mounted); default CACHE_DIR/distfiles
 
