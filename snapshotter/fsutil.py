@@ -95,9 +95,9 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644, durable: bool) -
     - no: the importer's tree cache (sync/importer.py: it is checked against the head commit and a missing
       or unreadable cache only costs time); the build child's result file (service/worker.py: read by its
       parent right after the child exits; after a machine crash the job runs again anyway).
-    chroot/manifest.py writes build.json without this (the chroot library imports nothing of
-    snapshotter): it creates it in the build's private staging directory, which is published as a whole
-    by one directory rename.
+    chroot/manifest.py cannot use this (the chroot library imports nothing of snapshotter): its `write`
+    mirrors it for build.json (an O_EXCL|O_NOFOLLOW temporary, fsynced, then link(2), which never
+    replaces an existing build.json).
     """
     tmp = write_temp(path, data, mode=mode, durable=durable)
     try:
