@@ -7,7 +7,10 @@ from pathlib import Path
 
 import click
 
+from snapshotter.binhost import client as binhost_client
+from snapshotter.binhost.client import ClientTLS
 from snapshotter.cli import State, pass_state
+from snapshotter.errors import EXIT_USAGE, ConfigError
 from snapshotter.git.export import export_tree
 from snapshotter.git.repository import Repository
 from snapshotter.publish.clientconfig import DEFAULT_KEY_PATH, DEFAULT_LOCATION, client_config
@@ -87,24 +90,75 @@ def export_cmd(state: State, tag: str, dest: Path, repo: Path | None) -> None:
 
 
 @click.command("client-config")
-@click.option("--mirror-url", required=True, metavar="URL",
-              help="Where clients fetch snapshots: the URL serving publish's OUT directory.")
+@click.option("--mirror-url", metavar="URL",
+              help="Snapshot-only mode: the URL serving publish's OUT directory (clients sync the newest tree).")
 @click.option("--key-path", default=DEFAULT_KEY_PATH, show_default=True, metavar="PATH",
-              help="Where the client keeps our armored public signing key.")
+              help="Snapshot-only mode: where the client keeps our armored public signing key.")
 @click.option("--location", default=DEFAULT_LOCATION, show_default=True, metavar="PATH",
-              help="The client's gentoo repository directory.")
-@click.option("--keyserver", metavar="URL", help="A keyserver carrying our key (for clients using gemato).")
-def client_config_cmd(mirror_url: str, key_path: str, location: str, keyserver: str | None) -> None:
-    """Print the repos.conf stanza and GENTOO_MIRRORS line a client needs.
+              help="Snapshot-only mode: the client's gentoo repository directory.")
+@click.option("--keyserver", metavar="URL",
+              help="Snapshot-only mode: a keyserver carrying our key (for clients using gemato).")
+@click.option("--profile", metavar="NAME", help="Binhost mode: the build profile the client follows.")
+@click.option("--edition", metavar="EDITION", help="Binhost mode: the edition it follows (e.g. production).")
+@click.option("--url", metavar="URL", help="Binhost mode: the edition's URL as the client reaches it (its "
+              "document root, which holds edition.json).")
+@click.option("--cert", metavar="PATH", help="Binhost mode: the client's certificate, a path on the client "
+              "(with --key and --ca).")
+@click.option("--key", "key_file", metavar="PATH", help="Binhost mode: the client's private key, a path on the client.")
+@click.option("--ca", metavar="PATH", help="Binhost mode: the CA of the server's certificate, a path on the client.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Binhost mode: write the files into this directory (laid out as on the client) instead of "
+                   "printing them.")
+@pass_state
+def client_config_cmd(state: State, mirror_url: str | None, key_path: str, location: str, keyserver: str | None,
+                      profile: str | None, edition: str | None, url: str | None, cert: str | None,
+                      key_file: str | None, ca: str | None, out: Path | None) -> None:
+    """Print (or write) what a client needs: snapshots only, or the builds of an edition.
 
-    The URL is the root that serves publish's OUT directory, not its snapshots/ (emerge-webrsync adds
-    /snapshots/ itself); a URL ending in /snapshots is refused.
+    Snapshot-only mode (--mirror-url): the repos.conf stanza and GENTOO_MIRRORS line for clients that
+    sync the newest published tree. The URL is the root that serves publish's OUT directory, not its
+    snapshots/ (emerge-webrsync adds /snapshots/ itself); a URL ending in /snapshots is refused.
+
+    Binhost mode (--profile, --edition, --url): the update script snapshotter-autoupdate, its
+    configuration /etc/snapshotter-client.conf, the profile's public signing key and a README with the
+    exact commands (install, trust the key in /etc/portage/gnupg, first update, cron), what repos.conf,
+    binrepos.conf and make.conf will say. With --cert/--key/--ca (paths on the client, from
+    `snapshotter pki issue-client`) the script and Portage's binary repository present the client
+    certificate.
 
     \b
-    Example:
+    Examples:
       snapshotter client-config --mirror-url https://mirror.example.org --key-path /etc/portage/our-key.asc
+      snapshotter client-config --profile basic --edition production --url https://10.0.0.6:8443 --out ./web01 \\
+          --cert /etc/portage/binhost-tls/client.crt --key /etc/portage/binhost-tls/client.key \\
+          --ca /etc/portage/binhost-tls/server-ca.crt
     """
-    click.echo(client_config(mirror_url, key_path, location, keyserver), nl=False)
+    binhost_opts = {"--profile": profile, "--edition": edition, "--url": url, "--cert": cert, "--key": key_file,
+                    "--ca": ca, "--out": out}
+    if mirror_url is not None:
+        given = [name for name, value in binhost_opts.items() if value is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: binhost mode options; --mirror-url is the snapshot-only mode "
+                              "(use one or the other)", EXIT_USAGE)
+        click.echo(client_config(mirror_url, key_path, location, keyserver), nl=False)
+        return
+    if profile is None and edition is None and url is None:
+        raise ConfigError("give --profile, --edition and --url (binhost mode) or --mirror-url (snapshot-only mode)", EXIT_USAGE)
+    missing = [name for name in ("--profile", "--edition", "--url") if binhost_opts[name] is None]
+    if missing:
+        raise ConfigError(f"binhost mode needs {', '.join(missing)} too", EXIT_USAGE)
+    tls_given = [cert, key_file, ca]
+    if any(v is not None for v in tls_given) and not all(v is not None for v in tls_given):
+        raise ConfigError("--cert, --key and --ca go together (all three or none)", EXIT_USAGE)
+    tls = ClientTLS(cert, key_file, ca) if cert is not None and key_file is not None and ca is not None else None
+    assert profile is not None and edition is not None and url is not None
+    cc = binhost_client.client_config(state.config, profile, edition, url, tls)
+    if out is None:
+        click.echo(binhost_client.render(cc), nl=False)
+        return
+    for path in binhost_client.write(cc, out):
+        click.echo(f"wrote {path}")
+    click.echo(f"next: copy {out} to the client and follow {out / binhost_client.README}")
 
 
 COMMANDS: list[click.Command] = [publish_cmd, export_cmd, client_config_cmd]
