@@ -248,6 +248,33 @@ def parse_profile(name: str, table: Any, base: Path) -> Profile:
 _FPR_RE = re.compile(r"^[0-9A-F]{40}$")
 _TIME_RE = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
 _BRANCH_RE = re.compile(r"^[A-Za-z0-9._/-]+$")
+_PG_URL_RE = re.compile(r"^postgres(?:ql)?://", re.IGNORECASE)
+_CONNINFO_RE = re.compile(r"^\s*[A-Za-z_]+\s*=")  # libpq "key=value ..." (service=NAME, host=... dbname=...)
+_URL_PASSWORD_RE = re.compile(r"^(postgres(?:ql)?://[^:/@?#]*):[^/?#]*@", re.IGNORECASE)
+_PARAM_PASSWORD_RE = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]*)", re.IGNORECASE)
+
+
+def redact_conninfo(conninfo: str) -> str:
+    """A PostgreSQL URL or libpq connection string with any password replaced by ***, for messages."""
+    return _PARAM_PASSWORD_RE.sub(r"\1***", _URL_PASSWORD_RE.sub(r"\1:***@", conninfo))
+
+
+def conninfo_has_password(conninfo: str) -> bool:
+    return redact_conninfo(conninfo) != conninfo or bool(re.search(r"\bpassword\s*=", conninfo, re.IGNORECASE))
+
+
+def check_queue_location(value: str, what: str) -> str:
+    """`value` if it names a build queue ("sqlite", a postgresql:// URL, a libpq connection string such
+    as "service=NAME") without a password in it; ConfigError naming `what` otherwise (redacted)."""
+    if value == "sqlite":
+        return value
+    if not (_PG_URL_RE.match(value) or _CONNINFO_RE.match(value)):
+        raise ConfigError(f"{what}: expected \"sqlite\", a postgresql:// URL or a libpq connection string such as "
+                          f"\"service=NAME\", got {redact_conninfo(value)!r}")
+    if conninfo_has_password(value):
+        raise ConfigError(f"{what}: {redact_conninfo(value)!r} holds a password; give credentials the libpq way "
+                          "instead: ~/.pgpass (or PGPASSFILE), a service file (PGSERVICEFILE) or PGPASSWORD")
+    return value
 
 
 @dataclass
@@ -310,6 +337,7 @@ class ServiceSettings:
     lease_seconds: int = 3600  # a worker's job lease; renewed while it runs
     build_profiles: list[str] = field(default_factory=list)  # profiles built for a new tag; empty: all
     poll_interval: float = 10.0  # seconds an idle worker waits between looks at the queue
+    queue: str = "sqlite"  # the build queue: "sqlite" (state_dir) or PostgreSQL (URL or "service=NAME")
 
 
 @dataclass
@@ -535,6 +563,7 @@ def validate(cfg: Config) -> Config:
     for key in ("retry_interval", "retry_deadline", "lease_seconds", "poll_interval"):
         if getattr(cfg.service, key) <= 0:
             raise ConfigError(f"service.{key}: must be positive, got {getattr(cfg.service, key)}")
+    check_queue_location(cfg.service.queue, "service.queue")
     for i, name in enumerate(cfg.service.build_profiles):
         if cfg.profiles and name not in cfg.profiles:
             raise ConfigError(f"service.build_profiles[{i}]: no profile {name!r} (known: {', '.join(sorted(cfg.profiles))})")

@@ -1,9 +1,10 @@
 """The durable build queue: jobs `(profile, tag, overlay pins)`, deduplicated, leased to workers.
 
-Callers use only `BuildQueue` (the abstract interface), `Job`, `JobRecord` and `open_queue()`. The
-embedded backend is SQLite in the state directory (WAL, one short IMMEDIATE transaction per call,
-a busy timeout), so several workers and git hooks may use it at once; nothing about it leaks out,
-so a distributed engine can replace it behind the same interface.
+Callers use only `BuildQueue` (the abstract interface), `Job`, `JobRecord`, `WorkerRecord` and
+`open_queue()`. The embedded backend is SQLite in the state directory (WAL, one short IMMEDIATE
+transaction per call, a busy timeout), so several workers and git hooks of one host may use it at once;
+`service.queue` set to a PostgreSQL URL or libpq connection string selects the backend in pgqueue.py,
+for workers on many hosts. Nothing about either leaks out.
 
 Semantics:
 - `enqueue` deduplicates among queued and running jobs: the same job queued twice runs once.
@@ -11,11 +12,17 @@ Semantics:
   expired (its worker died) is claimable again. A job is never held by two workers at once: only
   the lease holder may `heartbeat` or `complete` it, and a worker that lost its lease is told so.
 - A failed job keeps its log path and detail and can be `retry`ed (queued again, same id).
+- `complete` repeated by the worker that completed the job is a no-op (its first answer may have been
+  lost with the connection).
+- Workers report themselves (`beat`): `workers()` lists the live ones, across hosts.
+- QueueUnavailable (a QueueError) means the queue could not be reached: transient, the next call tries
+  again; a worker keeps building while its lease can still be proven.
 """
 
 from __future__ import annotations
 
 import abc
+import builtins
 import json
 import logging
 import re
@@ -53,6 +60,12 @@ WORKER_RE = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 
 class QueueError(SnapshotterError):
     """A bad job, an unknown job id, or an operation the job's state does not allow."""
+
+
+class QueueUnavailable(QueueError):
+    """The queue cannot be reached now (database down or restarting, network gone): transient. The
+    backend reconnects on the next call; whether a write whose answer was lost took effect is unknown
+    (enqueue, heartbeat and complete are safe to repeat)."""
 
 
 @dataclass(frozen=True, order=True)
@@ -106,6 +119,26 @@ class JobRecord:
     source: str | None  # who queued it (a hook, sync, a user)
 
 
+@dataclass(frozen=True)
+class WorkerRecord:
+    """A worker as it last reported itself (`BuildQueue.beat`); times by the queue's clock."""
+
+    ident: str  # HOST:PID
+    host: str
+    pid: int | None
+    job: int | None  # the job it is building, None when idle
+    started: float  # first report
+    heartbeat: float  # last report
+    age: float  # seconds since the last report
+    live: bool  # reported within its promised interval
+
+
+def split_worker_id(ident: str) -> tuple[str, int | None]:
+    """(host, pid) of a worker id `HOST:PID`; (ident, None) for any other id."""
+    host, sep, pid = ident.rpartition(":")
+    return (host, int(pid)) if sep and host and pid.isdigit() else (ident, None)
+
+
 class LeaseLost(QueueError):
     """The worker no longer holds the job's lease (it expired and another worker took the job)."""
 
@@ -153,6 +186,19 @@ class BuildQueue(abc.ABC):
             out[rec.state] += 1
         return out
 
+    @abc.abstractmethod
+    def beat(self, worker: str, job_id: int | None, ttl: float) -> None:
+        """`worker` is alive, building `job_id` (None: idle), and reports again within `ttl` seconds."""
+
+    @abc.abstractmethod
+    def forget(self, worker: str) -> None:
+        """`worker` stopped: remove it from `workers()`."""
+
+    @abc.abstractmethod
+    def workers(self, include_stale: bool = False) -> builtins.list[WorkerRecord]:
+        """Workers that reported within their promised interval (with `include_stale`: every worker
+        seen within the last week), by host and pid."""
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -174,7 +220,19 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_active_key ON jobs(key) WHERE state IN ('queued', 'running');
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, id);
+CREATE TABLE IF NOT EXISTS workers (
+    id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid INTEGER,
+    job INTEGER,
+    started REAL NOT NULL,
+    heartbeat REAL NOT NULL,
+    expires REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+WORKERS_KEPT = 7 * 86400  # a worker that has not reported for this long is dropped from the list
+
 
 
 class SqliteQueue(BuildQueue):
@@ -218,6 +276,10 @@ class SqliteQueue(BuildQueue):
         try:
             db.execute("BEGIN IMMEDIATE")
             try:
+                moved = db.execute("SELECT value FROM meta WHERE key = 'moved_to'").fetchone()
+                if moved is not None:
+                    raise QueueError(f"build queue {self.path} was moved to {moved[0]} (snapshotter queue migrate): "
+                                     f"set [service] queue = \"{moved[0]}\" in the configuration")
                 yield db
             except BaseException:
                 db.execute("ROLLBACK")
@@ -282,6 +344,9 @@ class SqliteQueue(BuildQueue):
 
     def complete(self, job_id: int, worker: str, ok: bool, log_path: str | None, detail: str | None) -> None:
         with self._tx() as db:
+            row = db.execute("SELECT state, worker FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is not None and row["state"] in (JobState.DONE, JobState.FAILED) and row["worker"] == worker:
+                return  # completed by this worker already (a repeated call)
             self._held(db, job_id, worker)
             state = JobState.DONE if ok else JobState.FAILED
             db.execute("UPDATE jobs SET state = ?, lease_until = NULL, finished = ?, log_path = ?, detail = ? "
@@ -337,6 +402,40 @@ class SqliteQueue(BuildQueue):
                 out[JobState(row["state"])] = int(row["n"])
         return out
 
+    def beat(self, worker: str, job_id: int | None, ttl: float) -> None:
+        if not WORKER_RE.match(worker):
+            raise QueueError(f"not a valid worker id: {worker!r}")
+        host, pid = split_worker_id(worker)
+        with self._tx() as db:
+            now = self._now()
+            db.execute("INSERT INTO workers (id, host, pid, job, started, heartbeat, expires) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                       "ON CONFLICT (id) DO UPDATE SET job = excluded.job, heartbeat = excluded.heartbeat, "
+                       "expires = excluded.expires", (worker, host, pid, job_id, now, now, now + ttl))
+            db.execute("DELETE FROM workers WHERE expires < ?", (now - WORKERS_KEPT,))
+
+    def forget(self, worker: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM workers WHERE id = ?", (worker,))
+
+    def workers(self, include_stale: bool = False) -> builtins.list[WorkerRecord]:
+        with self._tx() as db:
+            now = self._now()
+            rows = db.execute("SELECT * FROM workers WHERE expires >= ? ORDER BY host, pid, id",
+                              (now - WORKERS_KEPT if include_stale else now,)).fetchall()
+        return [WorkerRecord(ident=r["id"], host=r["host"], pid=r["pid"], job=r["job"], started=r["started"],
+                             heartbeat=r["heartbeat"], age=max(0.0, now - r["heartbeat"]), live=r["expires"] >= now)
+                for r in rows]
+
+    @contextmanager
+    def moving_out(self, target: str) -> Iterator[builtins.list[JobRecord]]:
+        """Every job, oldest first, with every other writer held off; when the block ends without an
+        error the queue is marked as moved to `target` (shown, so never a password) and refuses all
+        further use, so that nothing is queued where no worker looks any more."""
+        with self._tx() as db:
+            rows = db.execute("SELECT * FROM jobs ORDER BY id").fetchall()
+            yield [self._record(r) for r in rows]
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('moved_to', ?)", (target,))
+
 
 def _job_state(value: JobState | str) -> JobState:
     try:
@@ -345,15 +444,24 @@ def _job_state(value: JobState | str) -> JobState:
         raise QueueError(f"unknown job state {value!r} (known: {', '.join(JobState)})") from None
 
 
+SQLITE = "sqlite"  # service.queue's value for the embedded backend
+
+
 def queue_path(state_dir: Path) -> Path:
     return Path(state_dir) / "queue.sqlite"
 
 
 def open_queue(cfg: Config) -> BuildQueue:
-    """The configured queue (today: the embedded SQLite backend under `cfg.state_dir`)."""
-    return SqliteQueue(queue_path(cfg.state_dir))
+    """The configured queue: `service.queue` "sqlite" is the embedded backend under `cfg.state_dir`,
+    anything else a PostgreSQL database (pgqueue.py; psycopg is imported only then)."""
+    if cfg.service.queue == SQLITE:
+        return SqliteQueue(queue_path(cfg.state_dir))
+    from snapshotter.service.pgqueue import PgQueue
+
+    return PgQueue(cfg.service.queue)
 
 
 def queue_exists(cfg: Config) -> bool:
-    """Has anything ever been queued (so that reading the queue needs no new state)?"""
-    return queue_path(cfg.state_dir).exists()
+    """Has anything ever been queued (so that reading the queue needs no new state)? A database
+    queue always exists (`snapshotter queue init` made it)."""
+    return cfg.service.queue != SQLITE or queue_path(cfg.state_dir).exists()

@@ -13,4 +13,5 @@ never import each other: what two of them share lives here (or in tests/conftest
   hostdirs     the session's configuration that keeps every path in a temporary directory, host checks
   lighttpd     the real lighttpd started and stopped by a test, HTTPS requests with client certificates
   signkeys     package signing keys (with a passphrase too), the gpg-agents they leave, gpg --verify
+  pglib        a throwaway PostgreSQL cluster (initdb + pg_ctl as postgres), a database per test
 """

@@ -1,16 +1,25 @@
-"""The durable build queue on its real SQLite backend: dedup, leases, retry, concurrent processes."""
+"""The durable build queue on its real backends: dedup, leases, retry, concurrent processes.
+
+Every test that takes `make_queue` runs twice: on the embedded SQLite backend and on PostgreSQL (a
+throwaway cluster, one fresh database per test: tests/service/conftest.py), with the same assertions.
+`make_queue(clock)` opens the test's queue (again: same store); `clock` stands in for the time source
+(the host's for SQLite, the database server's now() for PostgreSQL).
+"""
 
 from __future__ import annotations
 
 import multiprocessing
 import sqlite3
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from helpers import testlib
 from helpers.servicelib import make_config, make_repos
 
-from snapshotter.service.jobqueue import Job, JobState, LeaseLost, QueueError, SqliteQueue
+from snapshotter.service.jobqueue import BuildQueue, Job, JobState, LeaseLost, QueueError, SqliteQueue
+from snapshotter.service.pgqueue import PgQueue, init_schema
 
 C1 = "a" * 40
 C2 = "b" * 40
@@ -22,6 +31,34 @@ class Clock:
 
     def __call__(self) -> float:
         return self.t
+
+
+MakeQueue = Callable[..., BuildQueue]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def make_queue(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> MakeQueue:
+    if backend == "sqlite":
+        path = tmp_path / "q.sqlite"
+        return lambda clock=None: SqliteQueue(path, clock=clock or time.time)
+    url = request.getfixturevalue("pg_url")
+    init_schema(url)
+    return lambda clock=None: PgQueue(url, clock=clock)
+
+
+@pytest.fixture
+def queue_setting(backend: str, request: pytest.FixtureRequest) -> str:
+    """The configuration's [service] table for the backend ("" for the default, SQLite)."""
+    if backend == "sqlite":
+        return ""
+    url = request.getfixturevalue("pg_url")
+    init_schema(url)
+    return f'[service]\nqueue = "{url}"\n'
 
 
 def test_job_is_validated_and_canonical():
@@ -36,8 +73,8 @@ def test_job_is_validated_and_canonical():
             Job(*bad)
 
 
-def test_enqueue_dedups_among_active_jobs(tmp_path: Path):
-    q = SqliteQueue(tmp_path / "q.sqlite")
+def test_enqueue_dedups_among_active_jobs(make_queue: MakeQueue):
+    q = make_queue()
     job = Job("basic", "2026-11-20")
     id1, created1 = q.enqueue(job, source="test")
     id2, created2 = q.enqueue(Job("basic", "2026-11-20"))
@@ -53,9 +90,9 @@ def test_enqueue_dedups_among_active_jobs(tmp_path: Path):
     assert q.counts() == {JobState.QUEUED: 2, JobState.RUNNING: 0, JobState.DONE: 1, JobState.FAILED: 0}
 
 
-def test_lease_expiry_hands_job_to_next_worker_and_fences_the_old_one(tmp_path: Path):
+def test_lease_expiry_hands_job_to_next_worker_and_fences_the_old_one(make_queue: MakeQueue):
     clock = Clock()
-    q = SqliteQueue(tmp_path / "q.sqlite", clock=clock)
+    q = make_queue(clock)
     jid, _ = q.enqueue(Job("basic", "2026-11-20"))
     assert q.claim("w1", 10).id == jid
     assert q.claim("w2", 10) is None  # held: never two workers at once
@@ -74,8 +111,8 @@ def test_lease_expiry_hands_job_to_next_worker_and_fences_the_old_one(tmp_path: 
     assert q.get(jid).state == JobState.DONE and q.claim("w3", 10) is None
 
 
-def test_failed_job_keeps_log_and_can_be_retried(tmp_path: Path):
-    q = SqliteQueue(tmp_path / "q.sqlite")
+def test_failed_job_keeps_log_and_can_be_retried(make_queue: MakeQueue):
+    q = make_queue()
     jid, _ = q.enqueue(Job("basic", "2026-11-20"))
     with pytest.raises(QueueError, match="only failed"):
         q.retry(jid)
@@ -98,11 +135,15 @@ def test_failed_job_keeps_log_and_can_be_retried(tmp_path: Path):
         q.list(("bogus",))
 
 
-def test_queue_survives_reopen_and_rejects_a_corrupt_file(tmp_path: Path):
+def test_queue_survives_reopen(make_queue: MakeQueue):
+    jid, _ = make_queue().enqueue(Job("basic", "2026-11-20"))
+    assert [r.id for r in make_queue().list((JobState.QUEUED,))] == [jid]
+    assert [r.id for r in make_queue().list(("queued",))] == [jid]  # a state's value names it too
+
+
+def test_sqlite_queue_is_wal_and_rejects_a_corrupt_file(tmp_path: Path):
     path = tmp_path / "state" / "q.sqlite"
-    jid, _ = SqliteQueue(path).enqueue(Job("basic", "2026-11-20"))
-    assert [r.id for r in SqliteQueue(path).list((JobState.QUEUED,))] == [jid]
-    assert [r.id for r in SqliteQueue(path).list(("queued",))] == [jid]  # a state's value names it too
+    SqliteQueue(path).enqueue(Job("basic", "2026-11-20"))
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert db.execute("SELECT state FROM jobs").fetchall() == [("queued",)]  # stored as the plain string
@@ -112,25 +153,24 @@ def test_queue_survives_reopen_and_rejects_a_corrupt_file(tmp_path: Path):
         SqliteQueue(bad)
 
 
-def _claimer(path: str, worker: str, out: multiprocessing.Queue) -> None:
-    q = SqliteQueue(Path(path))
+def _claimer(make_queue: MakeQueue, worker: str, out: multiprocessing.Queue) -> None:
+    q = make_queue()  # its own connection: forked children share nothing but the queue's store
     got = []
     while (rec := q.claim(worker, 600)) is not None:
         got.append(rec.id)
     out.put(got)
 
 
-def _enqueuer(path: str, out: multiprocessing.Queue) -> None:
-    q = SqliteQueue(Path(path))
+def _enqueuer(make_queue: MakeQueue, out: multiprocessing.Queue) -> None:
+    q = make_queue()
     out.put([q.enqueue(Job("p", f"2026-01-{d:02d}")) for d in range(1, 21)])
 
 
-def test_concurrent_processes_never_share_a_job(tmp_path: Path):
-    path = str(tmp_path / "q.sqlite")
-    SqliteQueue(Path(path))
-    ctx = multiprocessing.get_context("fork")
+def test_concurrent_processes_never_share_a_job(make_queue: MakeQueue):
+    make_queue()
+    ctx = multiprocessing.get_context("fork")  # the children inherit make_queue (nothing is pickled)
     out = ctx.Queue()
-    enq = [ctx.Process(target=_enqueuer, args=(path, out)) for _ in range(3)]
+    enq = [ctx.Process(target=_enqueuer, args=(make_queue, out)) for _ in range(3)]
     for p in enq:
         p.start()
     results = [out.get(timeout=60) for _ in enq]
@@ -139,7 +179,7 @@ def test_concurrent_processes_never_share_a_job(tmp_path: Path):
     ids = {jid for r in results for jid, _ in r}
     assert len(ids) == 20  # three processes queued the same 20 jobs: 20 rows
     assert sum(created for r in results for _, created in r) == 20
-    workers = [ctx.Process(target=_claimer, args=(path, f"w{i}", out)) for i in range(4)]
+    workers = [ctx.Process(target=_claimer, args=(make_queue, f"w{i}", out)) for i in range(4)]
     for p in workers:
         p.start()
     claimed = [jid for _ in workers for jid in out.get(timeout=60)]
@@ -148,8 +188,8 @@ def test_concurrent_processes_never_share_a_job(tmp_path: Path):
     assert sorted(claimed) == sorted(ids)  # every job claimed exactly once
 
 
-def test_release_gives_the_job_back(tmp_path: Path):
-    q = SqliteQueue(tmp_path / "q.sqlite")
+def test_release_gives_the_job_back(make_queue: MakeQueue):
+    q = make_queue()
     jid, _ = q.enqueue(Job("basic", "2026-11-20"))
     q.claim("w1", 600)
     with pytest.raises(LeaseLost):
@@ -159,8 +199,8 @@ def test_release_gives_the_job_back(tmp_path: Path):
     assert q.claim("w2", 600).id == jid
 
 
-def test_claim_can_skip_jobs(tmp_path: Path):
-    q = SqliteQueue(tmp_path / "q.sqlite")
+def test_claim_can_skip_jobs(make_queue: MakeQueue):
+    q = make_queue()
     a, _ = q.enqueue(Job("a", "2026-11-20"))
     b, _ = q.enqueue(Job("b", "2026-11-20"))
     assert q.claim("w1", 60, skip={a}).id == b
@@ -168,10 +208,10 @@ def test_claim_can_skip_jobs(tmp_path: Path):
     assert q.claim("w1", 60).id == a
 
 
-def test_queue_cli_add_show_list_and_one_line_errors(tmp_path: Path):
+def test_queue_cli_add_show_list_and_one_line_errors(tmp_path: Path, queue_setting: str):
     repos = make_repos(tmp_path)
     ov = [{"name": "myov", "url": str(repos.overlay), "ref": "main"}]
-    cfg = str(make_config(tmp_path, repos.mirror, {"basic": ov, "desktop": ov}))
+    cfg = str(make_config(tmp_path, repos.mirror, {"basic": ov, "desktop": ov}, extra=queue_setting))
     out = testlib.run_cli("--config", cfg, "queue", "add", "--profile", "basic", "--profile", "desktop",
                           "--overlay", f"myov={C1}")
     assert out.returncode == 0 and out.stdout == "queued: job 1\nqueued: job 2\n", out.stderr
