@@ -1,4 +1,4 @@
-"""`snapshotter run`, `status`, `worker`, `queue ...` and `hooks ...`: the service side.
+"""`snapshotter run`, `status`, `worker`, `workers`, `queue ...` and `hooks ...`: the service side.
 
 Library modules are imported inside the commands so that the git hook (`hooks enqueue`) starts fast.
 """
@@ -157,6 +157,70 @@ def queue_show(state: State, job_id: int) -> None:
         click.echo(f"{key}: {value}")
 
 
+@queue_group.command("init")
+@pass_state
+def queue_init(state: State) -> None:
+    """Create the build queue, or migrate its database schema to this version of snapshotter.
+
+    With service.queue a PostgreSQL database: creates the schema `snapshotter` (jobs, workers) or
+    migrates it; safe to repeat and to run on several hosts at once. Run it once after installing
+    or upgrading, before the workers. With "sqlite": creates state_dir/queue.sqlite.
+
+    \b
+    Example:
+      snapshotter --config /etc/snapshotter/snapshotter.toml queue init
+    """
+    from snapshotter.service.jobqueue import SQLITE, SqliteQueue, queue_path
+
+    cfg = state.config
+    if cfg.service.queue == SQLITE:
+        SqliteQueue(queue_path(cfg.state_dir))
+        click.echo(f"build queue {queue_path(cfg.state_dir)}: ready (SQLite)")
+        return
+    from snapshotter.service.pgqueue import init_schema
+
+    click.echo(init_schema(cfg.service.queue).describe())
+
+
+@queue_group.command("migrate")
+@click.option("--to", "target", required=True, metavar="URL",
+              help="The PostgreSQL database: a postgresql:// URL or a libpq string such as service=NAME "
+                   "(no password in it: ~/.pgpass, a service file or PGPASSWORD).")
+@pass_state
+def queue_migrate(state: State, target: str) -> None:
+    """Move the SQLite queue of state_dir, history included, into a PostgreSQL database.
+
+    Creates the schema if needed; the database must hold no job yet, and no worker may be running
+    (a job under a live lease refuses the move). Job ids, states, attempts, times and logs move as they
+    are. The SQLite file stays as a backup but refuses all further use, so nothing is queued where no
+    worker looks. Then set [service] queue = URL on every host (hooks included) and start the workers.
+
+    \b
+    Example:
+      snapshotter queue migrate --to postgresql://snapshotter@db.example.org/snapshotter
+    """
+    from snapshotter.config import check_queue_location
+    from snapshotter.errors import SnapshotterError
+    from snapshotter.service.jobqueue import SQLITE, SqliteQueue, queue_path
+    from snapshotter.service.pgqueue import migrate_from_sqlite
+
+    cfg = state.config
+    check_queue_location(target, "--to")
+    if target == SQLITE:
+        raise SnapshotterError("--to: name the PostgreSQL database to move the queue to")
+    if cfg.service.queue != SQLITE:
+        raise SnapshotterError("service.queue already names a database; `queue migrate` moves the SQLite queue "
+                               "of state_dir (run it with the configuration that still says \"sqlite\")")
+    path = queue_path(cfg.state_dir)
+    if not path.exists():
+        raise SnapshotterError(f"no SQLite queue at {path}: nothing to move")
+    report = migrate_from_sqlite(SqliteQueue(path), target)
+    counts = ", ".join(f"{n} {s}" for s, n in report.by_state.items())
+    click.echo(f"moved {report.jobs} job(s) ({counts}) from {path} to {report.label}")
+    click.echo(f"next: set [service] queue = \"{report.label}\" in the configuration of every host "
+               "(the hooks' too) and start the workers")
+
+
 @queue_group.command("add")
 @click.option("--profile", "profiles", multiple=True, required=True, help="Profile to build (repeatable).")
 @click.option("--tag", default=None, help="Snapshot tag YYYY-MM-DD (default: the newest).")
@@ -210,6 +274,35 @@ def worker_cmd(state: State, once: bool, lease: float | None, poll: float | None
     sys.exit(worker.run(once=once))
 
 
+@click.command("workers")
+@click.option("--all", "show_all", is_flag=True, help="Also workers that stopped reporting (seen within a week).")
+@pass_state
+def workers_cmd(state: State, show_all: bool) -> None:
+    """Live workers on every host sharing the queue: host, pid, the job each builds, last heartbeat.
+
+    A worker reports when it looks at the queue and while it builds (every lease/4 seconds); it is live
+    while its report is recent enough. Times are the queue's clock (the database server's).
+
+    \b
+    Examples:
+      snapshotter workers
+      snapshotter workers --all      # with those that stopped reporting (marked stale)
+    """
+    from snapshotter.service.jobqueue import open_queue, queue_exists
+
+    cfg = state.config
+    found = open_queue(cfg).workers(include_stale=show_all) if queue_exists(cfg) else []
+    if not found:
+        click.echo("no live worker" if not show_all else "no worker seen")
+        return
+    click.echo(f"{'HOST':<24} {'PID':>7} {'JOB':>6}  LAST HEARTBEAT")
+    for w in found:
+        pid = str(w.pid) if w.pid is not None else w.ident
+        job = str(w.job) if w.job is not None else "-"
+        click.echo(f"{w.host:<24} {pid:>7} {job:>6}  {_when(w.heartbeat)} UTC ({w.age:.0f} s ago)"
+                   f"{'' if w.live else ' stale'}")
+
+
 # ---- run / status ------------------------------------------------------------------------------
 @click.command("run")
 @click.option("--once", is_flag=True, help="Run one cycle (sync, push, publish, queue builds) and exit.")
@@ -257,4 +350,4 @@ def status_cmd(state: State) -> None:
         click.echo(line)
 
 
-COMMANDS: list[click.Command] = [run_cmd, status_cmd, hooks_group, queue_group, worker_cmd]
+COMMANDS: list[click.Command] = [run_cmd, status_cmd, hooks_group, queue_group, worker_cmd, workers_cmd]

@@ -6,8 +6,8 @@ in the libpq way: role `snap` with a password (scram-sha-256) that only the clus
 holds, found through PGPASSFILE; connection strings never carry it. The superuser connects over the
 cluster's own Unix socket (trust), to create a fresh database per test.
 
-Server settings: fsync off (the tests crash the server, never the machine), synchronous commits on (a
-job whose enqueue returned must survive `pg_ctl stop -m immediate`).
+Server settings: fsync off for the tests (they crash the server, never the machine; the benchmark turns
+it on), synchronous commits on (a job whose enqueue returned must survive `pg_ctl stop -m immediate`).
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def _env() -> dict[str, str]:
 
 
 class Cluster:
-    def __init__(self, base: Path, port: int) -> None:
+    def __init__(self, base: Path, port: int, fsync: bool = False) -> None:
+        self.fsync = fsync
         self.base = base  # owned by postgres: data/, the socket, the log, the pgpass file
         self.data = base / "data"
         self.port = port
@@ -55,18 +56,19 @@ class Cluster:
         self._names = itertools.count(1)
 
     @classmethod
-    def create(cls, prefix: str = "snapshotter-test-pg-") -> Cluster:
+    def create(cls, prefix: str = "snapshotter-test-pg-", fsync: bool = False) -> Cluster:
+        """A new cluster, started. `fsync`: as a server runs (the benchmark); off for the tests."""
         base = Path(tempfile.mkdtemp(prefix=prefix))
         shutil.chown(base, "postgres", "postgres")
         base.chmod(0o755)
-        c = cls(base, free_port())
+        c = cls(base, free_port(), fsync)
         password = os.urandom(12).hex()
         c._as_postgres([str(BIN / "initdb"), "-D", str(c.data), "-U", "postgres", "--auth-local=trust",
                         "--auth-host=scram-sha-256", "-E", "UTF8", "--no-instructions", "-N"])
         (c.data / "pg_hba.conf").write_text(
             "local all all trust\n"
             "host all all 127.0.0.1/32 scram-sha-256\n"
-            "host all all 10.213.0.0/24 scram-sha-256\n")
+            "host all all 10.213.0.0/16 scram-sha-256\n")  # the build hosts of helpers/netns.py
         c.start()
         c.admin(f"CREATE ROLE {ROLE} LOGIN PASSWORD '{password}'")
         c.pgpass.write_text(f"*:*:*:{ROLE}:{password}\n")
@@ -82,7 +84,8 @@ class Cluster:
 
     def _options(self) -> str:
         return (f"-c port={self.port} -c listen_addresses={','.join(self.listen)} "
-                f"-c unix_socket_directories={self.base} -c fsync=off -c full_page_writes=off "
+                f"-c unix_socket_directories={self.base} -c fsync={'on' if self.fsync else 'off'} "
+                f"-c full_page_writes={'on' if self.fsync else 'off'} "
                 "-c max_connections=200")
 
     def start(self) -> None:
