@@ -14,4 +14,6 @@ never import each other: what two of them share lives here (or in tests/conftest
   lighttpd     the real lighttpd started and stopped by a test, HTTPS requests with client certificates
   signkeys     package signing keys (with a passphrase too), the gpg-agents they leave, gpg --verify
   pglib        a throwaway PostgreSQL cluster (initdb + pg_ctl as postgres), a database per test
+  netns        build hosts as network namespaces (own hostname and address, veth to the root namespace)
+  tinystage    a tiny stand-in stage for real chroot builds of seconds, and a mirror with date tags for it
 """

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 from helpers import netns, pglib, testlib
-from helpers.servicelib import make_config
+from helpers.servicelib import git_run, make_config
+from helpers.tinystage import make_mirror, tiny_stage
 
 from snapshotter.service.jobqueue import Job, JobState, QueueUnavailable
 from snapshotter.service.pgqueue import PgQueue, init_schema
@@ -211,3 +212,49 @@ def test_kill_9_of_a_host_mid_build_hands_its_job_to_the_other_host_after_the_le
     out = testlib.run_cli("--config", str(fleet.configs[alive.name]), "workers", "--all")
     stale = [line for line in out.stdout.splitlines() if line.startswith(dead.name)]
     assert len(stale) == 1 and stale[0].endswith(" stale"), out.stdout
+
+
+def test_a_push_enqueues_into_postgresql_and_a_remote_host_builds_it_for_real(tmp_path: Path,
+                                                                           pg_cluster: pglib.Cluster,
+                                                                           hosts: list[netns.Host]):
+    """The mirror server's hook queues into the database; a worker on another host runs the real chroot
+    build (the tiny stand-in stage) into the shared output directory."""
+    stage = tiny_stage(tmp_path / "tiny-stage.tar.xz")
+    bare = make_mirror(tmp_path, {"2026-11-19": {"BUILD_SECONDS": "0", "VERSION": "v19\n"}})
+    db = pg_cluster.new_database()
+    init_schema(pg_cluster.conninfo(db))
+    shared = tmp_path / "shared"  # what every build host mounts (NFS in production): the builds' output
+
+    def host_config(name: str, address: str) -> Path:
+        home = tmp_path / name
+        home.mkdir()
+        return make_config(home, bare, {"tiny": []}, stage=stage, extra=(
+            f'[service]\nqueue = "{pg_cluster.conninfo(db, host=address)}"\n'
+            f'[build]\nwork_dir = "{home / "work"}"\noutput = "{shared / "out"}"\ncache_dir = "{home / "cache"}"\n'))
+
+    mirror_cfg = host_config("mirror", "127.0.0.1")
+    remote = hosts[1]
+    remote_cfg = host_config(remote.name, remote.gateway)
+    assert testlib.run_cli("--config", str(mirror_cfg), "hooks", "install", str(bare)).returncode == 0
+    work = tmp_path / "clone"
+    git_run(tmp_path, "clone", "-q", str(bare), str(work))
+    testlib.write_tree(work, {"VERSION": "v20\n"})
+    git_run(work, "commit", "-q", "-am", "Update portage tree to 2026-11-20")
+    git_run(work, "tag", "-a", "-m", "2026-11-20", "2026-11-20")
+    out = git_run(work, "push", "origin", "main", "2026-11-20")
+    assert "queued build 1: tiny at 2026-11-20" in out
+    q = PgQueue(pg_cluster.conninfo(db))
+    try:
+        rec = q.get(1)
+        assert rec.state == JobState.QUEUED and rec.source == f"push:{bare.resolve()}"
+        log = tmp_path / "remote-worker.log"
+        with open(log, "w") as f:
+            worker = remote.popen([SNAPSHOTTER, "--config", str(remote_cfg), "worker", "--once"],
+                                  stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
+        assert worker.wait(timeout=300) == 0, log.read_text()
+        rec = q.get(1)
+        assert rec.state == JobState.DONE and rec.worker.startswith(f"{remote.name}:"), (rec, log.read_text())
+        assert (shared / "out/tiny/2026-11-20.1/packages/app-misc/fake/fake-1.gpkg.tar").read_text() == "v20\n"
+        assert rec.log_path == str(shared / "out/tiny/2026-11-20.1/build.log")
+    finally:
+        q.close()
