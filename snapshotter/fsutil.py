@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 from pathlib import Path
+
+from snapshotter.errors import SnapshotterError
 
 TEMP_INFIX = ".tmp."  # temporary names are `.NAME.tmp.RANDOM`, next to the file they will replace
 
@@ -34,34 +38,88 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}{TEMP_INFIX}{os.urandom(4).hex()}")
 
 
-def create_temp(path: Path, mode: int = 0o644) -> tuple[int, Path]:
+def open_dir(path: Path, *, create: bool = False) -> int:
+    """A descriptor of the directory `path` (created 0755 first when `create` and missing), opened with
+    O_NOFOLLOW: when someone who may write its parent replaced it with a symlink, SnapshotterError, never
+    the directory the link points at. Files are then made relative to it (`dir_fd`), so swapping the
+    directory afterwards changes nothing either. Only the last component is checked: the directories
+    above it are the configuration's (and must not be writable by others)."""
+    if create:
+        try:
+            os.mkdir(path, 0o755)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise SnapshotterError(f"cannot create {path}: {e.strerror}") from None
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise SnapshotterError(f"{path} is a symlink or not a directory; refusing to write through it "
+                                   "(remove it if you did not make it)") from None
+        raise SnapshotterError(f"cannot open {path}: {e.strerror}") from None
+
+
+def check_private_dir(path: Path) -> None:
+    """SnapshotterError unless nobody but us (and root) can change what `path` names: `path` and every
+    directory above it must be owned by root or by us and not writable by group or others, except a
+    sticky directory (/tmp, /var/tmp) above one of ours. For directories under /var/tmp, where any user
+    could have made `/var/tmp/snapshotter` first and swap what we create inside it for symlinks."""
+    path = Path(os.path.abspath(path))
+    me = os.geteuid()
+    for d in (path, *path.parents):
+        try:
+            st = os.lstat(d)
+        except OSError as e:
+            raise SnapshotterError(f"cannot check {d}: {e.strerror}") from None
+        if stat.S_ISLNK(st.st_mode):
+            if st.st_uid not in (0, me):
+                raise SnapshotterError(f"{d} is a symlink of uid {st.st_uid}: refusing to work under {path}")
+            st = os.stat(d)
+        if st.st_uid not in (0, me):
+            raise SnapshotterError(f"{d} belongs to uid {st.st_uid}, not to us: refusing to work under {path}")
+        if st.st_mode & 0o022 and not (st.st_mode & stat.S_ISVTX and d != path):
+            raise SnapshotterError(f"{d} is writable by others: refusing to work under {path}")
+        if st.st_mode & stat.S_ISVTX and d != path:
+            break  # a sticky directory: only the owner of what we checked below can replace it
+
+
+def create_temp(path: Path, mode: int = 0o644, *, dir_fd: int | None = None) -> tuple[int, Path]:
     """A new, empty file `.NAME.tmp.RANDOM` in the directory of `path`, open for writing: (fd, its path).
 
     Created with O_CREAT|O_EXCL|O_NOFOLLOW, so it is never a file that existed before and never the
     target of a symlink planted under that name; in the same directory, so renaming it over `path` is
-    atomic. Its mode is exactly `mode` (whatever the umask). The caller closes the fd.
+    atomic. Its mode is exactly `mode` (whatever the umask). The caller closes the fd. With `dir_fd`
+    (`open_dir`), the file is made in that directory, by name only.
     """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     for _ in range(100):
         tmp = temp_name(path)
         try:
-            fd = os.open(tmp, flags, 0o600)
+            fd = os.open(tmp if dir_fd is None else tmp.name, flags, 0o600, dir_fd=dir_fd)
         except FileExistsError:
             continue
         try:
             os.fchmod(fd, mode)
         except BaseException:
             os.close(fd)
-            tmp.unlink(missing_ok=True)
+            _unlink(tmp, dir_fd)
             raise
         return fd, tmp
     raise FileExistsError(f"no free temporary name next to {path}")
 
 
-def write_temp(path: Path, data: bytes, *, mode: int = 0o644, durable: bool) -> Path:
+def _unlink(path: Path, dir_fd: int | None) -> None:
+    try:
+        os.unlink(path if dir_fd is None else path.name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+
+
+def write_temp(path: Path, data: bytes, *, mode: int = 0o644, durable: bool, dir_fd: int | None = None) -> Path:
     """`data` in a new temporary file next to `path` (see `create_temp`), fsynced when `durable`;
     returns its path, for the caller to rename over `path` (removed again if writing fails)."""
-    fd, tmp = create_temp(path, mode)
+    fd, tmp = create_temp(path, mode, dir_fd=dir_fd)
     try:
         try:
             view = memoryview(data)
@@ -72,12 +130,12 @@ def write_temp(path: Path, data: bytes, *, mode: int = 0o644, durable: bool) -> 
         finally:
             os.close(fd)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _unlink(tmp, dir_fd)
         raise
     return tmp
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o644, durable: bool) -> None:
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o644, durable: bool, nofollow_dir: bool = False) -> None:
     """Replace `path` with a file holding `data`: readers see the old content or the new, never a part.
 
     The one implementation of write-temp-then-rename: a temporary file is created next to `path`
@@ -98,12 +156,31 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644, durable: bool) -
     chroot/manifest.py cannot use this (the chroot library imports nothing of snapshotter): its `write`
     mirrors it for build.json (an O_EXCL|O_NOFOLLOW temporary, fsynced, then link(2), which never
     replaces an existing build.json).
+
+    `nofollow_dir=True` is for directories others may write the parent of (the repository's
+    `snapshotter/`, which a pusher could replace with a symlink; `worker-logs/` in the state directory):
+    the directory is opened with `open_dir` (a symlink there is refused) and everything happens relative
+    to that descriptor.
     """
-    tmp = write_temp(path, data, mode=mode, durable=durable)
+    if not nofollow_dir:
+        tmp = write_temp(path, data, mode=mode, durable=durable)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if durable:
+            fsync_dir(path.parent)
+        return
+    dfd = open_dir(path.parent)
     try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if durable:
-        fsync_dir(path.parent)
+        tmp = write_temp(path, data, mode=mode, durable=durable, dir_fd=dfd)
+        try:
+            os.replace(tmp.name, path.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            _unlink(tmp, dfd)
+            raise
+        if durable:
+            os.fsync(dfd)
+    finally:
+        os.close(dfd)

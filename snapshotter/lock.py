@@ -5,12 +5,13 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from snapshotter.errors import LockedError
+from snapshotter.errors import LockedError, SnapshotterError
 
 
 @contextmanager
@@ -19,10 +20,26 @@ def flocked(path: Path, what: str, wait: float = 0.0) -> Iterator[None]:
 
     With `wait` = 0 a lock held by someone else raises LockedError (exit 75) at once; otherwise
     it is retried for up to `wait` seconds.
+
+    Lock files may live in directories others can write (the repository's top directory, which every
+    pusher can write; a work directory under /var/tmp), so the file is opened with O_NOFOLLOW (a symlink
+    planted at its name is refused, never followed) and O_NONBLOCK (a fifo planted there cannot hang us),
+    must be a regular file, and is never truncated: our PID is written into it only when it is a file of
+    our own with a single link (never into a hard link someone made to another file). The lock is the
+    flock on this descriptor, nothing else.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise SnapshotterError(f"lock file {path} is a symlink; refusing to follow it (remove it if "
+                                   "you did not make it)") from None
+        raise SnapshotterError(f"cannot open the lock file {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SnapshotterError(f"lock file {path} is not a regular file; refusing to use it")
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -34,8 +51,9 @@ def flocked(path: Path, what: str, wait: float = 0.0) -> Iterator[None]:
                 if time.monotonic() >= deadline:
                     raise LockedError(f"{what} is locked by another process ({path}); try again later") from None
                 time.sleep(0.1)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        if st.st_nlink == 1 and st.st_uid == os.geteuid():
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock

@@ -42,7 +42,7 @@ from snapshotter.config import (
 )
 from snapshotter.download import Downloader
 from snapshotter.errors import ConfigError, SnapshotterError
-from snapshotter.fsutil import file_digest
+from snapshotter.fsutil import check_private_dir, file_digest
 from snapshotter.git.export import export_tree
 from snapshotter.git.repository import Repository, git
 from snapshotter.lock import flocked
@@ -257,6 +257,8 @@ def run_build(cfg: Config, req: BuildRequest, *, console: bool = False) -> Build
     if signing is None:
         log.warning(UNSIGNED_WARNING, profile.name)
     work = cfg.build.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    check_private_dir(work)  # the default is under /var/tmp: a directory someone else made is refused
     with flocked(work / f"{profile.name}.lock", f"build profile {profile.name}"):
         # Everything that can be checked without a root is checked first: nothing is created on failure.
         overlays = [fetch_overlay(o, cfg.build.cache_dir) for o in profile.overlays]

@@ -84,6 +84,7 @@ def install(repo: Path, executable: str, config: Path | None, force: bool = Fals
             raise SnapshotterError(f"{target}: {e.strerror}") from None
         if not ours:
             raise SnapshotterError(f"{target} exists and was not installed by snapshotter; use --force to replace it")
-    atomic_write(target, render(str(exe), config).encode(), mode=0o755, durable=True)
+    # Pushers can write the repository's top: a hooks/ they replaced with a symlink is refused.
+    atomic_write(target, render(str(exe), config).encode(), mode=0o755, durable=True, nofollow_dir=True)
     log.debug("installed %s (runs %s%s)", target, exe, f" --config {config}" if config else "")  # the caller says it
     return target

@@ -25,8 +25,10 @@ import abc
 import builtins
 import json
 import logging
+import os
 import re
 import sqlite3
+import stat
 import time
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
@@ -258,6 +260,18 @@ class SqliteQueue(BuildQueue):
         return float(self._clock())
 
     def _connect(self) -> sqlite3.Connection:
+        # Hook users can write state_dir (docs/service.md): SQLite follows a symlink planted at the
+        # database or at its -wal/-shm names and would create or write the file it points at. Refused
+        # (docs/security.md; Python cannot pass SQLITE_OPEN_NOFOLLOW, so a racing swap remains possible:
+        # share state_dir only with trusted pushers, or use the PostgreSQL queue).
+        for name in (self.path.name, self.path.name + "-wal", self.path.name + "-shm"):
+            try:
+                mode = os.lstat(self.path.with_name(name)).st_mode
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(mode):
+                raise QueueError(f"build queue {self.path}: {self.path.with_name(name)} is a symlink or not a "
+                                 "regular file; refusing to use it")
         db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
         db.row_factory = sqlite3.Row
         db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
