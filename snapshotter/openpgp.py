@@ -3,7 +3,9 @@
 Verifying: signatures are checked with python-gnupg in a private, temporary GNUPGHOME that holds only the configured
 key files, so nothing in root's keyring (or its trust database) can vouch for a snapshot. A signature
 counts only if GnuPG reports it good and valid, it was made by a pinned fingerprint (primary key or
-subkey), and nothing about it is expired, revoked or bad.
+subkey), nothing about it is expired, revoked or bad, and it is not dated more than MAX_FUTURE_SIGNATURE
+seconds after now (the machine's real clock): GnuPG accepts signatures from the future, and a forged
+or mis-dated one must not pass as a fresh snapshot.
 
 Signing: detached armored signatures by a fingerprint from a given GNUPGHOME, with no pinentry (a key
 that needs a passphrase fails with one line instead of waiting for a terminal).
@@ -15,6 +17,8 @@ import logging
 import os
 import shutil
 import tempfile
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import gnupg
@@ -26,6 +30,18 @@ log = logging.getLogger(__name__)
 
 # Any of these in GnuPG's status output rejects the signature, whatever else it says.
 _REJECT = {"BADSIG", "ERRSIG", "EXPSIG", "EXPKEYSIG", "REVKEYSIG", "NO_PUBKEY", "FAILURE"}
+
+MAX_FUTURE_SIGNATURE = 86400  # seconds: a signature dated later than now + this is refused (clock skew allowed)
+
+
+def _sig_time(field: str) -> int | None:
+    """VALIDSIG's signature time: seconds since the epoch, or ISO 8601 `YYYYMMDDTHHMMSS` (UTC)."""
+    if field.isdigit():
+        return int(field)
+    try:
+        return int(datetime.strptime(field, "%Y%m%dT%H%M%S").replace(tzinfo=UTC).timestamp())
+    except ValueError:
+        return None
 
 
 class SignatureVerifier:
@@ -88,6 +104,15 @@ class SignatureVerifier:
                 signer = s[1].upper()
                 primary = s[10].upper() if len(s) > 10 else signer
                 if signer in self.fingerprints or primary in self.fingerprints:
+                    made = _sig_time(s[3]) if len(s) > 3 else None
+                    if made is None:
+                        raise SignatureError(f"{data.name}: signature verification failed: no signature time")
+                    if made > time.time() + MAX_FUTURE_SIGNATURE:
+                        raise SignatureError(
+                            f"{data.name}: signature verification failed: the signature is dated "
+                            f"{datetime.fromtimestamp(min(made, 253402214400), UTC):%Y-%m-%d %H:%M} UTC, more than "
+                            "a day after this machine's clock (a wrong clock here or at the signer, or a "
+                            "forged date)")
                     return primary
                 raise SignatureError(f"{data.name}: signature verification failed: signed by {primary}, "
                                      "which is not a pinned fingerprint")

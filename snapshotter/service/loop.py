@@ -54,7 +54,8 @@ class SyncOutcome:
     report: SyncReport = field(default_factory=SyncReport)
     new_tags: list[str] = field(default_factory=list)  # every date tag that appeared, oldest first
     newest: Tag | None = None  # the newest tag afterwards
-    queued: list[int] = field(default_factory=list)  # ids of the builds queued for `new_tags`
+    queued: list[int] = field(default_factory=list)  # ids of the builds queued for `queued_tags`
+    queued_tags: list[str] = field(default_factory=list)  # new tags, and older ones a failed run left pending
     error: SnapshotterError | None = None
     queue_error: SnapshotterError | None = None
 
@@ -75,25 +76,34 @@ def sync_and_queue(cfg: Config, *, day: date | None = None, push: bool = True, n
 
     The policy of `snapshotter sync` and of each cycle of `snapshotter run`: a new tag queues the builds a
     push of it would (triggers.queue_builds_for_tags), also when the sync failed after importing some
-    days, so that no failure loses them. Never raises SnapshotterError: the outcome carries it.
+    days. Which tags still need their builds queued is kept in the repository's state (run_sync's
+    `queue`, under the repository lock), so a queue that fails after the refs moved loses nothing: the
+    next sync or cycle queues them. Never raises SnapshotterError: the outcome carries it.
     """
     from snapshotter.service.triggers import queue_builds_for_tags
 
     repo = Repository(cfg.repo, cfg.git.branch)
     before = {t.name for t in repo.tags()}
     outcome = SyncOutcome()
+
+    def queue(tags: list[str]) -> list[int]:
+        try:
+            ids = queue_builds_for_tags(cfg, tags)
+        except Exception as e:
+            why = str(e) if isinstance(e, SnapshotterError) else f"internal error: {type(e).__name__}: {e}"
+            outcome.queue_error = SnapshotterError(f"queueing the builds of {', '.join(tags)} failed: {why} "
+                                                   "(they stay pending: the next sync queues them)")
+            raise
+        outcome.queued, outcome.queued_tags = ids, tags
+        return ids
+
     try:
-        outcome.report = run_sync(cfg, day=day, push=push, now=now, progress=progress)
+        outcome.report = run_sync(cfg, day=day, push=push, now=now, progress=progress, queue=queue)
     except SnapshotterError as e:
         outcome.error = e
     tags = repo.tags()
     outcome.new_tags = [t.name for t in tags if t.name not in before]
     outcome.newest = tags[-1] if tags else None
-    if outcome.new_tags:
-        try:
-            outcome.queued = queue_builds_for_tags(cfg, outcome.new_tags)
-        except SnapshotterError as e:
-            outcome.queue_error = e
     return outcome
 
 
@@ -172,11 +182,11 @@ def step_sync(cfg: Config, result: CycleResult) -> None:
         log.info("sync: up to date (newest tag %s)%s", result.newest or "none",
                  f"; the snapshot of {expected:%Y-%m-%d} is not on the mirrors yet" if result.missing else "")
     if outcome.queue_error is not None:
-        log.error("queueing builds failed: %s", outcome.queue_error)
-        result.error = result.error or f"queueing builds failed: {outcome.queue_error}"
-    elif result.imported:
+        log.error("%s", outcome.queue_error)
+        result.error = result.error or str(outcome.queue_error)
+    elif outcome.queued_tags:
         result.queued = outcome.queued
-        log.info("queued %d build(s) for %s", len(result.queued), ", ".join(result.imported))
+        log.info("queued %d build(s) for %s", len(result.queued), ", ".join(outcome.queued_tags))
 
 
 def step_publish(cfg: Config, result: CycleResult) -> None:
@@ -197,13 +207,23 @@ def run_cycle(cfg: Config, stop: threading.Event | None = None) -> CycleResult:
     """One cycle (see the module doc). Never raises SnapshotterError: the result says what failed."""
     result = CycleResult()
     stop = stop or threading.Event()
-    step_sync(cfg, result)
+    try:
+        step_sync(cfg, result)
+    except Exception as e:  # a bug must not end the loop: recorded (run_sync puts it in the state), retried
+        result.error = f"internal error: {type(e).__name__}: {e}"
+        log.error("sync failed: %s", result.error)
+        log.debug("the internal error", exc_info=True)
     if cfg.service.publish and result.newest is not None:
         if stop.is_set():
             result.stopped = True
             log.info("stop requested: skipping publish")
             return result
-        step_publish(cfg, result)
+        try:
+            step_publish(cfg, result)
+        except Exception as e:
+            result.publish_error = f"internal error: {type(e).__name__}: {e}"
+            log.error("publish failed: %s", result.publish_error)
+            log.debug("the internal error", exc_info=True)
     return result
 
 

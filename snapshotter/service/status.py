@@ -10,6 +10,7 @@ from snapshotter.binhost.retention import DiskUse, disk_use, human
 from snapshotter.git.repository import Repository
 from snapshotter.service.jobqueue import JobRecord, JobState, open_queue, queue_exists
 from snapshotter.sync import state as syncstate
+from snapshotter.sync.run import future_tags, now_from_env, pending_builds
 
 if TYPE_CHECKING:
     from snapshotter.config import Config
@@ -30,6 +31,9 @@ class Status:
     queued: list[JobRecord] = field(default_factory=list)
     failed: list[JobRecord] = field(default_factory=list)
     disk: DiskUse | None = None  # build output and web root
+    future_tags: list[str] = field(default_factory=list)  # date tags no sync made: they stop the imports
+    unqueued: list[str] = field(default_factory=list)  # tags whose builds the next sync still has to queue
+    state_problem: str | None = None  # state.json could not be used (the next sync rebuilds it)
 
 
 def collect(cfg: Config, show: int = 10) -> Status:
@@ -37,19 +41,24 @@ def collect(cfg: Config, show: int = 10) -> Status:
     tags = repo.tags()
     state = syncstate.load(repo) if repo.exists() else syncstate.SyncState()
     pending = syncstate.pending_pushes(cfg.git.push, repo, state) if repo.exists() else []
+    now = now_from_env()
+    future = future_tags(repo, now)
+    unqueued = pending_builds(repo, state, now) if cfg.service.queue_builds else []
     if not queue_exists(cfg):  # a read-only look creates nothing
         return Status(repo=str(cfg.repo), newest_tag=tags[-1].name if tags else None,
                       newest_commit=tags[-1].commit if tags else None, tag_count=len(tags),
                       last_success=state.last_success, last_failure=state.last_failure,
                       last_failure_reason=state.last_failure_reason, pending_pushes=pending,
-                      counts=dict.fromkeys(JobState, 0), disk=disk_use(cfg))
+                      counts=dict.fromkeys(JobState, 0), disk=disk_use(cfg), future_tags=future,
+                  unqueued=unqueued, state_problem=state.rebuilt)
     queue = open_queue(cfg)
     return Status(repo=str(cfg.repo), newest_tag=tags[-1].name if tags else None,
                   newest_commit=tags[-1].commit if tags else None, tag_count=len(tags),
                   last_success=state.last_success, last_failure=state.last_failure,
                   last_failure_reason=state.last_failure_reason, pending_pushes=pending, counts=queue.counts(),
                   running=queue.list((JobState.RUNNING,)), queued=queue.list((JobState.QUEUED,), show),
-                  failed=queue.list((JobState.FAILED,), show), disk=disk_use(cfg))
+                  failed=queue.list((JobState.FAILED,), show), disk=disk_use(cfg), future_tags=future,
+                  unqueued=unqueued, state_problem=state.rebuilt)
 
 
 def _lease(rec: JobRecord) -> str:
@@ -71,6 +80,14 @@ def render(st: Status) -> list[str]:
     else:
         lines.append("last failure: never")
     lines.append(f"pending pushes: {', '.join(st.pending_pushes) if st.pending_pushes else 'none'}")
+    if st.state_problem:
+        lines.append(f"state: state.json is unreadable ({st.state_problem}); the next sync rebuilds it from the "
+                     "repository")
+    if st.future_tags:
+        lines.append(f"future tags: {', '.join(st.future_tags)}: not made by a sync; no snapshot after them is "
+                     "imported until they are deleted (git tag -d)")
+    if st.unqueued:
+        lines.append(f"builds not yet queued for: {', '.join(st.unqueued)} (the next sync queues them)")
     lines.append("builds: " + ", ".join(f"{st.counts[s]} {s}" for s in JobState))
     for rec in st.running:
         lines.append(f"  running job {rec.id}: {rec.job.describe()} on {rec.worker}{_lease(rec)}")

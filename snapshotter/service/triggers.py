@@ -266,6 +266,26 @@ def queue_builds_for_tags(cfg: Config, tags: list[str], queue: BuildQueue | None
     return enqueue_all(queue or open_queue(cfg), jobs, source="sync")
 
 
+def _without_future_tags(updates: list[RefUpdate]) -> tuple[list[RefUpdate], list[str]]:
+    """Split off date tags pushed into the snapshot repository for a day after the newest snapshot that
+    can exist: no sync made them, nothing is built for them, and the pusher is told (a post-receive hook
+    cannot refuse a ref any more: while such a tag exists, `sync` refuses to run and `status` names it)."""
+    # Imported here only: the hook starts fast for overlay pushes.
+    from snapshotter.sync.run import FUTURE_SLACK, newest_possible_day, now_from_env
+
+    limit = newest_possible_day(now_from_env()) + FUTURE_SLACK
+    kept, refused = [], []
+    for up in updates:
+        day = tag_date(up.short) if up.kind == "tags" and not up.deleted else None
+        if day is not None and day > limit:
+            refused.append(f"{up.ref}: a snapshot tag in the future (the newest snapshot that can exist is "
+                           f"{limit - FUTURE_SLACK:%Y-%m-%d}): nothing is queued for it, and every sync fails "
+                           f"until it is deleted (git tag -d {up.short})")
+        else:
+            kept.append(up)
+    return kept, refused
+
+
 def queue_push(cfg: Config, repo: Path, text: str, queue: BuildQueue | None = None) -> list[int]:
     """Handle a post-receive hook's input for `repo`: validate, work out the jobs, enqueue them.
 
@@ -273,6 +293,9 @@ def queue_push(cfg: Config, repo: Path, text: str, queue: BuildQueue | None = No
     raised after the acceptable updates have been queued.
     """
     updates, rejected = parse_updates(text)
+    if is_snapshot_repository(cfg, repo):
+        updates, future = _without_future_tags(updates)
+        rejected += future
     for msg in rejected:
         log.error("%s", msg)
     jobs = jobs_for_push(cfg, repo, updates)

@@ -40,6 +40,10 @@ FIRST_IMPORT_LOOKBACK = 40  # days, as emerge-webrsync
 
 # (label, done, total) — a download in bytes or an import in compressed bytes read.
 Progress = Callable[[str, int, int | None], None]
+# Queues the builds of the given tags (oldest first) and returns the job ids; raises when it cannot.
+QueueBuilds = Callable[[list[str]], list[int]]
+# A tag more than this many days after the newest snapshot that can exist was not made by a sync.
+FUTURE_SLACK = timedelta(days=1)
 
 
 @dataclass
@@ -49,6 +53,8 @@ class SyncReport:
     push_failed: list[tuple[str, str]] = field(default_factory=list)
     pushed: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    queued_tags: list[str] = field(default_factory=list)  # tags whose builds this run queued
+    queue_failed: str | None = None  # why queueing them failed (they stay pending for the next run)
 
 
 def newest_possible_day(now: datetime) -> date:
@@ -170,7 +176,7 @@ def _remove(paths: list[Path]) -> None:
 
 
 def run_sync(cfg: Config, *, day: date | None = None, push: bool = True, now: datetime | None = None,
-             progress: Progress | None = None) -> SyncReport:
+             progress: Progress | None = None, queue: QueueBuilds | None = None) -> SyncReport:
     """Import new snapshots into `cfg.repo` (see the module doc); push unless `push` is False.
 
     Holds the repository's flock for the whole run (LockedError, exit 75, if another run holds it).
@@ -178,6 +184,11 @@ def run_sync(cfg: Config, *, day: date | None = None, push: bool = True, now: da
     repository that does not exist yet checks the keys and finds its snapshot on the mirrors first, so
     that when it fails there (a missing key file, a fingerprint not in it, a mirror that cannot be reached
     or has nothing) it leaves no repository and no download cache behind.
+
+    `queue`, when given, is called under the lock with every tag whose builds are still to be queued
+    (`pending_builds`: newer than the state's `queued_through`), after the imports, also when they
+    failed; `queued_through` only advances when it returns. So a queue that fails after the refs moved
+    loses nothing: the next run (even one with nothing new) queues those tags.
     """
     repo = Repository(cfg.repo, cfg.git.branch)
     now = now or now_from_env()
@@ -185,19 +196,37 @@ def run_sync(cfg: Config, *, day: date | None = None, push: bool = True, now: da
     with flocked(repo.lock_path, f"repository {repo.path}"):
         repo.create()
         state = syncstate.load(repo)
+        if state.queued_through is None:  # not known (an older state file, or none): nothing before now
+            newest = repo.newest_tag()
+            state.queued_through = newest.name if newest is not None else ""
+            syncstate.save(repo, state)  # before any import, so that a crash cannot lose the new tags
+        elif state.rebuilt is not None:
+            syncstate.save(repo, state)  # says so once, and replaces the unusable file
         report = SyncReport()
         try:
             _import_days(cfg, repo, day, now, progress, report, first)
         except SnapshotterError as e:
             state.last_failure, state.last_failure_reason = syncstate.now_iso(), str(e)
+            if report.imported:
+                state.last_tag = report.imported[-1].tag
+            _queue_pending(repo, state, queue, report, now)
             if push and cfg.git.push and report.imported:
                 for remote, reason in push_pending(repo, cfg.git.push, state):
                     log.error("push to %s failed: %s (the import is kept; the next run retries)", remote, reason)
             syncstate.save(repo, state)
             raise
+        except Exception as e:  # a bug: still recorded for `status`, and the refs are as git left them
+            state.last_failure = syncstate.now_iso()
+            state.last_failure_reason = f"internal error: {type(e).__name__}: {e}"
+            try:
+                syncstate.save(repo, state)
+            except SnapshotterError as e2:
+                log.error("%s", e2)
+            raise
         if report.imported:
             state.last_tag = report.imported[-1].tag
             _gc_auto(repo)
+        _queue_pending(repo, state, queue, report, now)
         if push and cfg.git.push:
             before = set(syncstate.pending_pushes(cfg.git.push, repo, state))
             report.push_failed = push_pending(repo, cfg.git.push, state)
@@ -206,6 +235,41 @@ def run_sync(cfg: Config, *, day: date | None = None, push: bool = True, now: da
         state.last_success = syncstate.now_iso()
         syncstate.save(repo, state)
         return report
+
+
+def pending_builds(repo: Repository, state: syncstate.SyncState, now: datetime) -> list[str]:
+    """Tags whose builds are still to be queued: newer than `state.queued_through`, oldest first (none
+    while it is not known); tags in the future (`future_tags`) are never built."""
+    if state.queued_through is None:
+        return []
+    limit = newest_possible_day(now) + FUTURE_SLACK
+    return [t.name for t in repo.tags() if t.name > state.queued_through and t.day <= limit]
+
+
+def future_tags(repo: Repository, now: datetime) -> list[str]:
+    """Date tags after the newest snapshot that can exist (plus FUTURE_SLACK): not made by a sync (a
+    sync tags a snapshot with the day before its timestamp.x), e.g. pushed from outside. The newest tag
+    decides which day a sync fetches next, so such a tag would stop every import."""
+    limit = newest_possible_day(now) + FUTURE_SLACK
+    return [t.name for t in repo.tags() if t.day > limit]
+
+
+def _queue_pending(repo: Repository, state: syncstate.SyncState, queue: QueueBuilds | None, report: SyncReport,
+                   now: datetime) -> None:
+    """Queue the builds of every pending tag; advance `state.queued_through` only when that worked."""
+    if queue is None:
+        return
+    tags = pending_builds(repo, state, now)
+    if not tags:
+        return
+    try:
+        queue(tags)
+    except Exception as e:  # noqa: BLE001 - the refs moved: whatever failed, the tags stay pending
+        report.queue_failed = str(e) if isinstance(e, SnapshotterError) else f"internal error: {type(e).__name__}: {e}"
+        log.debug("queueing builds for %s failed: %s (they stay pending)", ", ".join(tags), report.queue_failed)
+        return
+    report.queued_tags = tags
+    state.queued_through = tags[-1]
 
 
 def lookback_days(now: datetime) -> list[date]:
@@ -254,6 +318,13 @@ def _import_days(cfg: Config, repo: Repository, day: date | None, now: datetime,
                  report: SyncReport, first: date | None = None) -> None:
     """Import the days to import (see the module doc); `first`: the newest day a first import found."""
     newest = repo.newest_tag()
+    future = future_tags(repo, now)
+    if future:
+        raise SnapshotterError(
+            f"tag {future[-1]} in {repo.path} is in the future (the newest snapshot that can exist is "
+            f"{newest_possible_day(now):%Y-%m-%d}): it was not made by a sync, and no day after it would ever "
+            f"be imported; check where it came from, then delete it: git --git-dir={repo.path} tag -d "
+            f"{' '.join(future)}")
     if day is not None:
         if newest is not None and day <= newest.day:
             raise SnapshotterError(f"snapshot {day:%Y-%m-%d} is not newer than the newest tag {newest.name}; "

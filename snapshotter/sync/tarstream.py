@@ -172,7 +172,7 @@ def _octal(field: bytes, what: str) -> int:
     try:
         return int(text, 8)
     except ValueError:
-        raise SnapshotError(f"not a tar archive (bad {what} field)") from None
+        raise SnapshotError(f"tar archive is corrupt (bad {what} field)") from None
 
 
 def _cstr(field: bytes) -> bytes:
@@ -252,6 +252,8 @@ def members(stream: BinaryIO) -> Iterator[Member]:
         try:
             size = int(pax[b"size"]) if pax and b"size" in pax else (
                 _octal(size_field, "size") if size_field[0] & 0x80 else int(size_field.strip(b"\0 ") or b"0", 8))
+            if size < 0:
+                raise ValueError(size)
         except ValueError:
             _check_header(hdr, first=False)
             raise SnapshotError("tar archive is corrupt (bad size field)") from None
@@ -312,7 +314,7 @@ def members(stream: BinaryIO) -> Iterator[Member]:
             if not rel:
                 raise SnapshotError("snapshot must have exactly one top-level directory, found file "
                                     f"{name.decode(errors='replace')!r}")
-            mode = MODE_EXEC if int(hdr[tar.MODE].strip(b"\0 ") or b"0", 8) & 0o111 else MODE_FILE
+            mode = MODE_EXEC if _octal(hdr[tar.MODE], "mode") & 0o111 else MODE_FILE
             yield rel, mode, buf[end:stop], None
         elif typeflag == _DIR:
             continue
@@ -359,12 +361,23 @@ def _check_header(hdr: bytes, first: bool) -> None:
 
 
 def parse_timestamp(data: bytes) -> int:
-    """The unix time in `metadata/timestamp.x`: its first field, an unsigned integer (the rest is free text)."""
+    """The unix time in `metadata/timestamp.x`: its first field, an unsigned integer (the rest is free text).
+
+    The time and the day before it must be dates Python can represent (years 1 to 9999), so that the tag
+    and the window checks below cannot fail on them.
+    """
     fields = data.split()
     if not fields or not fields[0].isdigit() or len(fields[0]) > 12:
         shown = data[:40].decode(errors="replace").strip()
         raise SnapshotError(f"metadata/timestamp.x does not start with a unix time: {shown!r}")
-    return int(fields[0])
+    value = int(fields[0])
+    try:
+        datetime.fromtimestamp(value, UTC)
+        datetime.fromtimestamp(value - 86400, UTC)
+    except (OverflowError, ValueError, OSError):
+        raise SnapshotError(f"metadata/timestamp.x: the unix time {value} is out of range (not a date "
+                            "between the years 1 and 9999)") from None
+    return value
 
 
 def tag_for(timestamp: int) -> str:
@@ -374,9 +387,13 @@ def tag_for(timestamp: int) -> str:
 
 
 def check_timestamp(timestamp: int, file_day: date) -> None:
-    """A snapshot named for day D must carry a timestamp.x in [D 00:00 UTC, D + 2 days] (emerge-webrsync's rule)."""
-    start = datetime(file_day.year, file_day.month, file_day.day, tzinfo=UTC)
+    """A snapshot named for day D must carry a timestamp.x whose tag (`tag_for`) is D: a time in
+    [D+1 00:00 UTC, D+2 00:00 UTC). The window and the tag rule are one rule, so a day that is accepted is
+    tagged with its own date and the next sync starts after it (emerge-webrsync accepts [D, D+2 days];
+    its first and last day would be tagged D-1 and D+1, which jams the catch-up on that day)."""
+    start = datetime(file_day.year, file_day.month, file_day.day, tzinfo=UTC) + timedelta(days=1)
     when = datetime.fromtimestamp(timestamp, UTC)
-    if not start <= when <= start + timedelta(days=2):
+    if not start <= when < start + timedelta(days=1):
         raise SnapshotError(f"timestamp.x says {when:%Y-%m-%d %H:%M} UTC, outside the window of the "
-                            f"snapshot for {file_day:%Y-%m-%d} ([{file_day:%Y-%m-%d} 00:00, +2 days])")
+                            f"snapshot for {file_day:%Y-%m-%d} ([{start:%Y-%m-%d} 00:00, +1 day) UTC): its tag "
+                            f"would be {tag_for(timestamp)}, not {file_day:%Y-%m-%d}")

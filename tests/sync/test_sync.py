@@ -453,11 +453,12 @@ def test_snapshot_whose_timestamp_is_older_than_the_newest_tag_is_refused(env: E
     env.build(D20)
     assert env.sync().returncode == 0
     before = refs(env.repo)
-    # Named for the 21st, but carrying the 20th's timestamp: its tag would be 2026-11-20 again.
+    # Named for the 21st, but carrying the 20th's timestamp: its tag would be 2026-11-20 again. The
+    # window is the tag rule, so it is refused there, before it could meet the newest tag.
     day21 = date(2026, 11, 21)
     env.build(day21, timestamp=testlib.snapshot_time(D20) + 3600 * 22)
     proc = env.sync(now=NOW + timedelta(days=1))
-    assert_one_line_error(proc, "not newer than the newest tag")
+    assert_one_line_error(proc, "outside the window", "would be 2026-11-20, not 2026-11-21")
     assert refs(env.repo) == before
 
 
