@@ -3,17 +3,18 @@
 `tree_entries` + `read_blobs` stream what `git ls-tree -r` and `git cat-file --batch` say; `export_tree`
 materializes it into a directory and `publish` streams it into a tarball. Path names come from the
 repository, which may hold anything a crafted import put there, so every name is checked: no absolute
-paths, no `.`/`..`/empty components, nothing ever written through a symlink.
+paths, no `.`/`..`/empty components, nothing ever written through a symlink. What a symlink may point at
+is decided here once (`check_symlink`, `check_links`: resolved against the tree itself, through its other
+links) for the importer, `export`, `publish` and the build's tree.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import subprocess
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -65,18 +66,62 @@ def check_path(path: str) -> str:
     return path
 
 
+MAX_LINK_HOPS = 40  # symlinks followed while resolving one link, as Linux (ELOOP): more is refused
+
+
 def check_symlink(path: str, target: str) -> None:
-    """A symlink must stay inside the tree: relative, and never climbing above the top directory."""
+    """What one symlink's text alone must satisfy: non-empty, relative, no NUL, and not climbing above the
+    top directory on its own. Whether it stays inside the tree through other links is `check_links`."""
     if not target or "\0" in target or target.startswith("/"):
         raise SnapshotError(f"symlink {path!r} points outside the tree: {target!r}")
-    depth = path.count("/")  # directories above the link inside the tree
-    for part in target.split("/"):
-        if part == "..":
-            depth -= 1
-            if depth < 0:
-                raise SnapshotError(f"symlink {path!r} points outside the tree: {target!r}")
-        elif part not in ("", "."):
-            depth += 1
+    _resolve({}, path, target)
+
+
+def _resolve(links: Mapping[str, str], path: str, target: str) -> list[str]:
+    """Where the symlink `path` -> `target` ends, as components below the top of the tree.
+
+    The one rule of what a link may point at (import, export, publish and build all use it, through
+    `check_symlink` and `check_links`): the link's directory and then `target` are walked component by
+    component from the top of the tree; a component naming another symlink of the tree is replaced by
+    where that link ends (recursively, at most MAX_LINK_HOPS links in all), `..` goes up one level and
+    must never leave the top, and every other component is taken as it is, whether it exists or not
+    (as `os.path.realpath` does; the kernel would fail on a missing directory, so this only refuses
+    more). Raises SnapshotError naming the link when it ends outside the tree or loops.
+    """
+    hops = 0
+
+    def walk(parts: list[str], text: str) -> list[str]:
+        nonlocal hops
+        if not text or "\0" in text or text.startswith("/"):
+            raise SnapshotError(f"symlink {path!r} points outside the tree: {target!r}")
+        for part in text.split("/"):
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if not parts:
+                    raise SnapshotError(f"symlink {path!r} points outside the tree: {target!r}")
+                parts.pop()
+                continue
+            parts.append(part)
+            link = links.get("/".join(parts)) if links else None
+            if link is not None:
+                hops += 1
+                if hops > MAX_LINK_HOPS:
+                    raise SnapshotError(f"symlink {path!r} -> {target!r}: more than {MAX_LINK_HOPS} "
+                                        "symlinks to follow (a loop?)")
+                parts.pop()
+                parts = walk(parts, link)
+        return parts
+
+    parent = path.rpartition("/")[0]
+    return walk(walk([], parent) if parent else [], target)
+
+
+def check_links(links: Mapping[str, str]) -> None:
+    """Every symlink of a tree (path -> target) must end inside the tree, following the tree's other
+    links (`_resolve`); SnapshotError naming the first (in path order) that does not."""
+    for path in sorted(links):
+        _resolve(links, path, links[path])
 
 
 def tree_entries(repo: Path, commit: str, *, dirs: bool = True) -> list[Entry]:
@@ -104,6 +149,21 @@ def tree_entries(repo: Path, commit: str, *, dirs: bool = True) -> list[Entry]:
             continue
         entries.append(Entry(path, kind, oid))
     return entries
+
+
+def read_links(repo: Path, entries: Iterable[Entry]) -> dict[str, str]:
+    """The symlinks among `entries` (path -> target), for `check_links` before anything is written."""
+    links = [e for e in entries if e.kind == "symlink"]
+    out: dict[str, str] = {}
+    if not links:
+        return out
+    with BlobReader(repo, [e.oid for e in links]) as blobs:
+        for e in links:
+            try:
+                out[e.path] = blobs.read_blob(e.oid).decode()
+            except UnicodeDecodeError:
+                raise SnapshotError(f"symlink {e.path!r}: target is not UTF-8") from None
+    return out
 
 
 class BlobReader:
@@ -185,13 +245,13 @@ def export_tree(repo: Path, rev: str, dest: Path) -> None:
 
     Regular files keep their exec bit (0644/0755), symlinks stay symlinks, directories are 0755, and
     everything gets the commit's time as mtime. Paths that are absolute, hold `..` or would pass through
-    a symlink are refused (SnapshotError), as are symlinks pointing outside `dest`; nothing is ever
-    written outside `dest`.
+    a symlink are refused (SnapshotError), as are symlinks ending outside `dest` (through other links
+    too: `check_links`, before anything is written); nothing is ever written outside `dest`.
     """
     commit, when = resolve(repo, rev)
     entries = tree_entries(repo, commit)
+    check_links(read_links(repo, entries))
     dest = Path(dest)
-    created = not os.path.lexists(dest)
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -262,28 +322,7 @@ def export_tree(repo: Path, rev: str, dest: Path) -> None:
                         os.utime(out, times)
                     finally:
                         os.close(out)
-    except BaseException:
-        while stack:
-            leave()
-        _remove_partial(dest, created)
-        raise
     finally:
         while stack:
             leave()
 
-
-def _remove_partial(dest: Path, created: bool) -> None:
-    """After a failed export: remove what it wrote into `dest` (empty before), and `dest` if it made it.
-
-    shutil.rmtree works through directory fds and never follows a symlink, so nothing outside `dest` is
-    touched even if the partial tree holds links."""
-    try:
-        for child in os.scandir(dest):
-            if child.is_dir(follow_symlinks=False):
-                shutil.rmtree(child.path)
-            else:
-                os.unlink(child.path)
-        if created:
-            os.rmdir(dest)
-    except OSError as e:
-        log.warning("cannot remove the partial export in %s: %s", dest, e.strerror or e)

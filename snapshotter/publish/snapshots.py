@@ -28,7 +28,15 @@ from snapshotter import tarformat as tar
 from snapshotter.config import Config
 from snapshotter.errors import SnapshotterError, child_failure
 from snapshotter.fsutil import create_temp, file_digest, fsync_dir, is_temp, temp_name, write_temp
-from snapshotter.git.export import BlobReader, check_symlink, copy_exact, resolve, tree_entries
+from snapshotter.git.export import (
+    BlobReader,
+    check_links,
+    check_symlink,
+    copy_exact,
+    read_links,
+    resolve,
+    tree_entries,
+)
 from snapshotter.git.repository import Repository, Tag, tag_date
 from snapshotter.lock import flocked
 from snapshotter.openpgp import SigningError, detach_sign, signing_fingerprint
@@ -195,6 +203,7 @@ class _Buffered:
 def write_tar(repo: Path, commit: str, mtime: int, topdir: str, write: Callable[[bytes], object]) -> int:
     """Stream the tree of `commit` as a tar (under `topdir/`) into `write`; returns the bytes written."""
     entries = tree_entries(repo, commit)
+    check_links(read_links(repo, entries))
     tar = TarWriter(write, mtime)
     tar.add_dir(topdir)
     with BlobReader(repo, [e.oid for e in entries if e.kind != "dir"]) as blobs:

@@ -13,12 +13,14 @@ same snapshots give the same commit and tag ids on any machine.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import logging
 import marshal
 import os
 import re
+import stat
 import subprocess
 import tempfile
 import threading
@@ -29,6 +31,7 @@ from pathlib import Path
 
 from snapshotter.errors import SnapshotError, SnapshotterError, child_failure
 from snapshotter.fsutil import atomic_write
+from snapshotter.git.export import check_links
 from snapshotter.git.repository import Repository, git, git_env, git_out, tag_date
 from snapshotter.sync import tarstream as snapshot
 from snapshotter.sync.tarstream import TIMESTAMP_PATH
@@ -98,10 +101,14 @@ def previous_tree(repo: Repository, commit: str | None) -> Tree:
     if commit is None:
         return {}
     try:
-        with open(_cache_path(repo), "rb") as f:
-            cached_commit, tree = marshal.loads(f.read())  # load(f) would read piece by piece: 4x slower
-        if cached_commit == commit and isinstance(tree, dict):
-            return tree
+        with open(os.open(_cache_path(repo), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
+            st = os.fstat(f.fileno())
+            # Only a cache we wrote ourselves: the directory is inside the repository, whose top every
+            # pusher can write, and a planted cache would decide what the next commit keeps or deletes.
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022:
+                cached_commit, tree = marshal.loads(f.read())  # load(f) would read piece by piece: 4x slower
+                if cached_commit == commit and isinstance(tree, dict):
+                    return tree
     except (OSError, EOFError, ValueError, TypeError):
         pass
     out = git(repo.path, "ls-tree", "-r", "-z", "--full-tree", commit).stdout
@@ -117,7 +124,10 @@ def _save_tree(repo: Repository, commit: str, tree: Tree) -> None:
     """Cache the new tree for the next import (atomic; a stale or missing cache only costs time)."""
     path = _cache_path(repo)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, marshal.dumps((commit, tree)), durable=False)
+    try:  # never through a symlink planted for snapshotter/ (pushers can write the repository's top)
+        atomic_write(path, marshal.dumps((commit, tree)), durable=False, nofollow_dir=True)
+    except SnapshotterError as e:
+        raise OSError(errno.ELOOP, str(e)) from None
 
 
 class _FastImport:
@@ -148,18 +158,8 @@ class _FastImport:
         except BrokenPipeError:
             pass
         if self.proc.wait() != 0:
-            raise SnapshotterError(f"git fast-import failed: {self.reason()}")
-
-    def reason(self) -> str:
-        """Why fast-import failed, from its own stderr: its first `fatal:`/`error:` line (what follows is
-        its crash report note and the errors of dying), else its last line, else its exit status. Call
-        after it exited."""
-        self._err.seek(0)
-        err = self._err.read()
-        said = [line for line in err.decode(errors="replace").splitlines()
-                if line.startswith(("fatal:", "error:"))]
-        return said[0] if said else child_failure(err, self.proc.returncode if self.proc.returncode is not None else -1)
-
+            self._err.seek(0)
+            raise SnapshotterError(f"git fast-import failed: {child_failure(self._err.read(), self.proc.returncode)}")
 
     def abort(self) -> None:
         self.proc.kill()
@@ -203,8 +203,6 @@ class _Split:
 
     def __init__(self, repo: Repository) -> None:
         self._repo = repo
-        self._pack_dir = repo.path / "objects" / "pack"
-        self._temps_before = self._temp_packs()
         self.procs = [_FastImport(repo)]
         self._sent = [0]
         self.lines = [bytearray()]  # the commit's `M` lines for each process's parts
@@ -313,33 +311,54 @@ class _Split:
         return sum(lines.count(b"\n") for lines in self.lines) + self.late.count(b"\n")
 
     def abort(self) -> None:
-        """Stop every fast-import and remove the temporary packs they left (`tmp_pack_*`, `tmp_idx_*`,
-        which hold everything sent so far: after a full disk they would keep the next try failing) and
-        the crash reports of a fast-import that died (`fast_import_crash_*`: its reason is in the error)."""
         for proc in self.procs:
             proc.abort()
-        for path in sorted(self._temp_packs() - self._temps_before):
-            try:
-                os.unlink(path)
-                log.debug("removed %s after a failed import", path)
-            except OSError as e:
-                log.warning("cannot remove %s after a failed import: %s", path, e.strerror)
 
-    def failure(self) -> str:
-        """After `abort`: why fast-import stopped (a broken pipe says nothing), in its own words."""
-        reasons = [p.reason() for p in self.procs]
-        said = [r for r in reasons if r.startswith(("fatal:", "error:"))]
-        return (said or reasons or ["no reason given"])[0]
 
-    def _temp_packs(self) -> set[str]:
-        """The paths of the temporary packs and crash reports now in the repository."""
-        found: set[str] = set()
-        for where, prefixes in ((self._pack_dir, ("tmp_pack_", "tmp_idx_")), (self._repo.path, ("fast_import_crash_",))):
-            try:
-                found.update(os.path.join(where, n) for n in os.listdir(where) if n.startswith(prefixes))
-            except OSError:
-                pass
-        return found
+def check_names(paths: set[bytes], links: dict[bytes, bytes]) -> None:
+    """The door of the pipeline: what every later stage (export, publish, build) can carry, checked on the
+    whole new tree before any ref moves, the same on every path through the importer (cold, cached tree,
+    split). Refused with SnapshotError naming the member: a name that is not UTF-8 or holds NUL, a path
+    that is both a file (or symlink) and a directory (`foo` and `foo/bar`: git can hold only one of them,
+    and which one would depend on the order and on the cache), and a symlink that ends outside the tree,
+    directly or through other links (git.export.check_links, the rule export and publish apply)."""
+    joined = b"\n".join(paths)
+    try:
+        joined.decode()
+    except UnicodeDecodeError:
+        bad = min(p for p in paths if not _utf8(p))
+        raise SnapshotError(f"member name is not UTF-8: {bad.decode(errors='replace')!r} ({bad!r})") from None
+    if b"\0" in joined:
+        bad = min(p for p in paths if b"\0" in p)
+        raise SnapshotError(f"member name holds a NUL byte: {bad!r}")
+    dirs: set[bytes] = set()
+    for p in paths:
+        d = p.rpartition(b"/")[0]
+        while d and d not in dirs:
+            dirs.add(d)
+            d = d.rpartition(b"/")[0]
+    clash = dirs & paths
+    if clash:
+        d = min(clash)
+        inner = min(p for p in paths if p.startswith(d + b"/"))
+        what = "symlink" if d in links else "file"
+        raise SnapshotError(f"{d.decode()!r} is both a {what} and a directory ({inner.decode()!r}); "
+                            "refusing the snapshot")
+    targets: dict[str, str] = {}
+    for p, t in links.items():
+        try:
+            targets[p.decode()] = t.decode()
+        except UnicodeDecodeError:
+            raise SnapshotError(f"symlink {p.decode()!r}: target is not UTF-8 ({t!r})") from None
+    check_links(targets)
+
+
+def _utf8(name: bytes) -> bool:
+    try:
+        name.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def import_tarball(repo: Repository, tarball: Path, identity: Identity, *, file_day: date | None = None,
@@ -360,12 +379,16 @@ def import_tarball(repo: Repository, tarball: Path, identity: Identity, *, file_
     try:
         # Locals for the loop below, which runs once per file (100k+ times on a first import).
         blob, change, sha1, see = split.blob, split.change, hashlib.sha1, seen.add
+        links: dict[bytes, bytes] = {}
+        link_mode = snapshot.MODE_LINK
         with snapshot.decompressed(tarball, progress) as stream:
             # Loaded while the decompressor already runs ahead; becomes the new tree as the tarball
             # streams by.
             tree = previous_tree(repo, parent)
             lookup = tree.get
             for path, mode, data, link_to in snapshot.members(stream):
+                if mode is link_mode and isinstance(data, bytes):  # a symlink's target: always bytes
+                    links[path] = data
                 if link_to is not None:
                     entry = lookup(link_to)
                     if entry is None or link_to not in seen or entry[:6] == snapshot.MODE_LINK:
@@ -392,6 +415,7 @@ def import_tarball(repo: Repository, tarball: Path, identity: Identity, *, file_
                     blob(path, data, line)
                 else:  # a mode change alone needs no blob
                     change(path, line)
+        check_names(seen, {p: t for p, t in links.items() if tree[p][:6] == link_mode})
         if timestamp is None:
             raise SnapshotError("snapshot has no metadata/timestamp.x")
         if file_day is not None:
@@ -410,9 +434,6 @@ def import_tarball(repo: Repository, tarball: Path, identity: Identity, *, file_
     except SnapshotError as e:
         split.abort()
         raise SnapshotError(f"{tarball.name}: {e}") from None
-    except BrokenPipeError:  # fast-import exited early (a full disk, ...): its stderr says why
-        split.abort()
-        raise SnapshotterError(f"{tarball.name}: git fast-import failed: {split.failure()}") from None
     except BaseException:
         split.abort()
         raise
@@ -426,17 +447,7 @@ def import_tarball(repo: Repository, tarball: Path, identity: Identity, *, file_
                    f"delete {PART_REFS[0]}\n"
                    f"delete {PART_REFS[1]}\n").encode()
     git(repo.path, "update-ref", "--stdin", input=transaction)
-    # The refs moved: the import is done. The cache is only a cache, so failing to write it (a full disk)
-    # must not turn the import into an error; a stale one is removed (previous_tree also checks it).
-    try:
-        _save_tree(repo, commit, tree)
-    except OSError as e:
-        log.warning("cannot write the tree cache %s (the import is kept; the next import reads the tree "
-                    "from git): %s", _cache_path(repo), e.strerror or e)
-        try:
-            _cache_path(repo).unlink(missing_ok=True)
-        except OSError:
-            pass
+    _save_tree(repo, commit, tree)
     changed = len(deleted) + split.changed()
     log.debug("imported %s as %s (%d files changed)", tarball.name, commit, changed)
     return ImportResult(tag, commit, changed, timestamp)
