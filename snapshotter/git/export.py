@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -252,6 +253,7 @@ def export_tree(repo: Path, rev: str, dest: Path) -> None:
     entries = tree_entries(repo, commit)
     check_links(read_links(repo, entries))
     dest = Path(dest)
+    created = not os.path.lexists(dest)
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -322,7 +324,28 @@ def export_tree(repo: Path, rev: str, dest: Path) -> None:
                         os.utime(out, times)
                     finally:
                         os.close(out)
+    except BaseException:
+        while stack:
+            leave()
+        _remove_partial(dest, created)
+        raise
     finally:
         while stack:
             leave()
 
+
+def _remove_partial(dest: Path, created: bool) -> None:
+    """After a failed export: remove what it wrote into `dest` (empty before), and `dest` if it made it.
+
+    shutil.rmtree works through directory fds and never follows a symlink, so nothing outside `dest` is
+    touched even if the partial tree holds links."""
+    try:
+        for child in os.scandir(dest):
+            if child.is_dir(follow_symlinks=False):
+                shutil.rmtree(child.path)
+            else:
+                os.unlink(child.path)
+        if created:
+            os.rmdir(dest)
+    except OSError as e:
+        log.warning("cannot remove the partial export in %s: %s", dest, e.strerror or e)

@@ -158,8 +158,18 @@ class _FastImport:
         except BrokenPipeError:
             pass
         if self.proc.wait() != 0:
-            self._err.seek(0)
-            raise SnapshotterError(f"git fast-import failed: {child_failure(self._err.read(), self.proc.returncode)}")
+            raise SnapshotterError(f"git fast-import failed: {self.reason()}")
+
+    def reason(self) -> str:
+        """Why fast-import failed, from its own stderr: its first `fatal:`/`error:` line (what follows is
+        its crash report note and the errors of dying), else its last line, else its exit status. Call
+        after it exited."""
+        self._err.seek(0)
+        err = self._err.read()
+        said = [line for line in err.decode(errors="replace").splitlines()
+                if line.startswith(("fatal:", "error:"))]
+        return said[0] if said else child_failure(err, self.proc.returncode if self.proc.returncode is not None else -1)
+
 
     def abort(self) -> None:
         self.proc.kill()
@@ -203,6 +213,8 @@ class _Split:
 
     def __init__(self, repo: Repository) -> None:
         self._repo = repo
+        self._pack_dir = repo.path / "objects" / "pack"
+        self._temps_before = self._temp_packs()
         self.procs = [_FastImport(repo)]
         self._sent = [0]
         self.lines = [bytearray()]  # the commit's `M` lines for each process's parts
@@ -311,8 +323,33 @@ class _Split:
         return sum(lines.count(b"\n") for lines in self.lines) + self.late.count(b"\n")
 
     def abort(self) -> None:
+        """Stop every fast-import and remove the temporary packs they left (`tmp_pack_*`, `tmp_idx_*`,
+        which hold everything sent so far: after a full disk they would keep the next try failing) and
+        the crash reports of a fast-import that died (`fast_import_crash_*`: its reason is in the error)."""
         for proc in self.procs:
             proc.abort()
+        for path in sorted(self._temp_packs() - self._temps_before):
+            try:
+                os.unlink(path)
+                log.debug("removed %s after a failed import", path)
+            except OSError as e:
+                log.warning("cannot remove %s after a failed import: %s", path, e.strerror)
+
+    def failure(self) -> str:
+        """After `abort`: why fast-import stopped (a broken pipe says nothing), in its own words."""
+        reasons = [p.reason() for p in self.procs]
+        said = [r for r in reasons if r.startswith(("fatal:", "error:"))]
+        return (said or reasons or ["no reason given"])[0]
+
+    def _temp_packs(self) -> set[str]:
+        """The paths of the temporary packs and crash reports now in the repository."""
+        found: set[str] = set()
+        for where, prefixes in ((self._pack_dir, ("tmp_pack_", "tmp_idx_")), (self._repo.path, ("fast_import_crash_",))):
+            try:
+                found.update(os.path.join(where, n) for n in os.listdir(where) if n.startswith(prefixes))
+            except OSError:
+                pass
+        return found
 
 
 def check_names(paths: set[bytes], links: dict[bytes, bytes]) -> None:
@@ -434,6 +471,9 @@ def import_tarball(repo: Repository, tarball: Path, identity: Identity, *, file_
     except SnapshotError as e:
         split.abort()
         raise SnapshotError(f"{tarball.name}: {e}") from None
+    except BrokenPipeError:  # fast-import exited early (a full disk, ...): its stderr says why
+        split.abort()
+        raise SnapshotterError(f"{tarball.name}: git fast-import failed: {split.failure()}") from None
     except BaseException:
         split.abort()
         raise
@@ -447,7 +487,17 @@ def import_tarball(repo: Repository, tarball: Path, identity: Identity, *, file_
                    f"delete {PART_REFS[0]}\n"
                    f"delete {PART_REFS[1]}\n").encode()
     git(repo.path, "update-ref", "--stdin", input=transaction)
-    _save_tree(repo, commit, tree)
+    # The refs moved: the import is done. The cache is only a cache, so failing to write it (a full disk)
+    # must not turn the import into an error; a stale one is removed (previous_tree also checks it).
+    try:
+        _save_tree(repo, commit, tree)
+    except OSError as e:
+        log.warning("cannot write the tree cache %s (the import is kept; the next import reads the tree "
+                    "from git): %s", _cache_path(repo), e.strerror or e)
+        try:
+            _cache_path(repo).unlink(missing_ok=True)
+        except OSError:
+            pass
     changed = len(deleted) + split.changed()
     log.debug("imported %s as %s (%d files changed)", tarball.name, commit, changed)
     return ImportResult(tag, commit, changed, timestamp)
