@@ -25,6 +25,7 @@ from __future__ import annotations
 import builtins
 import logging
 import threading
+import time
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -104,6 +105,7 @@ CONNECT_TIMEOUT = 10  # seconds
 TCP_USER_TIMEOUT = 20_000  # ms of unacknowledged data before the connection counts as dead
 STATEMENT_TIMEOUT = "30s"  # no call of the queue takes this long; a stuck one fails instead
 LOCK_TIMEOUT = "20s"
+ENQUEUE_PATIENCE = 8.0  # seconds an enqueue waits for an unreachable database (0.5 + 1 + 2 + 4)
 
 
 def _connect_options(conninfo: str) -> dict[str, Any]:
@@ -208,6 +210,23 @@ class PgQueue(BuildQueue):
 
     # -- the interface -----------------------------------------------------------------------------
     def enqueue(self, job: Job, source: str | None = None) -> tuple[int, bool]:
+        """As BuildQueue.enqueue; an unreachable database is tried again for ENQUEUE_PATIENCE seconds
+        (a restart or a failover takes seconds: a push meanwhile still queues its builds). Safe to
+        repeat: a try whose answer was lost finds its own job already queued."""
+        waited = 0.0
+        pause = 0.5
+        while True:
+            try:
+                return self._enqueue(job, source)
+            except QueueUnavailable as e:
+                if waited + pause > ENQUEUE_PATIENCE:
+                    raise
+                log.warning("%s; trying again in %.1f s", e, pause)
+                time.sleep(pause)
+                waited += pause
+                pause *= 2
+
+    def _enqueue(self, job: Job, source: str | None) -> tuple[int, bool]:
         from psycopg.types.json import Jsonb
 
         args = self._args(key=job.key, profile=job.profile, tag=job.tag, source=source,

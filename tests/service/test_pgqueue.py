@@ -6,6 +6,7 @@ share are tested on both in test_queue.py; workers on several hosts in test_pg_h
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
 
 import psycopg
@@ -101,6 +102,21 @@ def test_an_unreachable_database_is_one_line_and_transient(tmp_path: Path, pg_ur
     except QueueUnavailable:  # the first call after the restart may still find the old connection dead
         pass
     assert q.get(jid).state == JobState.QUEUED and q.enqueue(Job("basic", "2026-11-19")) == (jid, False)
+
+
+def test_an_enqueue_during_a_database_restart_waits_for_it(pg_url: str, pg_cluster: pglib.Cluster):
+    """A hook pushing while the database restarts still queues its build (enqueue waits a few seconds)."""
+    init_schema(pg_url)
+    q = PgQueue(pg_url)
+    q.enqueue(Job("a", "2026-11-18"))  # connected before the crash
+    pg_cluster.stop("immediate")
+    later = threading.Timer(1.0, pg_cluster.start)
+    later.start()
+    try:
+        jid, created = q.enqueue(Job("a", "2026-11-19"))
+    finally:
+        later.join()
+    assert created and q.get(jid).state == JobState.QUEUED and len(q.list()) == 2
 
 
 def test_claims_skip_rows_another_transaction_holds_instead_of_waiting(pg_url: str):
