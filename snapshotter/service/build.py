@@ -46,6 +46,7 @@ from snapshotter.fsutil import check_private_dir, file_digest
 from snapshotter.git.export import export_tree
 from snapshotter.git.repository import Repository, git
 from snapshotter.lock import flocked
+from snapshotter.service import delivery
 
 log = logging.getLogger(__name__)
 
@@ -276,4 +277,19 @@ def run_build(cfg: Config, req: BuildRequest, *, console: bool = False) -> Build
             distfiles=cfg.build.distfiles or cfg.build.cache_dir / "distfiles", signing=signing,
             keep_root=req.keep_root, tool_version=__version__)
         with chroot_errors():
-            return builder.run_build(spec, console=console)
+            result = builder.run_build(spec, console=console)
+    if result.ok and req.output is None:
+        deliver(cfg, profile.name, build_id)
+    return result
+
+
+def deliver(cfg: Config, profile: str, build_id: str) -> None:
+    """Move the profile's automatic edition to a good build (forward only; see binhost.editions). The
+    build stands whatever happens here: a problem is logged, not raised."""
+    report = delivery.on_build_success(cfg, profile, build_id)
+    if report.exit_status != 0:
+        log.error("%s", report.message)
+    elif report.changed:
+        log.info("%s/%s: %s -> %s", profile, report.edition, report.from_build or "(none)", report.to_build)
+    else:
+        log.info("%s", report.message)
