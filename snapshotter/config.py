@@ -301,6 +301,12 @@ class SyncSettings:
     cache_dir: Path = Path("/var/cache/snapshotter/downloads")
     timeout: float = 60.0  # seconds per connect/read
     retries: int = 4  # per request, with exponential backoff
+    # Limits and deadlines (docs/security.md): every network step and every input is bounded.
+    deadline: float = 1800.0  # seconds for one download (retries included), an overlay fetch, a push
+    max_side_file_size: int = 64 << 10  # bytes: .md5sum, .gpgsig
+    max_tarball_size: int = 1 << 30  # bytes: the compressed snapshot as downloaded
+    max_unpacked_size: int = 8 << 30  # bytes: the uncompressed tar stream of a snapshot
+    max_member_size: int = 512 << 20  # bytes: any one file of a snapshot
 
 
 @dataclass
@@ -550,6 +556,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"sync.retries: must not be negative, got {cfg.sync.retries}")
     if cfg.sync.timeout <= 0:
         raise ConfigError(f"sync.timeout: must be positive, got {cfg.sync.timeout}")
+    if cfg.sync.deadline <= 0:
+        raise ConfigError(f"sync.deadline: must be positive, got {cfg.sync.deadline}")
+    for key in ("max_side_file_size", "max_tarball_size", "max_unpacked_size", "max_member_size"):
+        if getattr(cfg.sync, key) < 1:
+            raise ConfigError(f"sync.{key}: must be a positive number of bytes, got {getattr(cfg.sync, key)}")
     if cfg.publish.keep < 0:
         raise ConfigError(f"publish.keep: must not be negative, got {cfg.publish.keep}")
     if not 0 <= cfg.publish.xz_level <= 9:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 from dataclasses import dataclass
 from datetime import date
@@ -43,13 +45,36 @@ def git(repo: Path, *args: str, input: bytes | None = None, check: bool = True,
     """
     cmd = ["git", f"--git-dir={repo}", *args]
     run_env = git_env(env) if hermetic else {**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
-    try:
-        proc = subprocess.run(cmd, input=input, capture_output=True, env=run_env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise SnapshotterError(f"git {args[0]} timed out after {timeout:.0f} s") from None
+    if timeout is not None:
+        proc = _run_bounded(cmd, input, run_env, timeout)
+        if proc is None:
+            raise SnapshotterError(f"git {args[0]} timed out after {timeout:.0f} s")
+    else:
+        proc = subprocess.run(cmd, input=input, capture_output=True, env=run_env)
     if check and proc.returncode != 0:
         raise SnapshotterError(f"git {args[0]} failed: {child_failure(proc.stderr, proc.returncode)}")
     return proc
+
+
+def _run_bounded(cmd: list[str], input: bytes | None, env: dict[str, str],
+                 timeout: float) -> subprocess.CompletedProcess[bytes] | None:
+    """`cmd` with a deadline, or None when it passed: then git and everything it started (ssh,
+    git-remote-https, ...) are killed, as a process group, so no helper stays stuck on the network."""
+    with subprocess.Popen(cmd, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                          start_new_session=True) as p:
+        try:
+            out, err = p.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+            return None
+        except BaseException:  # ^C, ...: take the helpers along
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            raise
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def git_out(repo: Path, *args: str) -> str:

@@ -40,7 +40,7 @@ from snapshotter.config import (
     signing_for,
     validate_name,
 )
-from snapshotter.download import Downloader
+from snapshotter.download import DEFAULT_DEADLINE, Downloader
 from snapshotter.errors import ConfigError, SnapshotterError
 from snapshotter.fsutil import check_private_dir, file_digest
 from snapshotter.git.export import export_tree
@@ -116,8 +116,11 @@ def resolve_profile(cfg: Config, name: str, overlay_refs: dict[str, str] | None 
     return prof
 
 
-def fetch_overlay(overlay: Overlay, cache_dir: Path) -> GitTree:
+def fetch_overlay(overlay: Overlay, cache_dir: Path, *, timeout: float = DEFAULT_DEADLINE) -> GitTree:
     """Fetch the overlay's git repository into a bare cache clone and resolve its ref to a commit.
+
+    The fetch has `timeout` seconds (sync.deadline): a server that accepts and never answers fails the
+    build instead of holding it (and its job's lease) forever.
 
     The ref is tried as a tag, then a branch, then a commit id (hex); anything else is an error naming
     the overlay.
@@ -131,7 +134,7 @@ def fetch_overlay(overlay: Overlay, cache_dir: Path) -> GitTree:
         log.info("overlay %s: fetching %s", overlay.name, overlay.url)
         try:
             git(cache, "fetch", "--quiet", "--force", "--prune", "--no-write-fetch-head", "--end-of-options",
-                overlay.url, "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*")
+                overlay.url, "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*", timeout=timeout)
         except SnapshotterError as e:
             raise SnapshotterError(f"overlay {overlay.name}: fetching {overlay.url} failed: {e}") from None
     candidates = [f"refs/tags/{overlay.ref}", f"refs/heads/{overlay.ref}"]
@@ -150,7 +153,7 @@ def fetch_overlay(overlay: Overlay, cache_dir: Path) -> GitTree:
 
 
 def fetch_stage(source: str, cache_dir: Path, expected_sha256: str | None, *, timeout: float = 60.0,
-                retries: int = 4) -> Path:
+                retries: int = 4, deadline: float = DEFAULT_DEADLINE) -> Path:
     """The stage as a local file: `source` itself, or a download of the URL into `cache_dir`.
 
     A cached download whose sha256 matches `expected_sha256` is reused; without a pinned sha256 the URL
@@ -172,7 +175,8 @@ def fetch_stage(source: str, cache_dir: Path, expected_sha256: str | None, *, ti
         log.info("stage: using cached %s", dest)
         return dest
     log.info("stage: downloading %s", source)
-    downloader = Downloader(cache_dir, timeout=timeout, retries=retries)
+    downloader = Downloader(cache_dir, timeout=timeout, retries=retries, deadline=deadline,
+                            deadline_key="sync.deadline")
     try:
         return downloader.fetch(source, dest_name)
     finally:
@@ -262,9 +266,9 @@ def run_build(cfg: Config, req: BuildRequest, *, console: bool = False) -> Build
     check_private_dir(work)  # the default is under /var/tmp: a directory someone else made is refused
     with flocked(work / f"{profile.name}.lock", f"build profile {profile.name}"):
         # Everything that can be checked without a root is checked first: nothing is created on failure.
-        overlays = [fetch_overlay(o, cfg.build.cache_dir) for o in profile.overlays]
+        overlays = [fetch_overlay(o, cfg.build.cache_dir, timeout=cfg.sync.deadline) for o in profile.overlays]
         stage_file = fetch_stage(profile.stage, cfg.build.cache_dir / "stages", profile.stage_sha256,
-                                 timeout=cfg.sync.timeout, retries=cfg.sync.retries)
+                                 timeout=cfg.sync.timeout, retries=cfg.sync.retries, deadline=cfg.sync.deadline)
         with chroot_errors():
             verify_stage(stage_file, profile.stage_sha256)
         build_id, out = allocate(req.output or cfg.build.output, profile.name, tag.name)

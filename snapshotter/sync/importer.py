@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
+from snapshotter.config import Config
 from snapshotter.errors import SnapshotError, SnapshotterError, child_failure
 from snapshotter.fsutil import atomic_write
 from snapshotter.git.export import check_links
@@ -137,7 +138,7 @@ class _FastImport:
         self._err = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
             ["git", f"--git-dir={repo.path}", "fast-import", "--quiet", "--done", "--force",
-             "--date-format=raw"],
+             "--date-format=raw", f"--big-file-threshold={snapshot.STREAM_OVER}"],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._err,
             # zlib allocates and frees its deflate state for every object; without a high trim
             # threshold glibc returns that memory to the kernel each time and page-faults it back,
@@ -169,7 +170,6 @@ class _FastImport:
         said = [line for line in err.decode(errors="replace").splitlines()
                 if line.startswith(("fatal:", "error:"))]
         return said[0] if said else child_failure(err, self.proc.returncode if self.proc.returncode is not None else -1)
-
 
     def abort(self) -> None:
         self.proc.kill()
@@ -243,6 +243,24 @@ class _Split:
         self._prefix = unit + b"/" if unit not in (b"", b"metadata") else b"\0"
         self._i = i
         return i
+
+    def stream(self, path: bytes, big: snapshot.Streamed) -> bytes:
+        """A big file, streamed through as a blob in chunks (memory: one chunk); its raw blob id.
+
+        Sent whether or not it changed (its id is only known at the end); fast-import stores an object it
+        already has only once.
+        """
+        i = self._route(path)
+        self._count += 1
+        self._sent[i] += big.size + 200
+        write = self.procs[i].write
+        h = hashlib.sha1(b"blob %d\0" % big.size)
+        write(b"blob\ndata %d\n" % big.size)
+        for chunk in big.chunks():
+            h.update(chunk)
+            write(chunk)
+        write(b"\n")
+        return h.digest()
 
     def blob(self, path: bytes, data: bytes, line: bytes) -> None:
         """A file with content that is new at this path."""
@@ -398,9 +416,15 @@ def _utf8(name: bytes) -> bool:
     return True
 
 
+def snapshot_limits(cfg: Config) -> snapshot.Limits:
+    """The bounds of [sync] on what one snapshot may unpack to."""
+    return snapshot.Limits(member=cfg.sync.max_member_size, unpacked=cfg.sync.max_unpacked_size)
+
+
 def import_tarball(repo: Repository, tarball: Path, identity: Identity, *, file_day: date | None = None,
                    sign_tag: Callable[[bytes], bytes] | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> ImportResult:
+                   progress: Callable[[int, int], None] | None = None,
+                   limits: snapshot.Limits = snapshot.Limits()) -> ImportResult:  # noqa: B008 (frozen)
     """Import `tarball` as the next commit of `repo` and tag it; return what was done.
 
     `file_day` is the date in the snapshot's file name: its timestamp.x must lie in [D, D + 2 days].
@@ -423,9 +447,18 @@ def import_tarball(repo: Repository, tarball: Path, identity: Identity, *, file_
             # streams by.
             tree = previous_tree(repo, parent)
             lookup = tree.get
-            for path, mode, data, link_to in snapshot.members(stream):
+            for path, mode, data, link_to in snapshot.members(stream, limits):
                 if mode is link_mode and isinstance(data, bytes):  # a symlink's target: always bytes
                     links[path] = data
+                if isinstance(link_to, snapshot.Streamed):  # a big file: never held whole
+                    if path == TIMESTAMP_PATH:
+                        raise SnapshotError(f"metadata/timestamp.x is {link_to.size} bytes: not a timestamp")
+                    streamed = mode + split.stream(path, link_to)
+                    see(path)
+                    if lookup(path) != streamed:
+                        tree[path] = streamed
+                        change(path, b"M %s %s %s\n" % (mode, streamed[6:].hex().encode(), _quote(path)))
+                    continue
                 if link_to is not None:
                     entry = lookup(link_to)
                     if entry is None or link_to not in seen or entry[:6] == snapshot.MODE_LINK:

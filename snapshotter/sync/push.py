@@ -14,8 +14,13 @@ log = logging.getLogger(__name__)
 PUSH_TIMEOUT = 900.0
 
 
-def push_pending(repo: Repository, remotes: list[str], state: syncstate.SyncState) -> list[tuple[str, str]]:
+def push_pending(repo: Repository, remotes: list[str], state: syncstate.SyncState, *,
+                 timeout: float = PUSH_TIMEOUT) -> list[tuple[str, str]]:
     """Push to every remote that lacks the current `main`; record successes in `state`.
+
+    Each push has `timeout` seconds (sync.deadline), after which git and what it started (ssh, a
+    remote helper) are killed and the remote counts as failed: a remote that accepts and never answers
+    cannot hold the repository's lock.
 
     Returns the failures as (remote, reason), for the caller to report (logged here at debug level only, so
     that each push is reported once). Never forces: a remote that diverged is a failure to look at.
@@ -26,7 +31,7 @@ def push_pending(repo: Repository, remotes: list[str], state: syncstate.SyncStat
         try:
             git(repo.path, "push", "--porcelain", "--", remote,
                 f"{repo.branch_ref}:{repo.branch_ref}", "refs/tags/*:refs/tags/*",
-                hermetic=False, timeout=PUSH_TIMEOUT)
+                hermetic=False, timeout=timeout)
         except SnapshotterError as e:
             reason = str(e).removeprefix("git push failed: ")
             log.debug("push to %s failed: %s", remote, reason)

@@ -29,7 +29,7 @@ from snapshotter.git.repository import Repository, git
 from snapshotter.lock import flocked
 from snapshotter.openpgp import SignatureVerifier
 from snapshotter.sync import state as syncstate
-from snapshotter.sync.importer import Identity, ImportResult, import_tarball
+from snapshotter.sync.importer import Identity, ImportResult, import_tarball, snapshot_limits
 from snapshotter.sync.md5sum import check_md5
 from snapshotter.sync.push import push_pending
 
@@ -101,7 +101,7 @@ class _DayFetcher:
         for url, name, md5sum in self._candidates(stamp, bad, unreachable):
             files: list[Path] = []
             try:
-                files.append(self.dl.fetch(url + ".gpgsig", name + ".gpgsig"))
+                files.append(self.dl.fetch_side(url + ".gpgsig", name + ".gpgsig"))
                 tick = (lambda done, total, n=name: progress(f"fetch {n}", done, total)) if progress else None
                 files.append(self.dl.fetch(url, name, tick))
                 check_md5(files[1], md5sum)
@@ -211,7 +211,7 @@ def run_sync(cfg: Config, *, day: date | None = None, push: bool = True, now: da
                 state.last_tag = report.imported[-1].tag
             _queue_pending(repo, state, queue, report, now)
             if push and cfg.git.push and report.imported:
-                for remote, reason in push_pending(repo, cfg.git.push, state):
+                for remote, reason in push_pending(repo, cfg.git.push, state, timeout=cfg.sync.deadline):
                     log.error("push to %s failed: %s (the import is kept; the next run retries)", remote, reason)
             syncstate.save(repo, state)
             raise
@@ -229,7 +229,7 @@ def run_sync(cfg: Config, *, day: date | None = None, push: bool = True, now: da
         _queue_pending(repo, state, queue, report, now)
         if push and cfg.git.push:
             before = set(syncstate.pending_pushes(cfg.git.push, repo, state))
-            report.push_failed = push_pending(repo, cfg.git.push, state)
+            report.push_failed = push_pending(repo, cfg.git.push, state, timeout=cfg.sync.deadline)
             failed = {r for r, _ in report.push_failed}
             report.pushed = [r for r in cfg.git.push if r in before and r not in failed]
         state.last_success = syncstate.now_iso()
@@ -299,7 +299,7 @@ def _find_first_day(cfg: Config, day: date | None, now: datetime) -> date:
     if cfg.git.sign_tags:
         _tag_signer(cfg)
     days = [day] if day is not None else lookback_days(now)
-    downloader = Downloader(cfg.sync.cache_dir, cfg.sync.timeout, cfg.sync.retries)
+    downloader = Downloader.for_sync(cfg.sync)
     try:
         with SignatureVerifier(cfg.sync.keyring, cfg.sync.fingerprints) as verifier:
             fetcher = _DayFetcher(cfg, downloader, verifier, None)
@@ -341,7 +341,7 @@ def _import_days(cfg: Config, repo: Repository, day: date | None, now: datetime,
         return
     identity = Identity(cfg.git.author_name, cfg.git.author_email)
     sign_tag = _tag_signer(cfg) if cfg.git.sign_tags else None
-    downloader = Downloader(cfg.sync.cache_dir, cfg.sync.timeout, cfg.sync.retries)
+    downloader = Downloader.for_sync(cfg.sync)
     try:
         with SignatureVerifier(cfg.sync.keyring, cfg.sync.fingerprints) as verifier:
             fetcher = _DayFetcher(cfg, downloader, verifier, progress)
@@ -355,7 +355,8 @@ def _import_days(cfg: Config, repo: Repository, day: date | None, now: datetime,
                 tarball, files = found
                 tick = (lambda done, total, n=tarball.name: progress(f"import {n}", done, total)) if progress else None
                 try:
-                    result = import_tarball(repo, tarball, identity, file_day=d, sign_tag=sign_tag, progress=tick)
+                    result = import_tarball(repo, tarball, identity, file_day=d, sign_tag=sign_tag, progress=tick,
+                                           limits=snapshot_limits(cfg))
                 finally:
                     _remove(files)
                 report.imported.append(result)

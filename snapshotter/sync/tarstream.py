@@ -20,6 +20,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
@@ -38,8 +39,53 @@ MODE_LINK = b"120000"
 _FORMATS: list[tuple[bytes, str]] = [(b"\xfd7zXZ\x00", "xz"), (b"BZh", "bzip2")]
 
 # A member of the snapshot, as `members()` yields it (a plain tuple: this is the import's hot path):
-# (path relative to the tree, git mode, file content or symlink target, hardlink target path or None).
-Member = tuple[bytes, bytes, bytes, bytes | None]
+# (path relative to the tree, git mode, file content or symlink target, hardlink target path or None, or
+# for a file larger than STREAM_OVER a `Streamed` reader of its content, with b"" as the content).
+Member = tuple[bytes, bytes, bytes, "bytes | Streamed | None"]
+
+STREAM_OVER = 4 << 20  # files larger than this are handed over in chunks (`Streamed`), never held whole
+META_MAX = 1 << 20  # a pax or GNU long-name header larger than this is not a snapshot's
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one snapshot may unpack to, in bytes (the keys of [sync] that set them are in the messages)."""
+
+    member: int = 512 << 20  # sync.max_member_size: any one file
+    unpacked: int = 8 << 30  # sync.max_unpacked_size: the whole uncompressed tar stream
+
+
+class Streamed:
+    """The content of one big file, read from the tar stream in chunks as `chunks()` is iterated.
+
+    It must be read (or left: `members()` skips what is left) before the next member is asked for; the
+    memory it takes is one chunk, whatever the file's size.
+    """
+
+    def __init__(self, size: int, head: bytes, read: Callable[[int], bytes]) -> None:
+        self.size = size
+        self._head, self._read, self._left = head, read, size
+        self.rest = b""  # what was read past the file's end, for the reader to continue with
+
+    def chunks(self) -> Iterator[bytes]:
+        data, self._head = self._head, b""
+        while self._left:
+            if not data:
+                data = self._read(_CHUNK)
+                if not data:
+                    raise SnapshotError("tar archive is truncated")
+            if len(data) > self._left:
+                data, self.rest = data[:self._left], data[self._left:]
+            self._left -= len(data)
+            yield data
+            data = b""
+
+    def finish(self) -> bytes:
+        """Skip what was not read; return the bytes after the file."""
+        for _ in self.chunks():
+            pass
+        return self.rest
+
 
 @contextmanager
 def decompressed(tarball: Path, progress: Callable[[int, int], None] | None = None) -> Iterator[BinaryIO]:
@@ -78,6 +124,7 @@ class _ThreadedReader:
     """
 
     IN_BLOCK = 1 << 18  # compressed bytes per decompressor call: few, long GIL-free calls
+    OUT_MAX = 1 << 22  # decompressed bytes per call: bounds memory whatever the ratio (a GiB of zeros is 150 KB of xz)
     AHEAD = 6  # chunks decompressed ahead (about 3 MB each for a Gentoo tree): bounds the memory
 
     def __init__(self, source: BinaryIO, kind: str, tick: Callable[[], None] | None) -> None:
@@ -97,17 +144,26 @@ class _ThreadedReader:
             dec = self._new()
             raw = b""
             while not self._stop.is_set():
-                if not raw:
-                    raw = self._source.read(self.IN_BLOCK)
-                    if not raw:
-                        break
                 if dec.eof:  # concatenated streams (pbzip2, xz --single-stream off); xz may pad with NULs
+                    if not raw:
+                        raw = self._source.read(self.IN_BLOCK)
+                        if not raw:
+                            break
                     raw = raw.lstrip(b"\0") if self._kind == "xz" else raw
                     if not raw:
                         continue
                     dec = self._new()
-                out = dec.decompress(raw)
-                raw = dec.unused_data if dec.eof else b""
+                if dec.needs_input:
+                    if not raw:
+                        raw = self._source.read(self.IN_BLOCK)
+                        if not raw:
+                            break
+                    out = dec.decompress(raw, self.OUT_MAX)
+                    raw = b""
+                else:  # output held back by OUT_MAX: no new input until it is out
+                    out = dec.decompress(b"", self.OUT_MAX)
+                if dec.eof:
+                    raw = dec.unused_data
                 if out:
                     self._put(out)
             if not dec.eof:
@@ -219,15 +275,19 @@ _SPECIAL = {ord(tar.CHRTYPE): "character device", ord(tar.BLKTYPE): "block devic
 _META = {_LONGNAME, _LONGLINK, _PAX, ord(tar.XGLTYPE)}
 
 
-def members(stream: BinaryIO) -> Iterator[Member]:
+def members(stream: BinaryIO, limits: Limits = Limits()) -> Iterator[Member]:  # noqa: B008 (frozen)
     """Yield the files and symlinks of a tar stream with its single top-level directory stripped.
 
     Parses from large chunks of the stream. Header checksums are checked on the first header (to tell
     a tar from anything else) and on any header that does not parse; the compressed formats carry
     their own integrity checks (xz CRC64, bzip2 CRC32), which the decompressor verifies.
+
+    Bounded whatever the input: a file over `limits.member` or a stream over `limits.unpacked` is refused
+    (from its header, before its content is read), a file over STREAM_OVER comes as a `Streamed` reader.
     """
     buf = b""
     pos = 0
+    unpacked = 0
     read = getattr(stream, "read1", stream.read)
     top: bytes | None = None
     long_name: bytes | None = None
@@ -259,7 +319,13 @@ def members(stream: BinaryIO) -> Iterator[Member]:
             raise SnapshotError("tar archive is corrupt (bad size field)") from None
         stop = end + size
         padded_stop = end + ((size + BLOCK - 1) & ~(BLOCK - 1))
-        if padded_stop > len(buf):
+        unpacked += padded_stop - pos
+        if unpacked > limits.unpacked:
+            raise SnapshotError(f"the snapshot unpacks to more than sync.max_unpacked_size ({limits.unpacked} bytes)")
+        if typeflag in _META and size > META_MAX:
+            raise SnapshotError(f"tar extended header of {size} bytes: not a snapshot's")
+        streamed = size > STREAM_OVER  # its content is left in the stream, for a `Streamed` reader
+        if not streamed and padded_stop > len(buf):
             buf = _refill(buf[pos:], read, padded_stop - pos)
             end -= pos
             stop -= pos
@@ -267,7 +333,7 @@ def members(stream: BinaryIO) -> Iterator[Member]:
             pos = 0
             if padded_stop > len(buf):
                 raise SnapshotError("tar archive is truncated")
-        pos = padded_stop
+        pos = padded_stop if not streamed else end
 
         if typeflag in _META:
             payload = buf[end:stop]
@@ -315,7 +381,21 @@ def members(stream: BinaryIO) -> Iterator[Member]:
                 raise SnapshotError("snapshot must have exactly one top-level directory, found file "
                                     f"{name.decode(errors='replace')!r}")
             mode = MODE_EXEC if _octal(hdr[tar.MODE], "mode") & 0o111 else MODE_FILE
-            yield rel, mode, buf[end:stop], None
+            if size > limits.member:
+                raise SnapshotError(f"member {name.decode(errors='replace')!r} is {size} bytes, larger than "
+                                    f"sync.max_member_size ({limits.member} bytes)")
+            if not streamed:
+                yield rel, mode, buf[end:stop], None
+                continue
+            big = Streamed(size, buf[end:], read)
+            buf = b""
+            yield rel, mode, b"", big
+            buf, pos = _refill(big.finish(), read, padded_stop - stop), padded_stop - stop
+            if len(buf) < pos:
+                raise SnapshotError("tar archive is truncated")
+        elif streamed:
+            raise SnapshotError(f"member {name.decode(errors='replace')!r}: a tar entry of type "
+                                f"{chr(typeflag)!r} with {size} bytes of data")
         elif typeflag == _DIR:
             continue
         elif typeflag == _SYM:
