@@ -57,6 +57,7 @@ MARK='# ---- snapshotter: client settings'
 TMP=
 LOCKED=
 TLS=
+NETWORK=0
 
 say() {
     printf '%s: %s\n' "$PROG" "$*"
@@ -174,13 +175,14 @@ take_lock() {
 }
 
 # ---- downloads -------------------------------------------------------------------------------------------
-# fetch URL DEST: 0 when DEST holds the file; otherwise REASON says why in one line.
+# fetch URL DEST: 0 when DEST holds the file; otherwise REASON says why in one line and NETWORK is 1 when the
+# connection or the TLS handshake failed (a server refusing this host's certificate ends there).
 fetch() {
     rm -f "$2"
     # TLS holds paths checked to have no spaces: it is split on purpose.
     if [ "$FETCHER" = wget ]; then
         # shellcheck disable=SC2086
-        wget -nv --tries="$TRIES" --timeout="$TIMEOUT" $TLS -O "$2" "$1" 2>"$TMP/fetch.err"
+        wget --tries="$TRIES" --timeout="$TIMEOUT" $TLS -O "$2" "$1" 2>"$TMP/fetch.err"
     else
         # shellcheck disable=SC2086
         curl -fsS --retry "$((TRIES - 1))" --connect-timeout "$TIMEOUT" --max-time 3600 $TLS -o "$2" "$1" 2>"$TMP/fetch.err"
@@ -190,8 +192,24 @@ fetch() {
         return 0
     fi
     rm -f "$2"
-    REASON=$(grep -v '^[[:space:]]*$' "$TMP/fetch.err" | grep -v ':$' | tail -n 2 | tr '\n' ' ' | sed 's/ *$//')
-    REASON="$FETCHER exit $rc${REASON:+: $REASON}"
+    case $FETCHER:$rc in
+        wget:4 | wget:5 | curl:6 | curl:7 | curl:28 | curl:35 | curl:56 | curl:58 | curl:60) NETWORK=1 ;;
+        *) NETWORK=0 ;;
+    esac
+    case $FETCHER:$rc in
+        wget:4) what='network or TLS failure' ;;
+        wget:5) what="the server's certificate does not verify" ;;
+        wget:8) what='the server answered with an error' ;;
+        curl:22) what='the server answered with an error' ;;
+        curl:35 | curl:56 | curl:58) what='TLS failure' ;;
+        curl:60) what="the server's certificate does not verify" ;;
+        *) what='' ;;
+    esac
+    # The tool's own last word on it (wget says a lot; keep the line that names the error).
+    detail=$(grep -i -E 'error|fail|unable|refused|not found|timed out|invalid|alert|denied' "$TMP/fetch.err" \
+        | grep -v -e 'Could not save SSL session' | tail -n 1 \
+        | sed 's/^[0-9-]* [0-9:]* //; s/^[[:space:]]*//; s/[[:space:]]*$//')
+    REASON="$FETCHER exit $rc${what:+: $what}${detail:+: $detail}"
     return 1
 }
 
@@ -421,16 +439,17 @@ run_webrsync() {
         resumecommand="wget -c --tries=$TRIES --timeout=$TIMEOUT $TLS -O \"\${DISTDIR}/\${FILE}\" \"\${URI}\""
     fi
     # The snapshot is already here and verified: --keep makes emerge-webrsync take it from DISTDIR (it
-    # checks md5 and signature again, with a keyring holding only SIGNING_KEY, ultimately trusted).
+    # checks md5 and signature again, with a keyring holding only SIGNING_KEY, ultimately trusted: gpg, not
+    # gemato, which would want to refresh the key from a keyserver; PORTAGE_GPG_KEY need only exist then).
     {
         printf '==== %s: emerge-webrsync --revert=%s (build %s)\n' "$(date -u '+%Y-%m-%dT%H:%M:%SZ')" "$DAY" "$BUILD"
         if [ -n "$fetchcommand" ]; then
             env NOCOLOR=true GENTOO_MIRRORS="$URL/$BPATH" DISTDIR="$TMP/distdir" FEATURES=webrsync-gpg \
-                PORTAGE_GPG_DIR="$TMP/gnupg" FETCHCOMMAND="$fetchcommand" RESUMECOMMAND="$resumecommand" \
+                PORTAGE_GPG_DIR="$TMP/gnupg" PORTAGE_GPG_KEY="$TMP/signing-key.gpg" FETCHCOMMAND="$fetchcommand" RESUMECOMMAND="$resumecommand" \
                 emerge-webrsync --keep --revert="$DAY"
         else
             env NOCOLOR=true GENTOO_MIRRORS="$URL/$BPATH" DISTDIR="$TMP/distdir" FEATURES=webrsync-gpg \
-                PORTAGE_GPG_DIR="$TMP/gnupg" emerge-webrsync --keep --revert="$DAY"
+                PORTAGE_GPG_DIR="$TMP/gnupg" PORTAGE_GPG_KEY="$TMP/signing-key.gpg" emerge-webrsync --keep --revert="$DAY"
         fi
     } >>"$LOG" 2>&1 </dev/null
     rc=$?
@@ -481,7 +500,7 @@ main() {
 
     say "fetching $URL/edition.json (edition $EDITION of $PROFILE)"
     if ! fetch "$URL/edition.json" "$TMP/edition.json"; then
-        if [ -n "$CERT" ]; then
+        if [ -n "$CERT" ] && [ "$NETWORK" = 1 ]; then
             fail 3 "$URL refused this host's certificate $CERT, or cannot be reached ($REASON)"
         fi
         fail 3 "cannot fetch $URL/edition.json ($REASON)"

@@ -434,7 +434,9 @@ def test_download_failures_change_nothing(site: binhostlib.Site, short, tmp_path
     c = Client(site, short(), f"http://127.0.0.1:{port}/testing/basic")
     before = c.state()
     r = c.run()
-    assert_refused(c, r, 3, f"cannot fetch http://127.0.0.1:{port}/testing/basic/edition.json (wget exit 4", before)
+    assert_refused(c, r, 3, f"cannot fetch http://127.0.0.1:{port}/testing/basic/edition.json (wget exit 4: "
+                            f"network or TLS failure: Connecting to 127.0.0.1:{port}... failed: Connection refused.)",
+                   before)
     # A server missing the snapshot (after the settings were fetched and verified).
     served = served_copy(site, tmp_path / "served")
     try:
@@ -442,11 +444,12 @@ def test_download_failures_change_nothing(site: binhostlib.Site, short, tmp_path
         c = Client(site, short(), served.url)
         before = c.state()
         r = c.run()
-        assert_refused(c, r, 3, f"cannot fetch {served.url}/b/{TAG}.1/{SNAPSHOT} (wget exit 8", before)
+        assert_refused(c, r, 3, f"cannot fetch {served.url}/b/{TAG}.1/{SNAPSHOT} (wget exit 8: the server answered "
+                                "with an error: ERROR 404: Not Found.)", before)
         # A server that answers 500.
         served.faults["/edition.json"] = "500"
         r = c.run()
-        assert_refused(c, r, 3, "wget exit 8", before)
+        assert_refused(c, r, 3, "(wget exit 8: the server answered with an error: ERROR 500", before)
     finally:
         stop(served)
 
