@@ -201,7 +201,12 @@ repos.conf/snapshotter.conf (the tree is the build's snapshot, signature checked
 {repos}
 binrepos.conf/snapshotter.conf (the build's signed packages; Portage's signature verification on):
 
-{binrepos}"""
+{binrepos}
+A stage3's binrepos.conf/gentoobinhost.conf (Gentoo's own binary packages) is left alone: remove it if
+this host must take the build's packages only. emerge -g runs Portage's trust helper getuto, which
+refreshes the keys of {PORTAGE_GNUPG} from keyservers; PORTAGE_TRUST_HELPER=true in
+/etc/portage/make.conf.local switches it off.
+"""
 
 
 def client_config(cfg: Config, profile: str, edition: str, url: str, tls: ClientTLS | None = None) -> ClientConfig:
