@@ -13,6 +13,7 @@ never import each other: what two of them share lives here (or in tests/conftest
   hostdirs     the session's configuration that keeps every path in a temporary directory, host checks
   lighttpd     the real lighttpd started and stopped by a test, HTTPS requests with client certificates
   signkeys     package signing keys (with a passphrase too), the gpg-agents they leave, gpg --verify
+  clientlib    client hosts of an edition: client-config's README commands run against a client root
   pglib        a throwaway PostgreSQL cluster (initdb + pg_ctl as postgres), a database per test
   netns        build hosts as network namespaces (own hostname and address, veth to the root namespace)
   tinystage    a tiny stand-in stage for real chroot builds of seconds, and a mirror with date tags for it
