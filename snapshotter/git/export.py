@@ -78,7 +78,8 @@ def check_symlink(path: str, target: str) -> None:
     _resolve({}, path, target)
 
 
-def _resolve(links: Mapping[str, str], path: str, target: str) -> list[str]:
+def _resolve(links: Mapping[str, str], path: str, target: str,
+             memo: dict[str, tuple[str, ...]] | None = None) -> list[str]:
     """Where the symlink `path` -> `target` ends, as components below the top of the tree.
 
     The one rule of what a link may point at (import, export, publish and build all use it, through
@@ -87,7 +88,8 @@ def _resolve(links: Mapping[str, str], path: str, target: str) -> list[str]:
     where that link ends (recursively, at most MAX_LINK_HOPS links in all), `..` goes up one level and
     must never leave the top, and every other component is taken as it is, whether it exists or not
     (as `os.path.realpath` does; the kernel would fail on a missing directory, so this only refuses
-    more). Raises SnapshotError naming the link when it ends outside the tree or loops.
+    more). Raises SnapshotError naming the link when it ends outside the tree or loops. `memo` keeps where
+    each link already resolved ends, so a tree of many chained links costs linear time.
     """
     hops = 0
 
@@ -104,14 +106,21 @@ def _resolve(links: Mapping[str, str], path: str, target: str) -> list[str]:
                 parts.pop()
                 continue
             parts.append(part)
-            link = links.get("/".join(parts)) if links else None
+            key = "/".join(parts) if links else ""
+            link = links.get(key) if links else None
             if link is not None:
                 hops += 1
                 if hops > MAX_LINK_HOPS:
                     raise SnapshotError(f"symlink {path!r} -> {target!r}: more than {MAX_LINK_HOPS} "
                                         "symlinks to follow (a loop?)")
+                known = memo.get(key) if memo is not None else None
+                if known is not None:
+                    parts = list(known)
+                    continue
                 parts.pop()
                 parts = walk(parts, link)
+                if memo is not None:
+                    memo[key] = tuple(parts)
         return parts
 
     parent = path.rpartition("/")[0]
@@ -121,8 +130,10 @@ def _resolve(links: Mapping[str, str], path: str, target: str) -> list[str]:
 def check_links(links: Mapping[str, str]) -> None:
     """Every symlink of a tree (path -> target) must end inside the tree, following the tree's other
     links (`_resolve`); SnapshotError naming the first (in path order) that does not."""
+    memo: dict[str, tuple[str, ...]] = {}
     for path in sorted(links):
-        _resolve(links, path, links[path])
+        if path not in memo:
+            memo[path] = tuple(_resolve(links, path, links[path], memo))
 
 
 def tree_entries(repo: Path, commit: str, *, dirs: bool = True) -> list[Entry]:
