@@ -117,11 +117,17 @@ def test_state_dir_replaced_by_a_symlink(tmp_path: Path, victim: Path) -> None:
     (the tree cache is only a cache), state.json is refused in one line, nothing lands in the victim dir."""
     repo = Repository(tmp_path / "repo.git")
     repo.create()
-    repo.state_dir.symlink_to(victim.parent, target_is_directory=True)
+    elsewhere = tmp_path / "elsewhere"  # someone else's directory, holding a file named like the cache
+    elsewhere.mkdir()
+    (elsewhere / "tree.cache").write_bytes(VICTIM_TEXT)
+    repo.state_dir.symlink_to(elsewhere, target_is_directory=True)
     result = importer.import_tarball(repo, _tarball(tmp_path, date(2026, 11, 1), {"a": "a\n"}), IDENTITY,
                                      file_day=date(2026, 11, 1))
     assert result.tag == "2026-11-01"
-    untouched(victim)
+    assert [p.name for p in elsewhere.iterdir()] == ["tree.cache"]  # neither replaced nor removed
+    assert (elsewhere / "tree.cache").read_bytes() == VICTIM_TEXT
+    repo.state_dir.unlink()
+    repo.state_dir.symlink_to(victim.parent, target_is_directory=True)
     with pytest.raises(SnapshotterError, match="is a symlink or not a directory; refusing to write through it"):
         state.save(repo, state.SyncState(last_tag="2026-11-01"))
     untouched(victim)

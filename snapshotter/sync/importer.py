@@ -97,12 +97,34 @@ def _cache_path(repo: Repository) -> Path:
     return repo.state_dir / "tree.cache"
 
 
+def _cache_dir(repo: Repository) -> int:
+    """A descriptor of the cache's directory, never through a symlink (pushers can write the repository's
+    top and replace snapshotter/ with one): OSError then."""
+    return os.open(repo.state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def _drop_cache(repo: Repository) -> None:
+    """Remove the cache (OSError if its directory cannot be used)."""
+    dfd = _cache_dir(repo)
+    try:
+        os.unlink(_cache_path(repo).name, dir_fd=dfd)
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(dfd)
+
+
 def previous_tree(repo: Repository, commit: str | None) -> Tree:
     """The tree of `commit`: from the cache the last import left, else from `git ls-tree`."""
     if commit is None:
         return {}
     try:
-        with open(os.open(_cache_path(repo), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
+        dfd = _cache_dir(repo)
+        try:
+            fd = os.open(_cache_path(repo).name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        finally:
+            os.close(dfd)
+        with open(fd, "rb") as f:
             st = os.fstat(f.fileno())
             # Only a cache we wrote ourselves: the directory is inside the repository, whose top every
             # pusher can write, and a planted cache would decide what the next commit keeps or deletes.
@@ -528,7 +550,7 @@ def import_tarball(repo: Repository, tarball: Path, identity: Identity, *, file_
         log.warning("cannot write the tree cache %s (the import is kept; the next import reads the tree "
                     "from git): %s", _cache_path(repo), e.strerror or e)
         try:
-            _cache_path(repo).unlink(missing_ok=True)
+            _drop_cache(repo)
         except OSError:
             pass
     changed = len(deleted) + split.changed()
