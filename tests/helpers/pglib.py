@@ -20,12 +20,20 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-BIN = Path("/usr/lib/postgresql/15/bin")
+
+def _newest_bin() -> Path:
+    """Debian's server binaries, of the newest PostgreSQL installed (15 on Debian 12)."""
+    found = sorted((p for p in Path("/usr/lib/postgresql").glob("*/bin") if p.parent.name.isdigit()),
+                   key=lambda p: int(p.parent.name))
+    return found[-1] if found else Path("/usr/lib/postgresql/15/bin")
+
+
+BIN = _newest_bin()
 ROLE = "snap"
 
 
 def available() -> bool:
-    """Can this machine run a cluster (Debian's postgresql-15 installed, a postgres user)?"""
+    """Can this machine run a cluster (Debian's postgresql package installed, a postgres user)?"""
     try:
         import pwd
 
