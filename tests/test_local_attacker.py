@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 from helpers import testlib
+from helpers.gitobjects import bare_repo_from
+from helpers.publishlib import run_publish
 from helpers.servicelib import make_config
 from helpers.testlib import snapshot_time, timestamp_line
 
@@ -231,4 +233,23 @@ def test_sqlite_queue_files_planted_as_symlinks(tmp_path: Path, victim: Path, na
     (state_dir / name).symlink_to(victim)
     with pytest.raises(QueueError, match="is a symlink or not a regular file"):
         SqliteQueue(queue_path(state_dir)).enqueue(Job("tiny", "2026-11-19"))
+    untouched(victim)
+
+
+@pytest.mark.parametrize("plant", ["lock", "snapshots"])
+def test_publish_into_a_directory_with_planted_links(tmp_path: Path, victim: Path, gpg_key: testlib.Key,
+                                                     plant: str) -> None:
+    """publish.out may be writable by a web content group: a link at the publish lock, or a snapshots/
+    replaced with a link to another directory, is one error line and nothing is written there."""
+    repo = bare_repo_from(tmp_path, {"metadata/timestamp.x": timestamp_line(snapshot_time(date(2026, 1, 1)))})
+    out = tmp_path / "www"
+    out.mkdir()
+    if plant == "lock":
+        (out / LOCK_NAME).symlink_to(victim)
+    else:
+        (out / "snapshots").symlink_to(victim.parent, target_is_directory=True)
+    r = run_publish(repo, out, gpg_key, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith("snapshotter: error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert ("lock file" if plant == "lock" else "refusing to write through it") in r.stderr, r.stderr
     untouched(victim)

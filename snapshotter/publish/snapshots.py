@@ -27,7 +27,7 @@ from pathlib import Path
 from snapshotter import tarformat as tar
 from snapshotter.config import Config
 from snapshotter.errors import SnapshotterError, child_failure
-from snapshotter.fsutil import create_temp, file_digest, fsync_dir, is_temp, temp_name, write_temp
+from snapshotter.fsutil import create_temp, file_digest, fsync_dir, is_temp, open_dir, temp_name, write_temp
 from snapshotter.git.export import (
     BlobReader,
     check_links,
@@ -507,6 +507,7 @@ def publish(repo: Path, opts: PublishOptions, tags: list[str] | None = None, *, 
         snapdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SnapshotterError(f"cannot create {snapdir}: {e.strerror}") from None
+    os.close(open_dir(snapdir))  # a snapshots/ someone replaced with a symlink is refused (docs/security.md)
     report = PublishReport()
     with flocked(opts.out / LOCK_NAME, f"publishing into {opts.out}", wait=lock_wait):
         _clean_stale_temps(snapdir)
