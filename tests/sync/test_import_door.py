@@ -72,6 +72,10 @@ def tarball(where: Path, day: date, members: Members) -> Path:
     return out
 
 
+def git_out(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", f"--git-dir={repo}", *args], capture_output=True, text=True, check=True).stdout
+
+
 def refs(repo: Path) -> str:
     return subprocess.run(["git", f"--git-dir={repo}", "for-each-ref"], capture_output=True, text=True,
                           check=True).stdout
@@ -136,3 +140,24 @@ def test_links_inside_the_tree_through_other_links_are_accepted(tmp_path: Path) 
     repo = tmp_path / "r.git"
     importer.import_tarball(Repository(repo), tarball(tmp_path, DAY1, chain), IDENTITY, file_day=DAY1)
     assert "refs/tags/2026-11-01" in refs(repo)
+
+
+def test_a_member_given_twice_is_the_last_one_on_every_path(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """As tar extracts it: the later member of the same name wins (content, and kind: a symlink then a
+    file), with the same commit on every importer path."""
+    dup = [("dup", "file", "one\n"), ("sub/x", "file", "x\n"), ("dup", "file", "two\n"),
+           ("lnk", "symlink", "dup"), ("lnk", "file", "now a file\n")]
+    first, nxt = tarball(tmp_path / "a", DAY1, GOOD), tarball(tmp_path / "b", DAY2, dup)
+    commits = set()
+    for path in ("cold", "warm", "split"):
+        repo = tmp_path / f"{path}.git"
+        monkeypatch.setattr(importer, "PARALLEL_AFTER", 0 if path == "split" else 10**9)
+        importer.import_tarball(Repository(repo), first, IDENTITY, file_day=DAY1)
+        if path == "cold":
+            (repo / "snapshotter" / "tree.cache").unlink()
+        commits.add(importer.import_tarball(Repository(repo), nxt, IDENTITY, file_day=DAY2).commit)
+        assert git_out(repo, "cat-file", "-p", "main:dup") == "two\n"
+        assert git_out(repo, "cat-file", "-p", "main:lnk") == "now a file\n"
+        assert git_out(repo, "ls-tree", "main", "lnk").startswith("100644 blob")
+    assert len(commits) == 1
