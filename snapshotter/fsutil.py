@@ -66,6 +66,9 @@ def check_private_dir(path: Path) -> None:
     sticky directory (/tmp, /var/tmp) above one of ours. For directories under /var/tmp, where any user
     could have made `/var/tmp/snapshotter` first and swap what we create inside it for symlinks."""
     path = Path(os.path.abspath(path))
+    real = Path(os.path.realpath(path))
+    if real != path:
+        check_private_dir(real)  # where the links lead must be private too (and the links, below)
     me = os.geteuid()
     for d in (path, *path.parents):
         try:

@@ -253,3 +253,14 @@ def test_publish_into_a_directory_with_planted_links(tmp_path: Path, victim: Pat
     assert r.stderr.startswith("snapshotter: error: ") and r.stderr.count("\n") == 1, r.stderr
     assert ("lock file" if plant == "lock" else "refusing to write through it") in r.stderr, r.stderr
     untouched(victim)
+
+
+def test_work_directory_behind_a_link_to_someone_elses_directory(tmp_path: Path) -> None:
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)
+    (theirs / "builds").mkdir()
+    link = tmp_path / "work"
+    link.symlink_to(theirs / "builds", target_is_directory=True)  # our link, their directory above
+    with pytest.raises(SnapshotterError, match="belongs to uid 65534"):
+        check_private_dir(link)
