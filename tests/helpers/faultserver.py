@@ -15,6 +15,8 @@ Behaviours (`ok` is the default):
 - `lie-long`: a Content-Length 1000 bytes larger than the body, then close; `lie-short`: 10 bytes smaller;
 - `gzip`: gzip-compressed body with `Content-Encoding: gzip` (whatever Accept-Encoding said), Content-Length
   of the compressed bytes (nginx's `gzip_static`/`gzip on` with a length);
+- `chunked`: `Transfer-Encoding: chunked` without a Content-Length (nginx proxying, dynamic servers);
+  `chunked-gzip`: the same, gzip-compressed;
 - `redirect`: 302 to the same path on `srv.redirect_to` (another server) or, without it, to `/r/PATH`
   (served as PATH);
 - `stall`: accept the request and never answer (until the client goes, bounded by `srv.stall_cap` s);
@@ -97,6 +99,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 while sent < srv.endless_cap and not srv.stop.is_set():
                     self.wfile.write(block)
                     sent += len(block)
+            return
+        if how in ("chunked", "chunked-gzip"):
+            body = gzip.compress(data, mtime=0) if how == "chunked-gzip" else data
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            if how == "chunked-gzip":
+                self.send_header("Content-Encoding", "gzip")
+            for k, v in validators.items():
+                self.send_header(k, v)
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                for i in range(0, len(body), 7777):
+                    piece = body[i:i + 7777]
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                self.wfile.write(b"0\r\n\r\n")
             return
         if how == "gzip":
             body = gzip.compress(data, mtime=0)

@@ -191,6 +191,15 @@ def test_gzip_content_encoding_is_decoded_and_counted_on_the_wire(tmp_path: Path
     assert len(gzip.compress(text)) < len(text) // 10
 
 
+@pytest.mark.parametrize("fault", ["chunked", "chunked-gzip"])
+def test_chunked_transfers_without_a_length(tmp_path: Path, mirror: FaultServer, content: bytes, fault: str) -> None:
+    mirror.plan(PATH, fault)
+    dl = downloader(tmp_path)
+    assert dl.fetch(mirror.url + PATH, NAME).read_bytes() == content
+    assert dl.fetch_small(mirror.url + PATH, limit=1 << 20) == content
+    dl.close()
+
+
 def test_a_redirect_to_another_server_is_followed(tmp_path: Path, mirror: FaultServer, second: FaultServer,
                                                  content: bytes) -> None:
     mirror.redirect_to = second.url

@@ -27,12 +27,13 @@ def mirror(tmp_path: Path) -> Iterator[FaultServer]:
     srv.close()
 
 
-def sync(tmp_path: Path, key: testlib.Key, *mirrors: str, config: str = "") -> subprocess.CompletedProcess[str]:
-    path = tmp_path / "snapshotter.toml"
+def sync(tmp_path: Path, key: testlib.Key, *mirrors: str, config: str = "",
+         repo: str = "gentoo.git") -> subprocess.CompletedProcess[str]:
+    path = tmp_path / f"{repo}.toml"
     keys = {"retries": "1", "timeout": "10"}
     keys.update(line.split(" = ", 1) for line in config.splitlines() if line)  # type: ignore[misc]
     path.write_text("[sync]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()))
-    argv = ["--config", str(path), "sync", "--repo", str(tmp_path / "gentoo.git"), "--keyring", str(key.public),
+    argv = ["--config", str(path), "sync", "--repo", str(tmp_path / repo), "--keyring", str(key.public),
             "--fingerprint", key.fingerprint, "--cache-dir", str(tmp_path / "cache")]
     for m in mirrors:
         argv += ["--mirror", m]
@@ -165,3 +166,29 @@ def test_a_push_to_a_remote_that_never_answers_fails_at_its_deadline(tmp_path: P
         assert stuck.accepted  # git did reach it
     assert failed == [(remote, "git push timed out after 3 s")]
     assert remote not in state.pushed
+
+
+def test_concurrent_syncs_sharing_a_download_cache_never_share_a_file(tmp_path: Path, mirror: FaultServer,
+                                                                     gpg_key: testlib.Key) -> None:
+    """Two repositories, one cache, syncing at the same time (the issue saw an md5 mismatch or
+    FileNotFoundError in 2 of 20 runs): each takes its turn at the cache and both import the same commit."""
+    import threading
+
+    testlib.build_snapshot(mirror.root, D20, {**testlib.BASE_TREE, "big": os.urandom(2 << 20)}, key=gpg_key)
+    results: dict[str, subprocess.CompletedProcess[str]] = {}
+
+    def one(name: str) -> None:
+        results[name] = sync(tmp_path, gpg_key, mirror.url, repo=name)
+
+    for rnd in range(3):
+        names = [f"r{rnd}-a.git", f"r{rnd}-b.git"]
+        threads = [threading.Thread(target=one, args=(n,)) for n in names]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for n in names:
+            assert results[n].returncode == 0, results[n].stderr
+        commits = {subprocess.run(["git", f"--git-dir={tmp_path / n}", "rev-parse", "2026-11-20^{commit}"],
+                                  capture_output=True, text=True, check=True).stdout for n in names}
+        assert len(commits) == 1
