@@ -256,6 +256,12 @@ def write(cc: ClientConfig, out: Path) -> list[Path]:
     if os.path.lexists(out) and (os.path.islink(out) or not os.path.isdir(out)):
         raise SnapshotterError(f"--out {out}: not a directory (a file or a symlink)")
     out.mkdir(parents=True, exist_ok=True)
+    # A file an earlier run wrote and this one does not (the TLS file, when --cert is gone) would be copied
+    # to the client with the rest: it goes.
+    ours = {f.path for f in cc.files}
+    for stale in (README, CLIENT_CONF, SCRIPT, KEY_FILE, TLS_BINREPOS):
+        if stale not in ours and (os.path.isfile(out / stale) or os.path.islink(out / stale)):
+            os.unlink(out / stale)
     written = []
     for f in cc.files:
         target = out / f.path

@@ -192,6 +192,12 @@ def test_client_config_with_a_client_certificate(site: binhostlib.Site, tmp_path
                     f'fetchcommand = wget {opts} -O "${{DISTDIR}}/${{FILE}}" "${{URI}}"',
                     f'resumecommand = wget -c {opts} -O "${{DISTDIR}}/${{FILE}}" "${{URI}}"']
     readme = (out / "README").read_text()
+    # Written again without a client certificate, the directory loses the TLS file.
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    assert client_config(site, again, url).returncode == 0
+    assert not (again / "etc/portage/binrepos.conf/snapshotter-tls.conf").exists()
+    assert "CERT=" not in (again / "etc/snapshotter-client.conf").read_text()
     assert ("install -D -m 0644 etc/portage/binrepos.conf/snapshotter-tls.conf "
             "/etc/portage/binrepos.conf/snapshotter-tls.conf") in clientlib.readme_commands(readme, 1)
     assert f"FETCHCOMMAND='wget {opts} -O" in readme and TLS[1] in readme

@@ -236,7 +236,13 @@ def check_at_build(env: Env, client: Client, build_id: str, tag: str) -> None:
     for name, data in members.items():
         url = client_url(client)
         assert (client.etc / name).read_bytes() == data.replace(b"@SNAPSHOTTER_URL@", url.encode()), name
-    assert tree_files(client.root / "var/db/repos/gentoo") == snapshot_files(pub / f"snapshots/gentoo-{day}.tar.xz")
+    tree = tree_files(client.root / "var/db/repos/gentoo")
+    assert tree == snapshot_files(pub / f"snapshots/gentoo-{day}.tar.xz")
+    exported = env.base / f"export-{tag}"
+    if not exported.exists():
+        r = env.cli("export", tag, str(exported))
+        assert r.returncode == 0, r.stderr
+    assert tree == tree_files(exported)  # the tag's tree, exactly
     assert client.build() == build_id
 
 
