@@ -421,14 +421,18 @@ class _Body:
                 if not chunk:
                     break
                 self.raw_bytes += len(chunk)
-                if self._decoder is not None:
+                if self._decoder is None:
+                    yield chunk
+                    continue
+                while chunk:  # at most CHUNK decoded bytes at a time: a gzip bomb meets the caps, not the memory
                     try:
-                        chunk = self._decoder.decompress(chunk)
+                        out = self._decoder.decompress(chunk, CHUNK)
                     except zlib.error as e:
                         raise FetchError(f"{self.resp.url}: bad {self.resp.headers.get('Content-Encoding')} "
                                          f"body ({e})") from None
-                if chunk:
-                    yield chunk
+                    chunk = self._decoder.unconsumed_tail
+                    if out:
+                        yield out
             if self.clock.remaining() <= 0:
                 raise _Broken("timed out")
             if self._decoder is not None:

@@ -191,6 +191,19 @@ def test_gzip_content_encoding_is_decoded_and_counted_on_the_wire(tmp_path: Path
     assert len(gzip.compress(text)) < len(text) // 10
 
 
+def test_a_gzip_bomb_meets_the_cap_not_the_memory(tmp_path: Path, mirror: FaultServer) -> None:
+    """256 MiB of zeros are 250 KB of gzip: decoded a piece at a time, cut off at the side file cap."""
+    (mirror.root / "snapshots" / (NAME + ".md5sum")).write_bytes(bytes(256 << 20))
+    mirror.plan(PATH + ".md5sum", "gzip")
+    dl = downloader(tmp_path, side_key="sync.max_side_file_size")
+    with pytest.raises(TooLarge, match="sync.max_side_file_size"):
+        dl.fetch_small(mirror.url + PATH + ".md5sum")
+    with pytest.raises(TooLarge, match="sync.max_side_file_size"):
+        dl.fetch_side(mirror.url + PATH + ".md5sum", NAME + ".md5sum")
+    dl.close()
+    assert not list((tmp_path / "cache").glob(NAME + "*"))
+
+
 @pytest.mark.parametrize("fault", ["chunked", "chunked-gzip"])
 def test_chunked_transfers_without_a_length(tmp_path: Path, mirror: FaultServer, content: bytes, fault: str) -> None:
     mirror.plan(PATH, fault)
