@@ -400,9 +400,9 @@ install_settings() {
         count=$((count + 1))
     done <"$TMP/settings.files"
     if [ -L "$TMP/settings/make.profile" ]; then
-        ln -sfn "$(readlink "$TMP/settings/make.profile")" "$ETC/make.profile.snapshotter-new" \
-            && mv -f "$ETC/make.profile.snapshotter-new" "$ETC/make.profile" 2>/dev/null \
-            || { rm -f "$ETC/make.profile.snapshotter-new"; fail 1 "cannot point $ETC/make.profile at the build's profile"; }
+        # Not mv: onto a symlink to a directory (the old profile), mv would move the new link into it.
+        rm -f "$ETC/make.profile" && ln -s "$(readlink "$TMP/settings/make.profile")" "$ETC/make.profile" \
+            || fail 1 "cannot point $ETC/make.profile at the build's profile"
     fi
     # What the previous build installed and this one does not: removed (and every package.*/snapshotter).
     removed=0

@@ -540,3 +540,50 @@ def test_a_running_update_is_75(site: binhostlib.Site, server, short, tmp_path: 
     r = c.run()
     assert r.returncode == 0, r.stderr
     assert not lock.exists()
+
+
+def resign_settings(site: binhostlib.Site, root: Path, extra: tarfile.TarInfo) -> None:
+    """The served settings tarball with one more member, signed by our key, listed in a re-signed edition.json:
+    what a settings tarball that carries make.profile would look like."""
+    pub = root / f"b/{TAG}.1"
+    raw = lzma.decompress((pub / SETTINGS).read_bytes())
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(raw)) as src, tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as dst:
+        for m in src.getmembers():
+            dst.addfile(m, src.extractfile(m) if m.isfile() else None)
+        dst.addfile(extra)
+    (pub / SETTINGS).write_bytes(lzma.compress(buf.getvalue(), format=lzma.FORMAT_XZ))
+    site.key.sign(pub / SETTINGS, pub / f"{SETTINGS}.asc")
+    ej = root / "edition.json"
+    record = json.loads(ej.read_text())
+    for name in (SETTINGS, f"{SETTINGS}.asc"):
+        record["files"][name] = binhostlib.sha256(pub / name)
+    ej.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    site.key.sign(ej, root / "edition.json.asc")
+
+
+@pytest.mark.parametrize("target, ok", [("../../var/db/repos/gentoo/profiles/default/linux", True),
+                                        ("../../var/db/repos/gentoo/profiles/../../../../etc", False),
+                                        ("/etc", False)])
+def test_a_make_profile_symlink_in_the_settings(site: binhostlib.Site, short, tmp_path: Path, target: str,
+                                                ok: bool) -> None:
+    """Today's settings tarballs carry no make.profile; one that does (a symlink into a repository's profiles/)
+    is installed as /etc/portage/make.profile; any other target is refused, nothing changed."""
+    served = served_copy(site, tmp_path / "served")
+    try:
+        link = tarfile.TarInfo("make.profile")
+        link.type, link.linkname, link.mode = tarfile.SYMTYPE, target, 0o777
+        resign_settings(site, served.root, link)
+        c = Client(site, short(), served.url)
+        (c.root / "var/db/repos/gentoo/profiles/stage3").mkdir(parents=True)  # the stage's profile
+        (c.root / "etc/portage/make.profile").symlink_to("../../var/db/repos/gentoo/profiles/stage3")
+        before = c.state()
+        r = c.run()
+        if ok:
+            assert r.returncode == 0, r.stderr
+            assert os.readlink(c.root / "etc/portage/make.profile") == target
+            assert list((c.root / "var/db/repos/gentoo/profiles/stage3").iterdir()) == []
+        else:
+            assert_refused(c, r, 2, f"{SETTINGS}: make.profile points at {target}", before)
+    finally:
+        stop(served)
