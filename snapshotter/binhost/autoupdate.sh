@@ -348,10 +348,13 @@ unpack_settings() {
     while IFS= read -r rel; do
         [ ! -d "$ETC/$rel" ] || fail 1 "$ETC/$rel is a directory: the build's settings need a file there"
         dir=${rel%/*}
-        if [ "$dir" != "$rel" ] && [ -e "$ETC/$dir" ] && [ ! -d "$ETC/$dir" ]; then
+        if [ "$dir" != "$rel" ] && { [ -e "$ETC/$dir" ] || [ -L "$ETC/$dir" ]; } && [ ! -d "$ETC/$dir" ]; then
+            # A regular file package.X (or repos.conf, binrepos.conf) becomes X/local; anything else stops here.
             case $dir in
                 env) fail 1 "$ETC/env is not a directory" ;;
             esac
+            [ -f "$ETC/$dir" ] && [ ! -L "$ETC/$dir" ] \
+                || fail 1 "$ETC/$dir is neither a directory nor a file (a symlink?): the build's settings need a directory there"
         fi
     done <"$TMP/settings.files"
 }

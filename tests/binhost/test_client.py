@@ -485,6 +485,7 @@ def test_configuration_problems_are_1_and_change_nothing(site: binhostlib.Site, 
     conf = c.root / clientlib.CONF
     good = conf.read_text()
     gnupg = c.root / "etc/portage/gnupg"
+    make_conf, saved = c.root / "etc/portage/make.conf", c.root / "etc/portage/make.conf.saved"
     cases = [
         (lambda: conf.unlink(), f"{conf} not found"),
         (lambda: conf.write_text(good + "MIRROR=x\n"), "line 7: unknown setting MIRROR"),
@@ -496,6 +497,9 @@ def test_configuration_problems_are_1_and_change_nothing(site: binhostlib.Site, 
          f"{url} serves edition testing of profile basic, but this host follows production of basic"),
         (lambda: gnupg.chmod(0o700), "is not readable by others (Portage verifies packages as nobody)"),
         (lambda: shutil.rmtree(gnupg), f"{gnupg} does not exist"),
+        (lambda: (c.root / "etc/portage/package.env").symlink_to("elsewhere"),
+         "package.env is neither a directory nor a file (a symlink?)"),
+        (lambda: (make_conf.rename(saved), make_conf.mkdir()), "make.conf is a directory"),
     ]
     for make_it_wrong, message in cases:
         try:
@@ -508,6 +512,11 @@ def test_configuration_problems_are_1_and_change_nothing(site: binhostlib.Site, 
             assert without_state(c.state()) == without_state(wrong), message
         finally:
             conf.write_text(good)
+            if (c.root / "etc/portage/package.env").is_symlink():
+                (c.root / "etc/portage/package.env").unlink()
+            if saved.exists():
+                make_conf.rmdir()
+                saved.rename(make_conf)
             if not gnupg.exists():
                 clientlib.install(c.out, c.root)
             gnupg.chmod(0o755)
