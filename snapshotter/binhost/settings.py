@@ -206,14 +206,27 @@ class Settings:
     data: bytes  # the .tar.xz
 
 
-def tar_bytes(members: dict[str, bytes], mtime: int) -> bytes:
-    """A ustar archive of `members` with their parent directories: sorted, root-owned, fixed mtime."""
+def make_profile_link(data: dict[str, Any]) -> dict[str, str]:
+    """`make.profile` as the builder set it (the build's portage_profile), so a client uses the profile the
+    packages were built for; none when the build kept the stage's own."""
+    pp = data.get("portage_profile")
+    if not isinstance(pp, str) or not pp:
+        return {}
+    return {"make.profile": f"../../var/db/repos/gentoo/profiles/{pp}"}
+
+
+def tar_bytes(members: dict[str, bytes], mtime: int, links: dict[str, str] | None = None) -> bytes:
+    """A ustar archive of `members` (and symlinks `links`, name -> target) with their parent directories:
+    sorted, root-owned, fixed mtime."""
+    links = links or {}
     dirs = set()
-    for name in members:
+    for name in [*members, *links]:
         parts = name.split("/")[:-1]
         for i in range(1, len(parts) + 1):
             dirs.add("/".join(parts[:i]))
-    entries = sorted([(d, None) for d in dirs] + list(members.items()), key=lambda e: e[0])
+    entries: list[tuple[str, bytes | str | None]] = [(d, None) for d in dirs]
+    entries += [*members.items(), *links.items()]
+    entries.sort(key=lambda e: e[0])
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name, content in entries:
@@ -225,6 +238,11 @@ def tar_bytes(members: dict[str, bytes], mtime: int) -> bytes:
                 info.type = tarfile.DIRTYPE
                 info.mode = 0o755
                 tar.addfile(info)
+            elif isinstance(content, str):
+                info.type = tarfile.SYMTYPE
+                info.mode = 0o777
+                info.linkname = content
+                tar.addfile(info)
             else:
                 info.mode = 0o644
                 info.size = len(content)
@@ -234,6 +252,7 @@ def tar_bytes(members: dict[str, bytes], mtime: int) -> bytes:
 
 def settings_tarball(build: Build, mtime: int, data: dict[str, Any] | None = None) -> Settings:
     """The client settings of `build` as a deterministic .tar.xz (`mtime`: the build commit's time)."""
-    raw = tar_bytes(settings_members(build, data), mtime)
+    data = manifest(build) if data is None else data
+    raw = tar_bytes(settings_members(build, data), mtime, make_profile_link(data))
     xz = lzma.compress(raw, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=6)
     return Settings(settings_name(build.tag), xz)

@@ -88,6 +88,16 @@ def test_same_build_same_bytes_and_the_content(tmp_path: Path) -> None:
     assert (out / "package.mask" / "snapshotter").read_text().endswith("x/y\n")
 
 
+def test_the_builds_portage_profile_is_the_clients_make_profile(tmp_path: Path) -> None:
+    build = binhostlib.write_build(tmp_path / "out", "basic", "2026-01-10", COMMIT, portage_profile="default/x")
+    data = settings.settings_tarball(build, MTIME).data
+    link = members(data)["make.profile"]
+    assert link.issym() and link.linkname == "../../var/db/repos/gentoo/profiles/default/x"
+    assert (link.uid, link.mtime) == (0, MTIME)
+    plain = binhostlib.write_build(tmp_path / "out", "basic", "2026-01-10", COMMIT)
+    assert "make.profile" not in members(settings.settings_tarball(plain, MTIME).data)  # the stage's own stays
+
+
 def test_a_build_of_another_tag_differs(tmp_path: Path) -> None:
     a = binhostlib.write_build(tmp_path / "out", "basic", "2026-01-10", COMMIT)
     b = binhostlib.write_build(tmp_path / "out", "basic", "2026-01-10", COMMIT)

@@ -4,7 +4,6 @@ written by chroot.manifest), and a configuration with a web root and a throwaway
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import subprocess
@@ -66,7 +65,8 @@ def gpkg(name: str, payload: str) -> bytes:
 def write_build(output: Path, profile: str, tag: str, commit: str, *, ok: bool = True,
                 packages: dict[str, bytes] | None = None, confdir: Path | None = None,
                 make_conf: dict[str, str] | None = None, overlays: list[dict[str, str]] | None = None,
-                repo: Path | None = None, signing_key: str | None = None) -> builds.Build:
+                repo: Path | None = None, signing_key: str | None = None,
+                portage_profile: str | None = None) -> builds.Build:
     """A finished build as the builder leaves it: OUTPUT/<profile>/<id>/{packages/,build.log,build.json}."""
     build_id, path = builds.allocate(output, profile, tag)
     pkgdir = path / "packages"
@@ -89,16 +89,12 @@ def write_build(output: Path, profile: str, tag: str, commit: str, *, ok: bool =
     man = manifestmod.Manifest(
         profile=profile, tag=tag, commit=commit, repo=str(repo or ""),
         stage={"source": "/stages/stage3.tar.xz", "sha256": "0" * 64}, overlays=list(overlays or []),
-        portage_profile=None, make_conf={"content": mc, "sha256": manifestmod.sha256_text(mc)},
+        portage_profile=portage_profile, make_conf={"content": mc, "sha256": manifestmod.sha256_text(mc)},
         portage_confdir=None if confdir is None else {"path": str(confdir), "sha256": portageconf.tree_hash(confdir)},
         repos_conf=portageconf.repos_conf([o["name"] for o in overlays or []]), world=None,
         emerge_command=["emerge", "--emptytree", "@world"], started="2026-01-10T01:00:00+00:00",
         finished="2026-01-10T01:10:00+00:00", duration_seconds=600.0, exit_status=0 if ok else 1, ok=ok,
-        packages=pkgs, packages_index=idx, snapshotter_version="test")
-    known = {f.name for f in dataclasses.fields(manifestmod.Manifest)}
-    if "id" in known:  # build.json format 2: the id and the key that signed the packages
-        man.id = build_id  # type: ignore[attr-defined]
-        man.signing_key = signing_key  # type: ignore[attr-defined]
+        packages=pkgs, packages_index=idx, snapshotter_version="test", id=build_id, signing_key=signing_key)
     manifestmod.write(man, path / "build.json")
     return builds.read_build(path)
 
