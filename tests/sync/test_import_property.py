@@ -13,12 +13,13 @@ import itertools
 import os
 import shutil
 import subprocess
+import tempfile
 from datetime import date
 from pathlib import Path
 
 import pytest
 from helpers.testlib import snapshot_time, timestamp_line
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, configuration, given, settings
 from hypothesis import strategies as st
 
 from snapshotter.errors import SnapshotError
@@ -30,6 +31,11 @@ DAYS = (date(2026, 11, 1), date(2026, 11, 2))
 NAMES = ["a", "b c", " lead", "-x", 'q"uote', "back\\slash", "new\nline", "ünï", "日本", "t\tab", "x.ebuild",
          "trail ", "*", "?"]
 GIT_ENV = {"GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
+
+# Hypothesis keeps caches in ./.hypothesis, written while pytest collects (before any fixture runs): in a
+# temporary directory instead, removed when the interpreter exits (tests write nowhere else).
+_HYPOTHESIS_HOME = tempfile.TemporaryDirectory(prefix="snapshotter-hypothesis-")
+configuration.set_hypothesis_home_dir(_HYPOTHESIS_HOME.name)
 
 # path -> ("file", content, mode) | ("link", target, 0)
 Tree = dict[str, tuple[str, str, int]]
