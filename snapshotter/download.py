@@ -235,11 +235,15 @@ class Downloader:
             src = self._local(url)
             if src.stat().st_size > cap:
                 raise TooLarge(f"{url}: larger than {key} ({cap} bytes)")
-            with open(src, "rb") as fin, _open_new(part) as fout:
-                while chunk := fin.read(CHUNK):
-                    fout.write(chunk)
-                    if fout.tell() > cap:
-                        raise TooLarge(f"{url}: larger than {key} ({cap} bytes)")
+            try:
+                with open(src, "rb") as fin, _open_new(part) as fout:
+                    while chunk := fin.read(CHUNK):
+                        fout.write(chunk)
+                        if fout.tell() > cap:  # it grew since the check
+                            raise TooLarge(f"{url}: larger than {key} ({cap} bytes)")
+            except BaseException:
+                _discard(part)
+                raise
             os.replace(part, dest)
             return dest
         self._clock.until = time.monotonic() + self.deadline

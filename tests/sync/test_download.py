@@ -256,3 +256,15 @@ def test_concurrent_fetches_of_one_name_in_one_cache_never_mix(tmp_path: Path, m
     for t in threads:
         t.join()
     assert results == [content] * 6
+
+
+def test_a_local_mirror_has_the_same_caps(tmp_path: Path, mirror: FaultServer, content: bytes) -> None:
+    url = (mirror.root / "snapshots" / NAME).as_uri()
+    dl = downloader(tmp_path, max_size=100_000, size_key="sync.max_tarball_size", side_max=1000,
+                    side_key="sync.max_side_file_size")
+    with pytest.raises(TooLarge, match=r"sync\.max_tarball_size \(100000 bytes\)"):
+        dl.fetch(url, NAME)
+    with pytest.raises(TooLarge, match=r"sync\.max_side_file_size \(1000 bytes\)"):
+        dl.fetch_small(url)
+    assert dl.fetch(url, NAME, max_size=len(content)).read_bytes() == content
+    dl.close()
