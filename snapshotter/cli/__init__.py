@@ -95,9 +95,9 @@ def main(ctx: click.Context, config_path: Path | None, verbose: int, quiet: bool
 
 
 def _register() -> None:
-    from snapshotter.cli import binhost, build, pki, publish, service, sync
+    from snapshotter.cli import binhost, build, pki, publish, rebuild, service, sync
 
-    for module in (sync, publish, build, service, pki, binhost):
+    for module in (sync, publish, build, rebuild, service, pki, binhost):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -62,6 +62,7 @@ class BuildRequest:
     overlay_refs: dict[str, str] = field(default_factory=dict)  # overlay name -> ref, overriding the profile
     output: Path | None = None  # default: [build].output
     keep_root: bool = False
+    deliver: bool = True  # move the profile's automatic edition to a good build (rebuild checks: False)
 
 
 @dataclass(frozen=True)
@@ -282,7 +283,7 @@ def run_build(cfg: Config, req: BuildRequest, *, console: bool = False) -> Build
             keep_root=req.keep_root, tool_version=__version__)
         with chroot_errors():
             result = builder.run_build(spec, console=console)
-    if result.ok and req.output is None:
+    if result.ok and req.output is None and req.deliver:
         deliver(cfg, profile.name, build_id)
     return result
 
