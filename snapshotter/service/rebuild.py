@@ -91,7 +91,7 @@ class RebuildReport:
         differing = [p for p in self.comparison.packages if p.status == compare.DIFFERS]
         if differing and not self.diffoscope:
             p = differing[0]
-            lines.append("detail of a differing package (diffoscope is not installed here): "
+            lines.append("detail of a differing package: diffoscope is not installed here; install it and run: "
                          + compare.diffoscope_hint(self.original.path / PACKAGES / str(p.original),
                                                    self.rebuild_dir / PACKAGES / str(p.rebuild)))
         if self.report_path is not None:

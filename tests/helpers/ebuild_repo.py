@@ -6,6 +6,7 @@ The main tree ("gentoo") has a profile `default` and:
   app-misc/hello     ... that hello depends on (DEPEND + RDEPEND)
   app-misc/fetched   has a distfile (fetched from GENTOO_MIRRORS, kept in the shared DISTDIR)
   dev-libs/tilde     keyworded ~amd64 only (needs package.accept_keywords)
+  app-misc/stamp     installs the time it was built (/usr/share/stamp/built): never reproducible
   app-misc/trouble   version 1 sleeps in src_compile (for kill -9 tests), version 2 fails
 Versions change between tags (`tree_files(hello="1.1")`). The overlay ("extra", masters = gentoo) holds
 app-misc/extra, one version per overlay tag.
@@ -108,6 +109,10 @@ def tree_files(hello: str = "1.0", trouble: str = "1") -> dict[str, str | bytes 
         "has a distfile", f'SRC_URI="https://example.org/{DISTFILE}"\n'
         'src_install() {\n\tinsinto /usr/share/fetched\n\tdoins fetched-1/data.txt\n}\n')
     files["app-misc/fetched/Manifest"] = _manifest_dist(DISTFILE, distfile())
+    # Not reproducible on purpose: installs the time it was built (in no profile's world but the rebuild
+    # test's, tests/chroot/test_rebuild_portage.py).
+    files["app-misc/stamp/stamp-1.ebuild"] = _ebuild("embeds its build time", _installs(
+        "/usr/share/stamp/built", "built at $(date -u +%s.%N)"))
     if trouble == "1":
         body = f'src_compile() {{\n\techo "{SLOW_MARKER}"\n\tsleep 300\n}}\n'
     else:
