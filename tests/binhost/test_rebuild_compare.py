@@ -198,3 +198,31 @@ def test_report_json_is_deterministic(tmp_path):
     one = json.dumps(compare.compare_dirs(a, b).to_dict(), sort_keys=True)
     two = json.dumps(compare.compare_dirs(a, b).to_dict(), sort_keys=True)
     assert one == two and '"identical"' in one
+
+
+def test_the_verdict_counts_changed_inputs_too(tmp_path):
+    """Identical packages from changed inputs (another make.conf) are no proof: exit 1, the input named."""
+    from chroot import manifest as manifestmod
+    from snapshotter.service import rebuild as rebuildmod
+
+    a, b = two_dirs(tmp_path)
+    make_gpkg(a / "app-misc/hello/hello-1.0-1.gpkg.tar")
+    make_gpkg(b / "app-misc/hello/hello-1.0-1.gpkg.tar", meta=later())
+    man = manifestmod.Manifest(profile="basic", tag="2026-01-10", commit="c" * 40, repo="", stage={"source": "s",
+                               "sha256": "0" * 64}, overlays=[], portage_profile=None,
+                               make_conf={"content": "A=1\n", "sha256": "1" * 64}, portage_confdir=None,
+                               repos_conf="", world=None, emerge_command=["emerge", "@world"], ok=True,
+                               id="2026-01-10.1")
+    other = manifestmod.Manifest(**{**man.__dict__, "make_conf": {"content": "A=2\n", "sha256": "2" * 64},
+                                    "id": "2026-01-10.2"})
+    comparison = compare.compare_dirs(a, b)
+    same = rebuildmod.RebuildReport(rebuildmod.Original(tmp_path / "a", man), "2026-01-10.2", tmp_path / "b",
+                                    comparison, rebuildmod.compare_inputs(man, man))
+    assert same.exit_status == 0
+    assert same.summary() == ("rebuild 2026-01-10.2 of basic 2026-01-10.1: 1 packages: 1 identical, 0 differs, "
+                              "0 missing, 0 extra: reproducible")
+    changed = rebuildmod.RebuildReport(rebuildmod.Original(tmp_path / "a", man), "2026-01-10.2", tmp_path / "b",
+                                       comparison, rebuildmod.compare_inputs(man, other))
+    assert changed.changed_inputs == ["make.conf"] and changed.exit_status == 1
+    assert changed.summary().endswith("; inputs changed: make.conf: NOT reproducible")
+    assert changed.to_dict()["inputs"]["make.conf"] == {"original": "1" * 64, "rebuild": "2" * 64, "same": False}
