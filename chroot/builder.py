@@ -27,11 +27,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import chroot
 from chroot import manifest as manifestmod
-from chroot import portageconf, stage
+from chroot import portageconf, stage, stage4
 from chroot.errors import ChrootError, Terminated
 from chroot.mounts import assert_unmounted, inside, mounts_under, safe_rmtree
 from chroot.nsrun import NamespaceSpec, PrivateDir
@@ -251,7 +251,8 @@ def run_build(spec: BuildSpec, *, console: bool = False) -> BuildResult:
     profile = spec.settings
     man = manifestmod.Manifest(
         profile=profile.name, tag=spec.tag, commit=spec.commit, repo=spec.repo,
-        stage={"source": spec.stage.source, "sha256": None},
+        stage={"source": spec.stage.source, "sha256": None,
+               **({} if spec.stage.build is None else {"build": spec.stage.build})},
         overlays=[o.describe() for o in spec.overlays], portage_profile=profile.portage_profile,
         make_conf=None, portage_confdir=None, repos_conf="", world=profile.world,
         emerge_command=["emerge", *profile.emerge_args], snapshotter_version=spec.tool_version,
@@ -317,6 +318,9 @@ def _build(spec: BuildSpec, profile: PortageSettings, man: manifestmod.Manifest,
             portageconf.copy_confdir(profile.portage_confdir, root)
             man.portage_confdir = {"path": str(profile.portage_confdir),
                                    "sha256": portageconf.tree_hash(profile.portage_confdir)}
+        make_conf_path = inside(root, "etc/portage/make.conf")
+        stage_make_conf = make_conf_path.read_bytes() if make_conf_path.is_file() and \
+            not make_conf_path.is_symlink() else None
         make_conf = portageconf.write_make_conf(root, profile, spec.signing)
         man.make_conf = {"content": make_conf, "sha256": manifestmod.sha256_text(make_conf)}
         man.repos_conf = portageconf.write_repos_conf(root, [o.name for o in spec.overlays])
@@ -346,6 +350,8 @@ def _build(spec: BuildSpec, profile: PortageSettings, man: manifestmod.Manifest,
         man.duration_seconds = round(time.time() - started, 1)
         man.exit_status = status
         man.ok = status == 0
+        if man.ok and spec.stage4:
+            man.stage4 = _pack_stage4(spec, root, stage_make_conf, logf)
     finally:
         _finish_root(build_dir, root, spec.keep_root)
     man.packages, man.packages_index = manifestmod.list_packages(pkgdir)
@@ -354,6 +360,33 @@ def _build(spec: BuildSpec, profile: PortageSettings, man: manifestmod.Manifest,
              "ok" if man.ok else f"FAILED ({status})", out)
     return BuildResult(ok=man.ok, exit_status=status, output_dir=out, log=out / "build.log",
                        manifest=out / "build.json", build_id=spec.build_id)
+
+
+def _pack_stage4(spec: BuildSpec, root: Path, stage_make_conf: bytes | None, logf: IO[bytes]) -> dict[str, Any]:
+    """Pack the root of a successful build as OUTPUT/.../stage4.tar.zst (chroot.stage4), once the build's
+    namespace is gone. make.conf is packed as the stage had it: the builder's block (PKGDIR, signing
+    variables) belongs to this build only, and a build seeded from this stage appends its own block again.
+    """
+    _wait_namespace_gone(root)
+    left = processes_in(root)
+    if left:
+        raise ChrootError(f"processes still run in the build root {root} ({left}); not packing a stage4")
+    make_conf = inside(root, "etc/portage/make.conf")
+    built = make_conf.read_bytes()
+    if stage_make_conf is None:
+        make_conf.unlink()
+    else:
+        make_conf.write_bytes(stage_make_conf)
+    dest = spec.output / stage4.STAGE4_NAME
+    started = time.time()
+    try:
+        digest, size = stage4.pack_root(root, dest, spec.source_time)
+    finally:
+        make_conf.write_bytes(built)  # a kept root (--keep-root) shows the make.conf the build used
+    logf.write(f">>> snapshotter: stage4 {dest.name}: {size} bytes, sha256 {digest} "
+               f"({time.time() - started:.1f} s)\n".encode())
+    log.info("build %s: stage4 %s (%d bytes)", spec.build_id, dest, size)
+    return {"file": dest.name, "sha256": digest, "size": size}
 
 
 def _finish_root(build_dir: Path, root: Path, keep: bool) -> None:

@@ -19,7 +19,7 @@ class Manifest:
     tag: str
     commit: str
     repo: str
-    stage: dict[str, Any]  # {"source", "sha256"}
+    stage: dict[str, Any]  # {"source", "sha256"}, plus "build" (its id) when seeded from a build's stage4
     overlays: list[dict[str, str]]  # [{"name", "url", "ref", "commit"}]
     portage_profile: str | None
     make_conf: dict[str, Any] | None  # {"content", "sha256"}: the root's whole make.conf (None: not written)
@@ -38,6 +38,7 @@ class Manifest:
     id: str = ""  # the build id (TAG.N), the name of the build's directory; "" in format 1
     signing_key: str | None = None  # fingerprint that signed the packages; None: unsigned
     error: str = ""  # why a build failed before or outside emerge (setup error, signal); "" otherwise
+    stage4: dict[str, Any] | None = None  # {"file", "sha256", "size"}: the packed root (None: not packed)
     format: int = FORMAT
 
     def to_json(self) -> str:

@@ -57,6 +57,7 @@ class Stage:
     path: Path
     source: str  # what build.json records: the configured path or URL
     sha256: str | None = None
+    build: str | None = None  # the build id whose stage4 this is (a seeded build), recorded in build.json
 
 
 @dataclass(frozen=True)
@@ -91,3 +92,5 @@ class BuildSpec:
     signing: Signing | None = None  # None: the packages are not signed
     keep_root: bool = False
     tool_version: str = ""  # recorded in build.json
+    stage4: bool = False  # pack the root of a successful build as OUTPUT/.../stage4.tar.zst (chroot.stage4)
+    source_time: int = 0  # unix time every member of the stage4 gets (the tag's commit time)
