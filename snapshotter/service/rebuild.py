@@ -83,7 +83,7 @@ class RebuildReport:
 
     def text(self) -> list[str]:
         lines = [f"original: {self.original.path}", f"rebuild:  {self.rebuild_dir}",
-                 "rule (ignored as volatile):", *[f"  - {r}" for r in compare.RULE]]
+                 "rule (what is compared, what is ignored as volatile):", *[f"  - {r}" for r in compare.RULE]]
         for name in self.changed_inputs:
             v = self.inputs[name]
             lines.append(f"input changed: {name}: {v['original']} -> {v['rebuild']}")
