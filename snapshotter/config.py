@@ -42,6 +42,10 @@ ATOM_RE = re.compile(r"^[A-Za-z0-9@<>=~!*][A-Za-z0-9@<>=~!*/:._+\[\],-]*$")
 PROFILE_PATH_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+/-]*$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 STAGE_SUFFIXES = (".tar.xz", ".tar.bz2", ".tar.zst", ".txz", ".tbz2", ".tzst")
+# `stage` may name a build of the profile instead of a file: its stage4 seeds the build.
+LATEST_BUILD = "latest-build"
+BUILD_STAGE_PREFIX = "build:"
+BUILD_ID_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}\.[1-9][0-9]{0,8}$")
 
 DEFAULT_EMERGE_ARGS = ("--emptytree", "@world")
 # make.conf variables the builder owns: both directories are bind-mounted from the host.
@@ -74,10 +78,24 @@ class Profile:
     signing_key: str | None = None
     gnupghome: Path | None = None
     passphrase_file: Path | None = None
+    stage4: bool = True  # pack the root of each successful build as its stage4
+    # With stage = "latest-build": the stage used while the profile has no good build with a stage4.
+    seed_stage: str | None = None
+    seed_stage_sha256: str | None = None
+
+    @property
+    def stage_build(self) -> str | None:
+        """The build id of `stage = "build:ID"`, LATEST_BUILD, or None when `stage` is a file or URL."""
+        if self.stage == LATEST_BUILD:
+            return LATEST_BUILD
+        if self.stage.startswith(BUILD_STAGE_PREFIX):
+            return self.stage[len(BUILD_STAGE_PREFIX):]
+        return None
 
 
 KNOWN_KEYS = ("stage", "stage_sha256", "portage_profile", "portage_confdir", "make_conf", "world",
-              "emerge_args", "overlays", "signing_key", "gnupghome", "passphrase_file")
+              "emerge_args", "overlays", "signing_key", "gnupghome", "passphrase_file", "stage4", "seed_stage",
+              "seed_stage_sha256")
 
 
 def is_url(value: str) -> bool:
@@ -195,12 +213,34 @@ def parse_profile(name: str, table: Any, base: Path) -> Profile:
             raise ConfigError(f"{pre}.{key}: unknown key (known: {', '.join(sorted(KNOWN_KEYS))})")
     if "stage" not in table:
         raise ConfigError(f"{pre}.stage: missing (path or URL of a stage3/stage4 tarball)")
-    prof = Profile(name=name, stage=_stage(f"{pre}.stage", table["stage"], base))
-    if "stage_sha256" in table:
-        sha = _str(f"{pre}.stage_sha256", table["stage_sha256"]).strip().lower()
-        if not SHA256_RE.match(sha):
-            raise ConfigError(f"{pre}.stage_sha256: expected 64 hex digits, got {table['stage_sha256']!r}")
-        prof.stage_sha256 = sha
+    raw_stage = _str(f"{pre}.stage", table["stage"])
+    if raw_stage == LATEST_BUILD or raw_stage.startswith(BUILD_STAGE_PREFIX):
+        if raw_stage != LATEST_BUILD and not BUILD_ID_RE.match(raw_stage[len(BUILD_STAGE_PREFIX):]):
+            raise ConfigError(f"{pre}.stage: expected \"build:YYYY-MM-DD.N\" (a build id), got {raw_stage!r}")
+        prof = Profile(name=name, stage=raw_stage)
+        if "stage_sha256" in table:
+            raise ConfigError(f"{pre}.stage_sha256: the stage is a build's stage4, whose sha256 comes from that "
+                              "build's build.json; pin the fallback with seed_stage_sha256")
+    else:
+        prof = Profile(name=name, stage=_stage(f"{pre}.stage", raw_stage, base))
+    for key in ("seed_stage", "seed_stage_sha256"):
+        if key in table and prof.stage != LATEST_BUILD:
+            raise ConfigError(f"{pre}.{key}: only with stage = \"{LATEST_BUILD}\" (the stage used while the "
+                              "profile has no good build with a stage4)")
+    if "seed_stage" in table:
+        prof.seed_stage = _stage(f"{pre}.seed_stage", table["seed_stage"], base)
+    elif "seed_stage_sha256" in table:
+        raise ConfigError(f"{pre}.seed_stage_sha256: set seed_stage too (the stage it pins)")
+    for key in ("stage_sha256", "seed_stage_sha256"):
+        if key in table:
+            sha = _str(f"{pre}.{key}", table[key]).strip().lower()
+            if not SHA256_RE.match(sha):
+                raise ConfigError(f"{pre}.{key}: expected 64 hex digits, got {table[key]!r}")
+            setattr(prof, key, sha)
+    if "stage4" in table:
+        if not isinstance(table["stage4"], bool):
+            raise ConfigError(f"{pre}.stage4: expected true or false, got {table['stage4']!r}")
+        prof.stage4 = table["stage4"]
     if "portage_profile" in table:
         pp = _str(f"{pre}.portage_profile", table["portage_profile"]).strip("/")
         if not PROFILE_PATH_RE.match(pp) or ".." in pp.split("/"):

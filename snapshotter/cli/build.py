@@ -23,9 +23,11 @@ from snapshotter.service.build import BuildRequest, run_build
 @click.option("--overlay-ref", "overlay_refs", multiple=True, metavar="NAME=REF",
               help="Pin an overlay of the profile to another tag/branch/commit for this build (repeatable).")
 @click.option("--keep-root", is_flag=True, help="Keep the build root afterwards (for debugging).")
+@click.option("--stage4/--no-stage4", "stage4", default=None,
+              help="Pack the root of a successful build as its stage4 (default: the profile's stage4, on).")
 @pass_state
 def build_cmd(state: State, profile: str, repo: Path | None, tag: str | None, output: Path | None,
-              work_dir: Path | None, overlay_refs: tuple[str, ...], keep_root: bool) -> None:
+              work_dir: Path | None, overlay_refs: tuple[str, ...], keep_root: bool, stage4: bool | None) -> None:
     """Run `emerge` (default `--emptytree @world`) for PROFILE in a fresh chroot at a pinned tag.
 
     \b
@@ -35,6 +37,8 @@ def build_cmd(state: State, profile: str, repo: Path | None, tag: str | None, ou
     a key that cannot sign stops the build before it starts.
     Each build is new: id TAG.N, directory OUTPUT/PROFILE/TAG.N/{packages/,build.log,build.json}, never
     replaced (a failed build keeps its own, "ok": false). Prints "ID DIRECTORY". -v streams emerge live.
+    A successful build packs its root as OUTPUT/PROFILE/TAG.N/stage4.tar.zst (same root, same bytes);
+    stage = "latest-build" in the profile seeds each build from the newest good build's stage4.
     Exit status: 0 built, 1 setup error, 4 emerge failed (log tail shown), 75 profile locked.
 
     \b
@@ -42,6 +46,7 @@ def build_cmd(state: State, profile: str, repo: Path | None, tag: str | None, ou
       snapshotter build --profile basic                              # at the newest tag
       2026-11-20.1 /var/cache/snapshotter/packages/basic/2026-11-20.1
       snapshotter build --profile desktop --tag 2026-11-20 --overlay-ref myov=v1.2 --keep-root
+      snapshotter build --profile basic --no-stage4                  # packages only
     """
     cfg = state.config
     cfg.repo = state.repo(repo)
@@ -54,7 +59,8 @@ def build_cmd(state: State, profile: str, repo: Path | None, tag: str | None, ou
             raise ConfigError(f"--overlay-ref: expected NAME=REF, got {item!r}")
         refs[name] = ref
     req = BuildRequest(profile=profile, tag=tag, overlay_refs=refs,
-                       output=output.resolve() if output is not None else None, keep_root=keep_root)
+                       output=output.resolve() if output is not None else None, keep_root=keep_root,
+                       stage4=stage4)
     result = run_build(cfg, req, console=state.verbose > 0)
     if not result.ok:
         tail = result.log_tail()

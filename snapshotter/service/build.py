@@ -28,8 +28,9 @@ from chroot.errors import ChrootError
 from chroot.spec import BuildSpec, PortageSettings, Signing, Stage
 from chroot.stage import verify_stage
 from snapshotter import __version__, openpgp
-from snapshotter.binhost.builds import allocate
+from snapshotter.binhost.builds import Build, allocate, find_build, list_builds, manifest
 from snapshotter.config import (
+    LATEST_BUILD,
     STAGE_SUFFIXES,
     Config,
     Overlay,
@@ -43,7 +44,7 @@ from snapshotter.config import (
 from snapshotter.download import DEFAULT_DEADLINE, Downloader
 from snapshotter.errors import ConfigError, SnapshotterError
 from snapshotter.fsutil import check_private_dir, file_digest
-from snapshotter.git.export import export_tree
+from snapshotter.git.export import export_tree, resolve
 from snapshotter.git.repository import Repository, git
 from snapshotter.lock import flocked
 from snapshotter.service import delivery
@@ -63,6 +64,7 @@ class BuildRequest:
     output: Path | None = None  # default: [build].output
     keep_root: bool = False
     deliver: bool = True  # move the profile's automatic edition to a good build (rebuild checks: False)
+    stage4: bool | None = None  # pack the root as a stage4; None: the profile's `stage4`
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,62 @@ def fetch_stage(source: str, cache_dir: Path, expected_sha256: str | None, *, ti
         downloader.close()
 
 
+@dataclass(frozen=True)
+class StageSource:
+    """Where a build's stage comes from: a configured file or URL, or a build's stage4."""
+
+    source: str  # path or URL (fetch_stage)
+    sha256: str | None
+    build: str | None = None  # the build id whose stage4 it is
+
+
+def _stage4_of(build: Build) -> StageSource | None:
+    """The stage4 a good build packed, per its build.json (None: failed, or packed none)."""
+    if not build.ok:
+        return None
+    s4 = manifest(build).get("stage4")
+    if not isinstance(s4, dict):
+        return None
+    name, sha = s4.get("file"), s4.get("sha256")
+    if not isinstance(name, str) or "/" in name or name.startswith(".") or not name.endswith(STAGE_SUFFIXES) \
+            or not isinstance(sha, str):
+        return None
+    return StageSource(str(build.path / name), sha, build.id)
+
+
+def resolve_stage(profile: Profile, output: Path) -> StageSource:
+    """The stage a build of `profile` starts from.
+
+    `stage = "latest-build"`: the stage4 of the profile's newest good build (by tag, then N) that has
+    one, else `seed_stage` (so a chain starts, or restarts once its builds are purged, from a
+    configured stage3); `stage = "build:ID"`: that build's stage4, which must exist and be good. A
+    failed build is never a seed. The sha256 is build.json's, checked before anything is extracted.
+    """
+    which = profile.stage_build
+    if which is None:
+        return StageSource(profile.stage, profile.stage_sha256)
+    key = f"profiles.{profile.name}.stage"
+    if which == LATEST_BUILD:
+        for b in reversed(list_builds(output, profile.name)):
+            found = _stage4_of(b)
+            if found is not None and Path(found.source).is_file():
+                log.info("profile %s: seeded from the stage4 of build %s", profile.name, b.id)
+                return found
+        if profile.seed_stage is None:
+            raise ConfigError(f"{key}: profile {profile.name} has no good build with a stage4 in {output} yet, "
+                              "and no seed_stage to start the chain from")
+        log.info("profile %s: no good build with a stage4 yet; seeded from seed_stage %s", profile.name,
+                 profile.seed_stage)
+        return StageSource(profile.seed_stage, profile.seed_stage_sha256)
+    b = find_build(output, profile.name, which)
+    if not b.ok:
+        raise ConfigError(f"{key}: build {which} is {b.state}; only a good build seeds another")
+    found = _stage4_of(b)
+    if found is None or not Path(found.source).is_file():
+        raise ConfigError(f"{key}: build {which} has no stage4 (built with stage4 = false, or removed)")
+    return found
+
+
 def default_gnupghome() -> Path:
     """gpg's own home when none is configured: $GNUPGHOME, else ~/.gnupg."""
     return Path(os.environ.get("GNUPGHOME") or Path.home() / ".gnupg")
@@ -268,19 +326,23 @@ def run_build(cfg: Config, req: BuildRequest, *, console: bool = False) -> Build
     with flocked(work / f"{profile.name}.lock", f"build profile {profile.name}"):
         # Everything that can be checked without a root is checked first: nothing is created on failure.
         overlays = [fetch_overlay(o, cfg.build.cache_dir, timeout=cfg.sync.deadline) for o in profile.overlays]
-        stage_file = fetch_stage(profile.stage, cfg.build.cache_dir / "stages", profile.stage_sha256,
+        output = req.output or cfg.build.output
+        src = resolve_stage(profile, output)
+        stage_file = fetch_stage(src.source, cfg.build.cache_dir / "stages", src.sha256,
                                  timeout=cfg.sync.timeout, retries=cfg.sync.retries, deadline=cfg.sync.deadline)
         with chroot_errors():
-            verify_stage(stage_file, profile.stage_sha256)
-        build_id, out = allocate(req.output or cfg.build.output, profile.name, tag.name)
+            verify_stage(stage_file, src.sha256)
+        _, source_time = resolve(repo.path, tag.commit)
+        build_id, out = allocate(output, profile.name, tag.name)
         log.info("build %s of profile %s at %s: %s", build_id, profile.name, tag.name, out)
         spec = BuildSpec(
             settings=portage_settings(profile), tag=tag.name, commit=tag.commit, repo=str(repo.path),
-            stage=Stage(stage_file, profile.stage, profile.stage_sha256),
+            stage=Stage(stage_file, src.source, src.sha256, build=src.build),
             gentoo=GitTree("gentoo", repo.path, tag.commit), overlays=list(overlays),
             work_dir=work / profile.name, output=out, build_id=build_id,
             distfiles=cfg.build.distfiles or cfg.build.cache_dir / "distfiles", signing=signing,
-            keep_root=req.keep_root, tool_version=__version__)
+            keep_root=req.keep_root, tool_version=__version__,
+            stage4=profile.stage4 if req.stage4 is None else req.stage4, source_time=source_time)
         with chroot_errors():
             result = builder.run_build(spec, console=console)
     if result.ok and req.output is None and req.deliver:

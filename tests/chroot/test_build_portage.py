@@ -121,6 +121,13 @@ portage_profile = "default"
 world = ["app-misc/trouble"]
 signing_key = "{trouble_key.fingerprint}"
 gnupghome = "{trouble_key.home}"
+
+[profiles.chain]
+stage = "latest-build"
+seed_stage = "{stage_file}"
+seed_stage_sha256 = "{sha}"
+portage_profile = "default"
+world = ["app-misc/hello"]
 """)
     tags = sync_mirror(base, cfg, mirror, gpg_key)
     yield {"base": base, "work": work, "cfg": cfg, "tags": tags, "ov_tags": ov_tags, "stage": stage_file,
@@ -250,7 +257,11 @@ def test_build_world_with_pinned_overlay(env, tmp_path):
         if f.is_file():
             data = f.read_bytes()
             assert not any(sec in data for sec in secrets), f
-    assert sorted(p.name for p in out.iterdir()) == ["build.json", "build.log", "packages"]
+    assert sorted(p.name for p in out.iterdir()) == ["build.json", "build.log", "packages", "stage4.tar.zst"]
+    # The stage4 holds the public key trusted in /etc/portage/gnupg, nothing of the signing home.
+    s4_names = tar_names(out / "stage4.tar.zst", "--zstd")
+    assert "./etc/portage/gnupg/pubring.kbx" in s4_names
+    assert not [n for n in s4_names if "snapshotter-signing" in n or "private-keys" in n], s4_names
 
     man = check_manifest(out)
     assert man["ok"] is True and man["exit_status"] == 0 and man["error"] == ""
@@ -399,6 +410,58 @@ def test_kill_9_mid_emerge_leaves_no_mount_then_failure_cleans_stale_root(env):
     # The killed build's directory is still there as it was: a build never replaces another's directory.
     assert build_dirs(env, "trouble") == before | {new: (failed / "build.json").read_text()}
     assert before[killed_dir.name] is None
+
+
+STAGE4_EXCLUDED = ("./var/db/repos/gentoo/", "./var/cache/binpkgs/", "./var/cache/distfiles/", "./etc/resolv.conf",
+                   "./var/log/emerge.log", "./var/log/portage/", "./var/tmp/portage/", "./run/snapshotter-signing",
+                   "./proc/", "./dev/", "./sys/")
+
+
+def test_stage4_chain_seeds_the_next_build(env):
+    """Profile chain (stage = "latest-build"): build 1 starts from seed_stage and packs its root as a stage4
+    without the build's mounts, caches, logs and resolv.conf; a failed build is skipped as a seed; build 2
+    starts from build 1's stage4 (named by sha256 in its build.json), rebuilds hello-1.1, and appends one
+    builder block to make.conf, not a second one."""
+    r = build(env, "build", "--profile", "chain", "--tag", TAG1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out1 = env["base"] / "out" / "chain" / f"{TAG1}.1"
+    man1 = check_manifest(out1)
+    assert man1["stage"] == {"source": str(env["stage"]), "sha256": env["sha"]}  # seed_stage: no build yet
+    s4 = man1["stage4"]
+    stage4_1 = out1 / "stage4.tar.zst"
+    assert s4 == {"file": "stage4.tar.zst", "sha256": sha256(stage4_1), "size": stage4_1.stat().st_size}
+    names = tar_names(stage4_1, "--zstd")
+    assert "./var/db/pkg/app-misc/hello-1.0/CONTENTS" in names and "./usr/bin/hello" in names
+    empty_dirs = {"./var/db/repos/", "./var/cache/binpkgs/", "./var/cache/distfiles/", "./proc/", "./dev/", "./sys/"}
+    assert empty_dirs <= set(names)
+    leaked = [n for n in names if n.startswith(STAGE4_EXCLUDED) and n not in empty_dirs]
+    assert not leaked, leaked
+    # make.conf as the stage had it (the stand-in stage has none): the builder's block (PKGDIR, FEATURES,
+    # signing) was this build's only.
+    assert "./etc/portage/make.conf" not in names and "./etc/portage/repos.conf/zz-snapshotter.conf" in names
+    assert f"stage4 stage4.tar.zst: {s4['size']} bytes, sha256 {s4['sha256']}" in (out1 / "build.log").read_text()
+
+    # A newer failed build with a stage4 file is never a seed (its bytes would not even extract).
+    failed = env["base"] / "out" / "chain" / f"{TAG2}.1"
+    failed.mkdir()
+    (failed / "stage4.tar.zst").write_bytes(b"not a stage\n")
+    (failed / "build.json").write_text(json.dumps({
+        **man1, "id": failed.name, "tag": TAG2, "ok": False, "exit_status": 1, "commit": env["tags"][TAG2],
+        "stage4": {"file": "stage4.tar.zst", "sha256": sha256(failed / "stage4.tar.zst"), "size": 12}}))
+
+    r = build(env, "build", "--profile", "chain", "--tag", TAG2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out2 = env["base"] / "out" / "chain" / f"{TAG2}.2"
+    assert r.stdout.strip() == f"{TAG2}.2 {out2}"
+    man2 = check_manifest(out2)
+    assert man2["stage"] == {"source": str(stage4_1), "sha256": s4["sha256"], "build": f"{TAG1}.1"}
+    assert packages_index_cpvs(out2 / "packages" / "Packages") >= {"app-misc/hello-1.1"}
+    assert man2["make_conf"]["content"].count('PKGDIR="/var/cache/binpkgs"') == 1
+    names2 = tar_names(out2 / "stage4.tar.zst", "--zstd")
+    assert "./var/db/pkg/app-misc/hello-1.1/CONTENTS" in names2
+    assert not [n for n in names2 if n.startswith("./var/db/pkg/app-misc/hello-1.0")]
+    assert man2["stage4"]["sha256"] == sha256(out2 / "stage4.tar.zst") != s4["sha256"]
+    assert list((env["work"] / "chain").iterdir()) == []
 
 
 def test_packages_install_with_usepkgonly_into_fresh_root(env):
