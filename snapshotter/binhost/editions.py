@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from snapshotter.binhost import history
-from snapshotter.binhost.builds import Build, find_build, list_builds, parse_id
+from snapshotter.binhost.builds import Build, find_build, list_builds, manifest, parse_id
 from snapshotter.binhost.settings import settings_tarball
 from snapshotter.config import Config, SigningSettings, signing_for, validate_name
 from snapshotter.errors import ConfigError, SnapshotterError
@@ -307,6 +307,36 @@ def _settings(cfg: Config, build: Build, signing: SigningSettings, dest: Path) -
     _sign(dest / s.name, signing)
 
 
+def _stage4(build: Build, signing: SigningSettings, dest: Path) -> None:
+    """The stage4 the build packed (docs/build.md), if any: `stages/stage4-PROFILE-ID.tar.zst` hard-linked
+    from the build's directory, with `.sha256` (sha256sum's format) and a detached signature `.asc`, so a
+    new host can be installed from exactly what the edition runs. Its sha256 must be build.json's."""
+    s4 = manifest(build).get("stage4")
+    if s4 is None:
+        return
+    what = f"build {build.profile} {build.id}"
+    name, sha = (s4.get("file"), s4.get("sha256")) if isinstance(s4, dict) else (None, None)
+    if not isinstance(name, str) or "/" in name or name.startswith(".") or not isinstance(sha, str):
+        raise SnapshotterError(f"{what}: build.json's stage4 is not {{file, sha256}}; refusing to publish it")
+    src = build.path / name
+    if src.is_symlink() or not src.is_file():
+        raise SnapshotterError(f"{what}: its stage4 {src} is missing; refusing to publish it")
+    dest.mkdir(mode=0o755)
+    suffix = name[name.index(".tar"):] if ".tar" in name else ""
+    pub = dest / f"stage4-{build.profile}-{build.id}{suffix}"
+    try:
+        os.link(src, pub, follow_symlinks=False)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        _copy_file(src, pub)
+    if _sha256(pub) != sha:
+        raise SnapshotterError(f"{what}: its stage4 {src} does not have the sha256 of build.json; refusing to "
+                               "publish it")
+    _write_new(dest / f"{pub.name}.sha256", f"{sha}  {pub.name}\n".encode())
+    _sign(pub, signing)
+
+
 def require_ok(build: Build, action: str) -> Build:
     if build.state != "ok":
         why = {"failed": "failed", "incomplete": "is incomplete (still running, or crashed)",
@@ -377,6 +407,7 @@ def make_publishable(cfg: Config, build: Build, snapshot: SnapshotMaker,
             link_tree(build.packages_dir, partial / "packages", f"build {build.profile} {build.id}")
             _snapshot(cfg, lay, build, signing, partial / "snapshots", snapshot)
             _settings(cfg, build, signing, partial / "portage")
+            _stage4(build, signing, partial / "stages")
             files = hash_files(partial)
             _check_packages(build, files)
             _fsync_tree(partial)

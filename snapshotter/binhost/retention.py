@@ -3,7 +3,8 @@
 A build is kept when it is among the newest `[binhost] keep_builds` builds of its profile (tag, N order,
 whatever their state), when an edition points at it or keeps it as the previous build of its current
 root (clients in the middle of an update), or when an edition pointed at it within the last
-`[binhost] rollback_days` days (history). An incomplete build (no build.json) is kept while a build of its
+`[binhost] rollback_days` days (history), or when its stage4 seeds the profile's next build (`stage =
+"latest-build"` or `"build:ID"`, docs/build.md). An incomplete build (no build.json) is kept while a build of its
 profile runs on this host (the profile's build lock is held). Everything else goes: first a tombstone
 (its id is never handed out again), then its publishable copy under the web root, then its OUTPUT
 directory. Then roots no edition points at, and cached snapshots no publishable build links any more.
@@ -21,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from snapshotter.binhost import history
-from snapshotter.binhost.builds import INCOMPLETE, Build, build_lock_path, list_builds, tombstone
+from snapshotter.binhost.builds import INCOMPLETE, Build, build_lock_path, list_builds, manifest, tombstone
 from snapshotter.binhost.editions import CACHE_FILES, Layout, current, reconcile
-from snapshotter.config import NAME_RE, Config
-from snapshotter.errors import LockedError
+from snapshotter.config import LATEST_BUILD, NAME_RE, Config
+from snapshotter.errors import LockedError, SnapshotterError
 from snapshotter.fsutil import fsync_dir
 from snapshotter.lock import flocked
 
@@ -73,6 +74,26 @@ def _profiles(cfg: Config, lay: Layout | None, builds: list[Build]) -> list[str]
     return sorted(names)
 
 
+def _seed(cfg: Config, profile: str, bs: list[Build]) -> str | None:
+    """The build whose stage4 the profile's next build starts from (`stage = "latest-build"`: the newest
+    good build with a stage4; `"build:ID"`: that one), so purge never takes a chain's seed away."""
+    prof = cfg.profiles.get(profile)
+    which = None if prof is None else prof.stage_build
+    if which is None:
+        return None
+    if which != LATEST_BUILD:
+        return which
+    for b in sorted(bs, key=lambda b: b.key, reverse=True):
+        if b.ok:
+            try:
+                s4 = manifest(b).get("stage4")
+            except SnapshotterError:
+                continue
+            if isinstance(s4, dict) and isinstance(s4.get("file"), str) and (b.path / s4["file"]).is_file():
+                return b.id
+    return None
+
+
 def keep_reasons(cfg: Config, builds: list[Build]) -> dict[tuple[str, str], list[str]]:
     """{(profile, build id): why it is kept} for every build some rule keeps."""
     reasons: dict[tuple[str, str], list[str]] = {}
@@ -87,6 +108,7 @@ def keep_reasons(cfg: Config, builds: list[Build]) -> dict[tuple[str, str], list
     for profile, bs in by_profile.items():
         for b in sorted(bs, key=lambda b: b.key)[-cfg.binhost.keep_builds:]:
             keep(profile, b.id, f"newest {cfg.binhost.keep_builds}")
+        keep(profile, _seed(cfg, profile, bs), "seeds the profile's next build (its stage4)")
         if any(b.state == INCOMPLETE for b in bs) and _building(build_lock_path(cfg, profile)):
             for b in bs:
                 if b.state == INCOMPLETE:
