@@ -1,10 +1,11 @@
-"""chroot.stage4: the same root gives the same bytes; owners by number, modes and xattrs kept; none of
+"""chroot.stage4: the same root gives the same bytes; owners by number, modes, xattrs and ACLs kept; none of
 the excluded paths; a stage4 is never written through a symlink or over an existing file."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import subprocess
 import tarfile
 import time
@@ -17,6 +18,10 @@ from chroot.stage import extract_stage
 from chroot.stage4 import STAGE4_NAME, pack_root
 
 MTIME = 1767225600  # 2026-01-01T00:00:00Z
+# A POSIX access ACL (what setfacl -m u:1234:r- writes): version 2, then (tag, perm, id) entries.
+_NOID = 0xFFFFFFFF
+ACL = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, uid) for tag, perm, uid in (
+    (0x01, 6, _NOID), (0x02, 4, 1234), (0x04, 4, _NOID), (0x10, 4, _NOID), (0x20, 4, _NOID)))
 
 EXCLUDED = ["var/db/repos/gentoo/profiles/x", "var/db/repos/extra/metadata/layout.conf",
             "var/cache/binpkgs/app-misc/hello-1.gpkg.tar", "var/cache/distfiles/src.tar.gz", "etc/resolv.conf",
@@ -36,6 +41,7 @@ def make_root(root: Path) -> None:
     (root / "usr/bin/hello").chmod(0o4755)  # after chown, which clears set-uid
     os.chown(root / "var/lib/portage", 250, 250)
     os.setxattr(root / "usr/bin/hello", "user.pax.flags", b"em")
+    os.setxattr(root / "var/lib/portage/world", "system.posix_acl_access", ACL)
     os.symlink("hello", root / "usr/bin/hi")
     os.link(root / "usr/bin/hello", root / "usr/bin/hello-hardlink")
 
@@ -101,6 +107,7 @@ def test_same_root_same_bytes_and_nothing_excluded(root: Path, tmp_path: Path) -
     assert names["usr/bin/hi"].issym() and names["usr/bin/hi"].linkname == "hello"
     assert names["usr/bin/hello-hardlink"].islnk()
     assert hello.pax_headers.get("SCHILY.xattr.user.pax.flags") == "em"
+    assert "user:1234:r--" in names["var/lib/portage/world"].pax_headers.get("SCHILY.acl.access", "")
     assert not [m.name for m in names.values() if {"atime", "ctime"} & set(m.pax_headers)]
 
 
@@ -112,6 +119,7 @@ def test_extracts_back_with_owners_and_xattrs(root: Path, tmp_path: Path) -> Non
     st = os.lstat(back / "usr/bin/hello")
     assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (1234, 5678, 0o4755)
     assert os.getxattr(back / "usr/bin/hello", "user.pax.flags") == b"em"
+    assert os.getxattr(back / "var/lib/portage/world", "system.posix_acl_access") == ACL
     assert (back / "var/lib/portage/world").read_text() == "var/lib/portage/world\n"
     assert not (back / "etc/resolv.conf").exists() and not any((back / "var/db/repos").iterdir())
 
