@@ -84,6 +84,13 @@ def main(ctx: click.Context, config_path: Path | None, verbose: int, quiet: bool
       snapshotter build --profile basic     rebuild all binary packages from a tag in a chroot
       snapshotter run             the daily loop (sync, push, publish, queue builds)
 
+    \b
+    Delivering builds to the fleet (docs/binhost.md):
+      snapshotter builds --profile basic            builds and the editions pointing at them
+      snapshotter promote basic --to production     production := what testing has now
+      snapshotter rollback basic --edition production
+      snapshotter client-config --profile basic --edition testing --url https://10.0.0.5:8443 --out DIR
+
     Flags override the configuration file, but only some of its keys have one: an option's help
     names the key it overrides ("Config: sync.mirrors"); every other key is set in the file
     (examples/snapshotter.toml has them all, commented).
