@@ -160,6 +160,7 @@ def pinned_config(cfg: Config, man: manifestmod.Manifest) -> tuple[Config, dict[
         raise SnapshotterError(f"build {man.id}: build.json records no stage sha256; cannot pin its stage")
     if not man.emerge_command or man.emerge_command[0] != "emerge":
         raise SnapshotterError(f"build {man.id}: build.json's emerge_command is not an emerge command")
+    # The stage exactly as recorded: a seeded build's source is its seed's stage4 file, not `latest-build`.
     pinned = replace(prof, stage=str(stage["source"]), stage_sha256=str(stage["sha256"]),
                      portage_profile=man.portage_profile, world=None if man.world is None else list(man.world),
                      emerge_args=list(man.emerge_command[1:]))
@@ -206,7 +207,7 @@ def rebuild(cfg: Config, what: str, profile: str | None = None, *, report: Path 
     log.info("rebuilding %s %s from its pinned inputs (tag %s at %s, stage %s)", man.profile, original.id,
              man.tag, man.commit[:12], man.stage["sha256"][:12])
     result = run_build(pinned_cfg, BuildRequest(profile=man.profile, tag=man.tag, overlay_refs=refs,
-                                                deliver=False), console=console)
+                                                deliver=False, stage4=False), console=console)
     if not result.ok:
         raise BuildFailed(f"rebuild {result.build_id} of {man.profile} {original.id} failed (emerge exit status "
                           f"{result.exit_status}); log: {result.log}")
