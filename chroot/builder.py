@@ -317,7 +317,7 @@ def _build(spec: BuildSpec, profile: PortageSettings, man: manifestmod.Manifest,
         if profile.portage_confdir is not None:
             portageconf.copy_confdir(profile.portage_confdir, root)
             man.portage_confdir = {"path": str(profile.portage_confdir),
-                                   "sha256": portageconf.tree_hash(profile.portage_confdir)}
+                                   "sha256": profile.portage_confdir_sha256}
         make_conf_path = inside(root, "etc/portage/make.conf")
         stage_make_conf = make_conf_path.read_bytes() if make_conf_path.is_file() and \
             not make_conf_path.is_symlink() else None

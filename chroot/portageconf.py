@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shlex
@@ -104,28 +103,6 @@ def make_conf_block(profile: PortageSettings, signing: Signing | None = None, ba
         lines.append("# signed packages: the key's GnuPG home exists only while the build runs\n")
         lines += [f"{var}={_quote(sign_vars[var])}\n" for var in sorted(sign_vars)]
     return "".join(lines)
-
-
-def tree_hash(path: Path) -> str:
-    """sha256 over a directory's relative paths, kinds, modes, symlink targets and file contents."""
-    h = hashlib.sha256()
-    for dirpath, dirnames, filenames in os.walk(path):
-        dirnames.sort()
-        rel_dir = os.path.relpath(dirpath, path)
-        for name in sorted(filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]):
-            full = os.path.join(dirpath, name)
-            rel = os.path.normpath(os.path.join(rel_dir, name))
-            st = os.lstat(full)
-            if stat.S_ISLNK(st.st_mode):
-                h.update(f"L {rel} {os.readlink(full)}\0".encode())
-            else:
-                h.update(f"F {rel} {stat.S_IMODE(st.st_mode):o}\0".encode())
-                with open(full, "rb") as f:
-                    h.update(hashlib.sha256(f.read()).digest())
-        for d in dirnames:
-            if not os.path.islink(os.path.join(dirpath, d)):
-                h.update(f"D {os.path.normpath(os.path.join(rel_dir, d))}\0".encode())
-    return h.hexdigest()
 
 
 def copy_confdir(src: Path, root: Path) -> None:

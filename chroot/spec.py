@@ -38,6 +38,7 @@ class PortageSettings:
     make_conf: dict[str, str] = field(default_factory=dict)
     portage_profile: str | None = None  # relative to the gentoo tree's profiles/; None keeps the stage's
     portage_confdir: Path | None = None
+    portage_confdir_sha256: str | None = None  # the caller's digest of it, recorded in build.json
     world: list[str] | None = None  # None keeps the stage's /var/lib/portage/world
     emerge_args: list[str] = field(default_factory=lambda: list(DEFAULT_EMERGE_ARGS))
 

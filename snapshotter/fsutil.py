@@ -187,3 +187,27 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644, durable: bool, n
             os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def tree_hash(path: Path) -> str:
+    """sha256 over a directory's relative paths, kinds, modes, symlink targets and file contents: the
+    digest of a build profile's portage_confdir that build.json records (the build hands it to chroot)
+    and that publishing and `rebuild` check against."""
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames.sort()
+        rel_dir = os.path.relpath(dirpath, path)
+        for name in sorted(filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]):
+            full = os.path.join(dirpath, name)
+            rel = os.path.normpath(os.path.join(rel_dir, name))
+            st = os.lstat(full)
+            if stat.S_ISLNK(st.st_mode):
+                h.update(f"L {rel} {os.readlink(full)}\0".encode())
+            else:
+                h.update(f"F {rel} {stat.S_IMODE(st.st_mode):o}\0".encode())
+                with open(full, "rb") as f:
+                    h.update(hashlib.sha256(f.read()).digest())
+        for d in dirnames:
+            if not os.path.islink(os.path.join(dirpath, d)):
+                h.update(f"D {os.path.normpath(os.path.join(rel_dir, d))}\0".encode())
+    return h.hexdigest()

@@ -20,12 +20,10 @@ liblzma; the same build gives the same bytes.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import lzma
 import os
 import re
-import stat
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,7 @@ from typing import Any
 
 from snapshotter.binhost.builds import Build, manifest
 from snapshotter.errors import SnapshotterError
+from snapshotter.fsutil import tree_hash
 
 URL_PLACEHOLDER = "@SNAPSHOTTER_URL@"
 # Where clients keep the signing key (repos.conf sync-openpgp-key-path; publish.clientconfig's default too).
@@ -93,29 +92,6 @@ def client_make_conf(text: str) -> str:
         i = end + 1
     result = "".join(out)
     return result if not result or result.endswith("\n") else result + "\n"
-
-
-def confdir_hash(path: Path) -> str:
-    """The portage_confdir digest build.json records (the same walk as chroot.portageconf.tree_hash:
-    relative paths, kinds, modes, symlink targets and file contents)."""
-    h = hashlib.sha256()
-    for dirpath, dirnames, filenames in os.walk(path):
-        dirnames.sort()
-        rel_dir = os.path.relpath(dirpath, path)
-        for name in sorted(filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]):
-            full = os.path.join(dirpath, name)
-            rel = os.path.normpath(os.path.join(rel_dir, name))
-            st = os.lstat(full)
-            if stat.S_ISLNK(st.st_mode):
-                h.update(f"L {rel} {os.readlink(full)}\0".encode())
-            else:
-                h.update(f"F {rel} {stat.S_IMODE(st.st_mode):o}\0".encode())
-                with open(full, "rb") as f:
-                    h.update(hashlib.sha256(f.read()).digest())
-        for d in dirnames:
-            if not os.path.islink(os.path.join(dirpath, d)):
-                h.update(f"D {os.path.normpath(os.path.join(rel_dir, d))}\0".encode())
-    return h.hexdigest()
 
 
 def _regular_files(top: Path) -> list[Path]:
@@ -191,7 +167,7 @@ def settings_members(build: Build, data: dict[str, Any] | None = None) -> dict[s
         if not confdir.is_dir():
             raise SnapshotterError(f"build {build.profile} {build.id}: portage_confdir {confdir} no longer exists; "
                                    "its client settings cannot be made")
-        if confdir_hash(confdir) != pc.get("sha256"):
+        if tree_hash(confdir) != pc.get("sha256"):
             raise SnapshotterError(f"build {build.profile} {build.id}: portage_confdir {confdir} changed since the "
                                    "build; its client settings cannot be made (rebuild the tag)")
         members.update(_confdir_members(confdir))

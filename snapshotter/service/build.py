@@ -43,7 +43,7 @@ from snapshotter.config import (
 )
 from snapshotter.download import DEFAULT_DEADLINE, Downloader
 from snapshotter.errors import ConfigError, SnapshotterError
-from snapshotter.fsutil import check_private_dir, file_digest
+from snapshotter.fsutil import check_private_dir, file_digest, tree_hash
 from snapshotter.git.export import export_tree, resolve
 from snapshotter.git.repository import Repository, git
 from snapshotter.lock import flocked
@@ -96,6 +96,8 @@ def chroot_errors() -> Iterator[None]:
 def portage_settings(profile: Profile) -> PortageSettings:
     return PortageSettings(name=profile.name, make_conf=dict(profile.make_conf),
                            portage_profile=profile.portage_profile, portage_confdir=profile.portage_confdir,
+                           portage_confdir_sha256=None if profile.portage_confdir is None
+                           else tree_hash(profile.portage_confdir),
                            world=None if profile.world is None else list(profile.world),
                            emerge_args=list(profile.emerge_args))
 

@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from chroot import manifest as manifestmod
-from chroot import portageconf
 from snapshotter.binhost import compare
 from snapshotter.binhost.builds import BUILD_JSON, PACKAGES, find_build, is_id
 from snapshotter.config import Config
 from snapshotter.errors import BuildFailed, ConfigError, SnapshotterError
-from snapshotter.fsutil import atomic_write
+from snapshotter.fsutil import atomic_write, tree_hash
 from snapshotter.git.repository import Repository
 from snapshotter.service.build import BuildRequest, resolve_profile, run_build
 
@@ -150,7 +149,7 @@ def pinned_config(cfg: Config, man: manifestmod.Manifest) -> tuple[Config, dict[
         if prof.portage_confdir is None or not prof.portage_confdir.is_dir():
             raise SnapshotterError(f"profile {man.profile}: portage_confdir {conf['path']} of build {man.id} is "
                                    "gone or no longer configured")
-        now = portageconf.tree_hash(prof.portage_confdir)
+        now = tree_hash(prof.portage_confdir)
         if now != conf["sha256"]:
             raise SnapshotterError(f"profile {man.profile}: portage_confdir {prof.portage_confdir} changed since "
                                    f"build {man.id} (sha256 {conf['sha256'][:12]} then, {now[:12]} now); "

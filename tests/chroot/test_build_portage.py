@@ -31,6 +31,7 @@ from helpers import stage as test_stage
 from chroot import builder, portageconf
 from chroot.mounts import mounts_under, parse_mountinfo, safe_rmtree
 from chroot.stage import extract_stage
+from snapshotter import fsutil
 from snapshotter.config import Overlay, parse_profile
 from snapshotter.service import build as buildsvc
 
@@ -271,7 +272,7 @@ def test_build_world_with_pinned_overlay(env, tmp_path):
                                 "commit": env["ov_tags"]["v1"]}]
     assert man["stage"]["sha256"] == env["sha"]
     # dev-libs/tilde (~amd64 only) built: the confdir's package.accept_keywords reached /etc/portage.
-    assert man["portage_confdir"] == {"path": str(env["confdir"]), "sha256": portageconf.tree_hash(env["confdir"])}
+    assert man["portage_confdir"] == {"path": str(env["confdir"]), "sha256": fsutil.tree_hash(env["confdir"])}
     mc = man["make_conf"]["content"]
     assert hashlib.sha256(mc.encode()).hexdigest() == man["make_conf"]["sha256"]
     assert 'FEATURES="buildpkg cgroup ipc-sandbox network-sandbox parallel-fetch binpkg-signing"' in mc

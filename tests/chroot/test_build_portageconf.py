@@ -14,6 +14,7 @@ from helpers import testlib
 
 from chroot import manifest, portageconf
 from chroot.errors import ChrootError
+from snapshotter import fsutil
 from snapshotter.config import parse_profile
 from snapshotter.service.build import portage_settings
 
@@ -104,16 +105,16 @@ def test_confdir_copy_and_hash(tmp_path, root):
     conf = tmp_path / "confdir"
     testlib.write_tree(conf, {"package.use/ssl": "dev-libs/openssl -bindist\n",
                               "env/debug.conf": "FEATURES=splitdebug\n", "make.profile": ("symlink", "x")})
-    h1 = portageconf.tree_hash(conf)
+    h1 = fsutil.tree_hash(conf)
     portageconf.copy_confdir(conf, root)
     assert (root / "etc/portage/package.use/ssl").read_text() == "dev-libs/openssl -bindist\n"
     assert (root / "etc/portage/make.profile").readlink() == Path("x")
     assert (root / "etc/portage/make.conf").exists()  # the stage's files not in the confdir stay
-    assert portageconf.tree_hash(conf) == h1
+    assert fsutil.tree_hash(conf) == h1
     (conf / "env/debug.conf").chmod(0o600)
-    h2 = portageconf.tree_hash(conf)
+    h2 = fsutil.tree_hash(conf)
     (conf / "env/debug.conf").write_text("FEATURES=nostrip\n")
-    h3 = portageconf.tree_hash(conf)
+    h3 = fsutil.tree_hash(conf)
     assert len({h1, h2, h3}) == 3
 
 

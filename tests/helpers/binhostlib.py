@@ -14,7 +14,7 @@ from chroot import manifest as manifestmod
 from chroot import portageconf
 from chroot.spec import PortageSettings
 from helpers import testlib
-from snapshotter import config
+from snapshotter import config, fsutil
 from snapshotter.binhost import builds
 
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
@@ -90,7 +90,7 @@ def write_build(output: Path, profile: str, tag: str, commit: str, *, ok: bool =
         profile=profile, tag=tag, commit=commit, repo=str(repo or ""),
         stage={"source": "/stages/stage3.tar.xz", "sha256": "0" * 64}, overlays=list(overlays or []),
         portage_profile=portage_profile, make_conf={"content": mc, "sha256": manifestmod.sha256_text(mc)},
-        portage_confdir=None if confdir is None else {"path": str(confdir), "sha256": portageconf.tree_hash(confdir)},
+        portage_confdir=None if confdir is None else {"path": str(confdir), "sha256": fsutil.tree_hash(confdir)},
         repos_conf=portageconf.repos_conf([o["name"] for o in overlays or []]), world=None,
         emerge_command=["emerge", "--emptytree", "@world"], started="2026-01-10T01:00:00+00:00",
         finished="2026-01-10T01:10:00+00:00", duration_seconds=600.0, exit_status=0 if ok else 1, ok=ok,
