@@ -389,6 +389,36 @@ def test_emerge_keeps_a_newer_version_that_is_still_in_the_tree(env: Env) -> Non
         mask.unlink(missing_ok=True)
 
 
+def test_a_new_host_installed_from_the_stage4_production_publishes(env: Env) -> None:
+    """An operator installs a new host from the stage4 the production edition publishes (the root its build
+    ran in, packages installed), checked against the signed edition.json, and the host then follows the
+    edition with the update script."""
+    b1 = env.edition_build("production")
+    root = env.base / "www/production/basic"
+    edition = json.loads((root / "edition.json").read_text())
+    subprocess.run(["gpg", "--homedir", str(env.key.home), "--batch", "--verify", str(root / "edition.json.asc"),
+                    str(root / "edition.json")], check=True, capture_output=True)
+    rel = f"stages/stage4-basic-{b1}.tar.zst"
+    stage4 = root / edition["path"] / rel
+    assert hashlib.sha256(stage4.read_bytes()).hexdigest() == edition["files"][rel]
+    subprocess.run(["gpg", "--homedir", str(env.key.home), "--batch", "--verify", f"{stage4}.asc", str(stage4)],
+                   check=True, capture_output=True)
+    host = Client.__new__(Client)
+    host.env, host.root = env, env.work / "stage4-host"
+    extract_stage(stage4, host.root)
+    # The build's own packages are installed already; its tree is not part of a stage.
+    assert {"app-misc/hello-1.0", "app-misc/extra-1.0"} <= host.installed()
+    assert list((host.root / "var/db/repos").glob("*/*")) == []
+    host.configure(env.url("production"), "production")
+    r = host.update()
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:] + host.log()[-3000:]
+    check_at_build(env, host, b1, TAG1)
+    assert host.installed() == {"app-misc/hello-1.0", "app-misc/extra-1.0", "dev-libs/libfoo-1.0", "sys-apps/base-1"}
+    assert host.run(["/bin/sh", "/usr/bin/hello"]).stdout.strip() == "hello 1.0"
+    r = host.update()
+    assert r.returncode == 0 and f"already at build {b1}" in r.stdout
+
+
 def test_over_mutual_tls_with_lighttpd(env: Env) -> None:
     """The testing and production endpoints of P1's lighttpd configuration (client certificates per edition).
     A new testing host with a testing certificate updates end to end; pointed at the production endpoint,
