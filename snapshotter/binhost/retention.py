@@ -84,14 +84,17 @@ def _seed(cfg: Config, profile: str, bs: list[Build]) -> str | None:
     if which != LATEST_BUILD:
         return which
     for b in sorted(bs, key=lambda b: b.key, reverse=True):
-        if b.ok:
-            try:
-                s4 = manifest(b).get("stage4")
-            except SnapshotterError:
-                continue
-            if isinstance(s4, dict) and isinstance(s4.get("file"), str) and (b.path / s4["file"]).is_file():
-                return b.id
+        if b.ok and _has_stage4(b):
+            return b.id
     return None
+
+
+def _has_stage4(b: Build) -> bool:
+    try:
+        s4 = manifest(b).get("stage4")
+    except SnapshotterError:
+        return False
+    return isinstance(s4, dict) and isinstance(s4.get("file"), str) and (b.path / s4["file"]).is_file()
 
 
 def keep_reasons(cfg: Config, builds: list[Build]) -> dict[tuple[str, str], list[str]]:
@@ -109,10 +112,15 @@ def keep_reasons(cfg: Config, builds: list[Build]) -> dict[tuple[str, str], list
         for b in sorted(bs, key=lambda b: b.key)[-cfg.binhost.keep_builds:]:
             keep(profile, b.id, f"newest {cfg.binhost.keep_builds}")
         keep(profile, _seed(cfg, profile, bs), "seeds the profile's next build (its stage4)")
-        if any(b.state == INCOMPLETE for b in bs) and _building(build_lock_path(cfg, profile)):
+        prof = cfg.profiles.get(profile)
+        seeded = prof is not None and prof.stage_build is not None
+        if (seeded or any(b.state == INCOMPLETE for b in bs)) and _building(build_lock_path(cfg, profile)):
             for b in bs:
                 if b.state == INCOMPLETE:
                     keep(profile, b.id, "a build of the profile is running")
+                elif seeded and b.ok and _has_stage4(b):
+                    # It may be the seed the running build resolved before a newer build became the seed.
+                    keep(profile, b.id, "a build of the profile is running (its stage4 may be that build's seed)")
     if cfg.binhost.web_root is not None:
         lay = Layout(cfg.binhost.web_root)
         for profile in _profiles(cfg, lay, builds):

@@ -87,3 +87,26 @@ def test_purge_keeps_the_seed_of_a_chain(tmp_path: Path, gpg_key: testlib.Key) -
     kept = {f"{k.build.profile} {k.build.id}": k.reasons for k in report.kept}
     assert kept["chain 2026-01-10.1"] == ["seeds the profile's next build (its stage4)"]
     assert (site.output / "chain" / "2026-01-10.1" / "stage4.tar.zst").is_file()
+
+
+def test_while_a_build_of_a_chain_runs_every_stage4_of_it_is_kept(tmp_path: Path, gpg_key: testlib.Key) -> None:
+    """A running build may have resolved an older seed before a newer good build landed (another host): purge
+    keeps every good stage4 of a seeded profile while the profile's build lock is held, and not after."""
+    from snapshotter.lock import flocked
+
+    site = binhostlib.make_site(tmp_path / "site", gpg_key, extra="keep_builds = 1\nrollback_days = 0",
+                                profiles=("chain",))
+    text = site.config_path.read_text()
+    head, sep, chain = text.partition("[profiles.chain]\n")
+    site.config_path.write_text(head + sep + f'stage = "latest-build"\nseed_stage = "{tmp_path / "site" / "stage3.tar.xz"}"\n'
+                                + "\n".join(line for line in chain.splitlines() if not line.startswith("stage")) + "\n")
+    older = with_stage4(site, "2026-01-10", b"stage4 one\n", profile="chain")
+    with_stage4(site, "2026-01-11", b"stage4 two\n", profile="chain")
+    cfg = site.cfg
+    with flocked(builds.build_lock_path(cfg, "chain"), "build profile chain"):
+        report = retention.purge(cfg)
+    assert report.removed == []
+    kept = {k.build.id: k.reasons for k in report.kept}
+    assert kept[older.id] == ["a build of the profile is running (its stage4 may be that build's seed)"]
+    assert [b.id for b in retention.purge(cfg).removed] == [older.id]  # lock free: only the newest seed stays
+
