@@ -8,7 +8,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
-from helpers import testlib
+from helpers import servicelib, testlib
 
 from snapshotter.config import load
 from snapshotter.errors import EXIT_OK, EXIT_PUSH_FAILED, SignatureError, SnapshotterError
@@ -21,26 +21,7 @@ D18, D19, D20 = date(2026, 11, 18), date(2026, 11, 19), date(2026, 11, 20)
 
 
 def write_config(tmp: Path, mirror: testlib.HttpMirror, key: testlib.Key, extra: str = "") -> Path:
-    stage = tmp / "stage.tar.xz"
-    stage.touch()
-    path = tmp / "snapshotter.toml"
-    path.write_text(f"""
-repo = "{tmp / 'gentoo.git'}"
-state_dir = "{tmp / 'state'}"
-{extra}
-[sync]
-mirrors = ["{mirror.url}"]
-keyring = ["{key.public}"]
-fingerprints = ["{key.fingerprint}"]
-cache_dir = "{tmp / 'cache'}"
-retries = 0
-timeout = 5.0
-[profiles.basic]
-stage = "{stage}"
-[profiles.server]
-stage = "{stage}"
-""")
-    return path
+    return servicelib.write_sync_config(tmp, mirror, key, extra=extra)
 
 
 def queued(cfg_path: Path) -> list[tuple[str, str]]:

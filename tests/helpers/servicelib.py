@@ -9,6 +9,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from helpers import testlib
 from snapshotter.service.jobqueue import SqliteQueue, queue_path
 
 GIT_ENV = {"GIT_AUTHOR_NAME": "T", "GIT_AUTHOR_EMAIL": "t@example.org", "GIT_COMMITTER_NAME": "T",
@@ -77,3 +78,28 @@ def make_config(root: Path, repo: Path, profiles: dict[str, list[dict[str, str]]
 def jobs(root: Path) -> list[tuple[str, str, tuple]]:
     q = SqliteQueue(queue_path(root / "state"))
     return [(r.job.profile, r.job.tag, r.job.overlays) for r in q.list()]
+
+
+def write_sync_config(tmp: Path, mirror: testlib.HttpMirror, key: testlib.Key, *, service: str = "",
+                      extra: str = "", state_dir: Path | None = None,
+                      profiles: tuple[str, ...] = ("basic", "server")) -> Path:
+    """tmp/snapshotter.toml for a sync from `mirror` signed by `key` (no retries, 5 s timeout), with the
+    repository, state and cache under `tmp`, `[service]` lines `service`, and profiles with an empty stage."""
+    stage = tmp / "stage.tar.xz"
+    stage.touch()
+    path = tmp / "snapshotter.toml"
+    path.write_text(f"""
+repo = "{tmp / 'gentoo.git'}"
+state_dir = "{state_dir or tmp / 'state'}"
+{extra}
+[sync]
+mirrors = ["{mirror.url}"]
+keyring = ["{key.public}"]
+fingerprints = ["{key.fingerprint}"]
+cache_dir = "{tmp / 'cache'}"
+retries = 0
+timeout = 5.0
+[service]
+{service}
+""" + "".join(f'[profiles.{name}]\nstage = "{stage}"\n' for name in profiles))
+    return path

@@ -12,7 +12,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
-from helpers import testlib
+from helpers import servicelib, testlib
 from helpers.servicelib import git_run, jobs, make_config, make_repos
 
 from snapshotter.config import load
@@ -25,23 +25,7 @@ ENV = {"SNAPSHOTTER_NOW": str(int(NOW.timestamp()))}
 
 
 def write_config(tmp: Path, mirror: testlib.HttpMirror, key: testlib.Key, state_dir: Path) -> Path:
-    stage = tmp / "stage.tar.xz"
-    stage.touch()
-    path = tmp / "snapshotter.toml"
-    path.write_text(f"""
-repo = "{tmp / 'gentoo.git'}"
-state_dir = "{state_dir}"
-[sync]
-mirrors = ["{mirror.url}"]
-keyring = ["{key.public}"]
-fingerprints = ["{key.fingerprint}"]
-cache_dir = "{tmp / 'cache'}"
-retries = 0
-timeout = 5.0
-[profiles.basic]
-stage = "{stage}"
-""")
-    return path
+    return servicelib.write_sync_config(tmp, mirror, key, state_dir=state_dir, profiles=("basic",))
 
 
 def queued_tags(state_dir: Path) -> list[str]:

@@ -11,7 +11,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
-from helpers import testlib
+from helpers import servicelib, testlib
 from helpers.servicelib import jobs
 
 from snapshotter.config import load
@@ -23,28 +23,7 @@ D19, D20, D21 = date(2026, 11, 19), date(2026, 11, 20), date(2026, 11, 21)
 
 def write_config(tmp: Path, mirror: testlib.HttpMirror, key: testlib.Key, service: str = "",
                  extra: str = "") -> Path:
-    stage = tmp / "stage.tar.xz"
-    stage.touch()
-    cfg = tmp / "snapshotter.toml"
-    cfg.write_text(f"""
-repo = "{tmp / 'gentoo.git'}"
-state_dir = "{tmp / 'state'}"
-{extra}
-[sync]
-mirrors = ["{mirror.url}"]
-keyring = ["{key.public}"]
-fingerprints = ["{key.fingerprint}"]
-cache_dir = "{tmp / 'cache'}"
-timeout = 5.0
-retries = 0
-[service]
-{service}
-[profiles.basic]
-stage = "{stage}"
-[profiles.server]
-stage = "{stage}"
-""")
-    return cfg
+    return servicelib.write_sync_config(tmp, mirror, key, service=service, extra=extra)
 
 
 def now_env(now: datetime = NOW) -> dict[str, str]:
