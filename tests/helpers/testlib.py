@@ -277,3 +277,19 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
         left_behind.extend(name for name in report.read().splitlines() if name)
     proc.args = argv
     return proc
+
+
+def one_error(proc: subprocess.CompletedProcess[str], *words: str, status: int | None = 1) -> str:
+    """The one `snapshotter: error:` line a failed command printed (exit `status`, or any non-zero one with
+    None), with no traceback or "internal error"; each of `words` must be in it."""
+    if status is None:
+        assert proc.returncode not in (0, None), proc
+    else:
+        assert proc.returncode == status, proc
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("snapshotter: error:")]
+    assert len(errors) == 1, proc.stderr
+    for w in words:
+        assert w in errors[0], errors[0]
+    return errors[0]
+

@@ -32,14 +32,6 @@ def queued_tags(state_dir: Path) -> list[str]:
     return sorted(r.job.tag for r in SqliteQueue(queue_path(state_dir)).list())
 
 
-def one_error(proc: subprocess.CompletedProcess[str], *words: str) -> str:
-    assert proc.returncode == 1, proc
-    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("snapshotter: error:")]
-    assert len(errors) == 1, proc.stderr
-    for w in words:
-        assert w in errors[0], errors[0]
-    return errors[0]
 
 
 def test_builds_a_failed_queue_missed_are_queued_by_the_next_sync(
@@ -50,7 +42,7 @@ def test_builds_a_failed_queue_missed_are_queued_by_the_next_sync(
     cfg = write_config(tmp_path, http_mirror, gpg_key, state_dir)
     testlib.build_snapshot(http_mirror.root, D20, key=gpg_key)
     proc = testlib.run_cli("--config", str(cfg), "sync", env=ENV)
-    one_error(proc, "queueing the builds of 2026-11-20 failed", "stay pending")
+    testlib.one_error(proc, "queueing the builds of 2026-11-20 failed", "stay pending")
     repo = tmp_path / "gentoo.git"
     assert git_run(repo, "tag").split() == ["2026-11-20"]  # the import is kept
     state = json.loads((repo / "snapshotter" / "state.json").read_text())
@@ -108,7 +100,7 @@ def test_a_date_tag_from_the_future_is_named_not_silent(
     git_run(repo, "tag", "-a", "-m", "from outside", "2099-01-01", "main")
     testlib.build_snapshot(http_mirror.root, D20, key=gpg_key)
     proc = testlib.run_cli("--config", str(cfg), "sync", env=ENV)
-    one_error(proc, "tag 2099-01-01", "in the future", "tag -d 2099-01-01")
+    testlib.one_error(proc, "tag 2099-01-01", "in the future", "tag -d 2099-01-01")
     assert git_run(repo, "tag").split() == ["2026-11-19", "2099-01-01"]
     assert queued_tags(state_dir) == ["2026-11-19"]  # nothing is built for it
     st = testlib.run_cli("--config", str(cfg), "status", env=ENV)

@@ -40,13 +40,6 @@ def sync(tmp_path: Path, key: testlib.Key, *mirrors: str, config: str = "",
     return testlib.run_cli(*argv, env={"SNAPSHOTTER_NOW": str(int(NOW.timestamp()))})
 
 
-def one_error(proc: subprocess.CompletedProcess[str], *words: str) -> str:
-    assert proc.returncode == 1, proc
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("snapshotter: error:")]
-    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    for w in words:
-        assert w in errors[0], errors[0]
-    return errors[0]
 
 
 def tags(repo: Path) -> list[str]:
@@ -61,7 +54,7 @@ def test_a_drip_feeding_mirror_fails_at_the_deadline_and_frees_the_lock(tmp_path
     testlib.build_snapshot(mirror.root, D20, key=gpg_key)
     mirror.plan(TARBALL, "drip")
     proc = sync(tmp_path, gpg_key, mirror.url, config="timeout = 3\ndeadline = 3\nretries = 0\n")
-    one_error(proc, "sync.deadline (3 s)")
+    testlib.one_error(proc, "sync.deadline (3 s)")
     assert tags(tmp_path / "gentoo.git") == []
     fd = os.open(tmp_path / "gentoo.git" / "snapshotter.lock", os.O_RDWR)
     try:
@@ -100,7 +93,7 @@ def test_an_endless_md5sum_is_capped(tmp_path: Path, mirror: FaultServer, gpg_ke
     testlib.build_snapshot(mirror.root, D20, key=gpg_key)
     mirror.plan(TARBALL + ".md5sum", "endless")
     proc = sync(tmp_path, gpg_key, mirror.url, config="max_side_file_size = 4096\n")
-    one_error(proc, "sync.max_side_file_size (4096 bytes)")
+    testlib.one_error(proc, "sync.max_side_file_size (4096 bytes)")
     assert tags(tmp_path / "gentoo.git") == []
 
 
@@ -108,7 +101,7 @@ def test_a_tarball_over_the_cap_is_not_downloaded(tmp_path: Path, mirror: FaultS
                                                   gpg_key: testlib.Key) -> None:
     testlib.build_snapshot(mirror.root, D20, {**testlib.BASE_TREE, "big": os.urandom(200_000)}, key=gpg_key)
     proc = sync(tmp_path, gpg_key, mirror.url, config="max_tarball_size = 100000\n")
-    one_error(proc, "sync.max_tarball_size (100000 bytes)")
+    testlib.one_error(proc, "sync.max_tarball_size (100000 bytes)")
     assert not list((tmp_path / "cache").glob("gentoo-*"))
 
 
@@ -117,7 +110,7 @@ def test_a_member_over_the_cap_is_refused_naming_the_key(tmp_path: Path, mirror:
     testlib.build_snapshot(mirror.root, D20, {**testlib.BASE_TREE, "distfiles/huge": b"\0" * (3 << 20)},
                            key=gpg_key)
     proc = sync(tmp_path, gpg_key, mirror.url, config="max_member_size = 1048576\n")
-    one_error(proc, "'gentoo/distfiles/huge' is 3145728 bytes", "sync.max_member_size (1048576 bytes)")
+    testlib.one_error(proc, "'gentoo/distfiles/huge' is 3145728 bytes", "sync.max_member_size (1048576 bytes)")
     assert tags(tmp_path / "gentoo.git") == []
 
 
@@ -126,7 +119,7 @@ def test_a_snapshot_unpacking_past_the_cap_is_refused(tmp_path: Path, mirror: Fa
     files = {**testlib.BASE_TREE, **{f"zeros/{i}": b"\0" * (512 << 10) for i in range(8)}}
     testlib.build_snapshot(mirror.root, D20, files, key=gpg_key)
     proc = sync(tmp_path, gpg_key, mirror.url, config="max_unpacked_size = 2097152\n")
-    one_error(proc, "sync.max_unpacked_size (2097152 bytes)")
+    testlib.one_error(proc, "sync.max_unpacked_size (2097152 bytes)")
     assert tags(tmp_path / "gentoo.git") == []
 
 

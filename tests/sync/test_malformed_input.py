@@ -32,14 +32,6 @@ def sync(tmp: Path, mirror: testlib.HttpMirror, key: testlib.Key, *args: str, re
                            env={"SNAPSHOTTER_NOW": str(int(now.timestamp()))})
 
 
-def one_error(proc: subprocess.CompletedProcess[str], *words: str) -> str:
-    assert proc.returncode == 1, proc
-    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("snapshotter: error:")]
-    assert len(errors) == 1, proc.stderr
-    for w in words:
-        assert w in errors[0], errors[0]
-    return errors[0]
 
 
 def refs(repo: Path) -> str:
@@ -90,7 +82,7 @@ def test_timestamp_out_of_range_is_one_line(tmp_path: Path, http_mirror: testlib
                                             gpg_key: testlib.Key, value: bytes) -> None:
     testlib.build_snapshot(http_mirror.root, D20, {**testlib.BASE_TREE, "metadata/timestamp.x": value + b" x\n"},
                            key=gpg_key)
-    line = one_error(sync(tmp_path, http_mirror, gpg_key), "timestamp.x")
+    line = testlib.one_error(sync(tmp_path, http_mirror, gpg_key), "timestamp.x")
     assert ("out of range" in line) == (value == b"999999999999"), line
     assert refs(tmp_path / "gentoo.git") == ""
 
@@ -98,7 +90,7 @@ def test_timestamp_out_of_range_is_one_line(tmp_path: Path, http_mirror: testlib
 def test_bad_mode_field_is_one_line(tmp_path: Path, http_mirror: testlib.HttpMirror, gpg_key: testlib.Key) -> None:
     crafted_snapshot(http_mirror, gpg_key, D20, [("gentoo/metadata/timestamp.x", stamp(D20)), ("gentoo/a", b"a\n")],
                      patch={1: (100, b"zzzzzzz")})
-    one_error(sync(tmp_path, http_mirror, gpg_key), "gentoo-20261120.tar.xz", "bad mode field")
+    testlib.one_error(sync(tmp_path, http_mirror, gpg_key), "gentoo-20261120.tar.xz", "bad mode field")
     assert refs(tmp_path / "gentoo.git") == ""
 
 
@@ -116,7 +108,7 @@ def test_negative_pax_size_is_one_line(tmp_path: Path, http_mirror: testlib.Http
     tarball.parent.mkdir(parents=True, exist_ok=True)
     tarball.write_bytes(lzma.compress(buf.getvalue()))
     testlib.write_side_files(tarball, gpg_key)
-    one_error(sync(tmp_path, http_mirror, gpg_key), "size field")
+    testlib.one_error(sync(tmp_path, http_mirror, gpg_key), "size field")
     assert refs(tmp_path / "gentoo.git") == ""
 
 
@@ -163,7 +155,7 @@ def test_disk_full_during_import_says_why_and_leaves_no_temporary_pack(
         files = {**testlib.BASE_TREE, **{f"distfiles/blob{i}": os.urandom(512 * 1024) for i in range(8)}}
         testlib.build_snapshot(http_mirror.root, D20, files, key=gpg_key)
         proc = sync(tmp_path, http_mirror, gpg_key, repo=repo)
-        line = one_error(proc, "git fast-import failed", "write error")
+        line = testlib.one_error(proc, "git fast-import failed", "write error")
         assert "Broken pipe" not in line and "disk corruption" not in line
         packs = os.listdir(repo / "objects" / "pack")
         assert not [n for n in packs if n.startswith(("tmp_pack_", "tmp_idx_"))], packs
@@ -185,7 +177,7 @@ def test_timestamp_whose_tag_is_not_the_file_day_is_refused(tmp_path: Path, http
     # gentoo-20261120 taken at 2026-11-20 00:30: inside emerge-webrsync's [D, D+2] but tagged 2026-11-19.
     early = int(datetime(2026, 11, 20, 0, 30, tzinfo=UTC).timestamp())
     testlib.build_snapshot(http_mirror.root, D20, key=gpg_key, timestamp=early)
-    one_error(sync(tmp_path, http_mirror, gpg_key), "outside the window", "would be 2026-11-19, not 2026-11-20")
+    testlib.one_error(sync(tmp_path, http_mirror, gpg_key), "outside the window", "would be 2026-11-19, not 2026-11-20")
     assert refs(tmp_path / "gentoo.git") == ""
     # The edges of the window: D+1 00:00 and D+1 23:59:59 are the day's; D+2 00:00 is not.
     for ts, ok in ((datetime(2026, 11, 21, 0, 0), True), (datetime(2026, 11, 21, 23, 59, 59), True),
@@ -196,7 +188,7 @@ def test_timestamp_whose_tag_is_not_the_file_day_is_refused(tmp_path: Path, http
         if ok:
             assert proc.returncode == 0 and proc.stdout.startswith("2026-11-20 "), proc.stderr
         else:
-            one_error(proc, "would be 2026-11-21, not 2026-11-20")
+            testlib.one_error(proc, "would be 2026-11-21, not 2026-11-20")
 
 
 # --- point 12: signatures from the future ---------------------------------------------------------
@@ -209,7 +201,7 @@ def test_signature_dated_in_the_future_is_refused(tmp_path: Path, http_mirror: t
                     "--passphrase", "", "--faked-system-time", "20990101T000000", "--local-user",
                     gpg_key.fingerprint, "--armor", "--detach-sign", "--output", str(sig), str(tarball)],
                    check=True, capture_output=True)
-    one_error(sync(tmp_path, http_mirror, gpg_key), "signature is dated 2099-01-01", "after this machine's clock")
+    testlib.one_error(sync(tmp_path, http_mirror, gpg_key), "signature is dated 2099-01-01", "after this machine's clock")
     assert refs(tmp_path / "gentoo.git") == ""
     # Signed now (a few hours of skew are fine): accepted.
     sig.unlink()
