@@ -9,6 +9,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from chroot.newfile import new_file, write_all
+
 FORMAT = 2  # 2: build ids (`id`), `signing_key`, `error`; a build's own directory
 READABLE_FORMATS = (1, 2)  # format 1 (no id, unsigned) is still read
 
@@ -89,23 +91,10 @@ def write(manifest: Manifest, path: Path) -> None:
     A build directory without build.json is a build that is running or crashed: readers take the
     file's existence as "finished", so it must never be seen half-written. It is written to a temporary
     name (O_CREAT|O_EXCL|O_NOFOLLOW: never through a planted symlink), fsynced and linked to `path`
-    with link(2), which fails if `path` exists: a build.json is never replaced. (The snapshotter's own
-    atomic writes go through snapshotter.fsutil.atomic_write; this library imports nothing of
-    snapshotter.)
+    with link(2), which fails if `path` exists: a build.json is never replaced (chroot.newfile).
     """
-    data = memoryview(manifest.to_json().encode())
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            while data:
-                data = data[os.write(fd, data):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.link(tmp, path, follow_symlinks=False)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with new_file(path) as fd:
+        write_all(fd, manifest.to_json().encode())
     dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(dfd)

@@ -20,6 +20,7 @@ import subprocess
 from pathlib import Path
 
 from chroot.errors import ChrootError
+from chroot.newfile import new_file, write_all
 from chroot.procs import die_with_parent
 
 STAGE4_NAME = "stage4.tar.zst"
@@ -46,40 +47,29 @@ def pack_root(root: Path, dest: Path, mtime: int) -> tuple[str, int]:
     Written to a temporary name beside `dest` (never through a symlink) and linked into place: `dest`
     appears complete or not at all, and is never replaced. ChrootError if tar or zstd fails.
     """
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     tar_cmd = ["tar", "--create", "--file=-", "--directory", str(root), *TAR_OPTIONS, f"--mtime=@{int(mtime)}",
                "--anchored", *(f"--exclude={p}" for p in EXCLUDES), "."]
     env = {**os.environ, "LC_ALL": "C"}
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     digest = hashlib.sha256()
     size = 0
-    try:
-        try:
-            tar = subprocess.Popen(tar_cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                                   preexec_fn=die_with_parent())
-            assert tar.stdout is not None
-            zstd = subprocess.Popen(ZSTD_COMMAND, stdin=tar.stdout, stdout=subprocess.PIPE,
-                                    stderr=subprocess.DEVNULL, preexec_fn=die_with_parent())
-            tar.stdout.close()  # zstd holds it now: tar gets SIGPIPE if zstd dies
-            assert zstd.stdout is not None
-            while chunk := zstd.stdout.read(1 << 20):
-                digest.update(chunk)
-                size += len(chunk)
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view):]
-            zstd.stdout.close()
-            zstatus = zstd.wait()
-            tar_err = tar.stderr.read().decode(errors="replace") if tar.stderr else ""
-            tstatus = tar.wait()
-            if tstatus != 0 or zstatus != 0:
-                lines = [ln for ln in tar_err.strip().splitlines() if ln]
-                raise ChrootError(f"packing the stage4 of {root} failed: tar exit {tstatus}, zstd exit {zstatus}"
-                                  + (f": {lines[-1]}" if lines else ""))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.link(tmp, dest, follow_symlinks=False)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with new_file(dest) as fd:
+        tar = subprocess.Popen(tar_cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                               preexec_fn=die_with_parent())
+        assert tar.stdout is not None
+        zstd = subprocess.Popen(ZSTD_COMMAND, stdin=tar.stdout, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, preexec_fn=die_with_parent())
+        tar.stdout.close()  # zstd holds it now: tar gets SIGPIPE if zstd dies
+        assert zstd.stdout is not None
+        while chunk := zstd.stdout.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+            write_all(fd, chunk)
+        zstd.stdout.close()
+        zstatus = zstd.wait()
+        tar_err = tar.stderr.read().decode(errors="replace") if tar.stderr else ""
+        tstatus = tar.wait()
+        if tstatus != 0 or zstatus != 0:
+            lines = [ln for ln in tar_err.strip().splitlines() if ln]
+            raise ChrootError(f"packing the stage4 of {root} failed: tar exit {tstatus}, zstd exit {zstatus}"
+                              + (f": {lines[-1]}" if lines else ""))
     return digest.hexdigest(), size

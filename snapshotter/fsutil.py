@@ -156,9 +156,9 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644, durable: bool, n
     - no: the importer's tree cache (sync/importer.py: it is checked against the head commit and a missing
       or unreadable cache only costs time); the build child's result file (service/worker.py: read by its
       parent right after the child exits; after a machine crash the job runs again anyway).
-    chroot/manifest.py cannot use this (the chroot library imports nothing of snapshotter): its `write`
-    mirrors it for build.json (an O_EXCL|O_NOFOLLOW temporary, fsynced, then link(2), which never
-    replaces an existing build.json).
+    The chroot library cannot use this (it imports nothing of snapshotter): chroot/newfile.py is its one
+    equivalent for build.json and the stage4 (an O_EXCL|O_NOFOLLOW temporary, fsynced, then link(2),
+    which never replaces an existing file).
 
     `nofollow_dir=True` is for directories others may write the parent of (the repository's
     `snapshotter/`, which a pusher could replace with a symlink; `worker-logs/` in the state directory):
