@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import chroot
+from chroot import incremental, portageconf, stage, stage4
 from chroot import manifest as manifestmod
-from chroot import portageconf, stage, stage4
 from chroot.errors import ChrootError, Terminated
 from chroot.mounts import assert_unmounted, inside, mounts_under, safe_rmtree
 from chroot.nsrun import NamespaceSpec, PrivateDir
@@ -306,6 +306,9 @@ def _build(spec: BuildSpec, profile: PortageSettings, man: manifestmod.Manifest,
     root = build_dir / "root"
     pkgdir = out / "packages"
     pkgdir.mkdir()
+    if spec.reuse is not None:
+        man.mode = "incremental"
+        incremental.seed(spec.reuse, pkgdir)
     status = 1
     try:
         log.info("build %s %s at %s (%s): extracting %s", profile.name, spec.build_id, tag, commit[:12],
@@ -355,6 +358,8 @@ def _build(spec: BuildSpec, profile: PortageSettings, man: manifestmod.Manifest,
     finally:
         _finish_root(build_dir, root, spec.keep_root)
     man.packages, man.packages_index = manifestmod.list_packages(pkgdir)
+    if spec.reuse is not None:
+        man.incremental = incremental.summary(spec.reuse, pkgdir)
     manifestmod.write(man, out / "build.json")
     log.info("build %s %s at %s: %s, output in %s", profile.name, spec.build_id, tag,
              "ok" if man.ok else f"FAILED ({status})", out)

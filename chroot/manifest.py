@@ -11,8 +11,8 @@ from typing import Any
 
 from chroot.newfile import new_file, write_all
 
-FORMAT = 2  # 2: build ids (`id`), `signing_key`, `error`; a build's own directory
-READABLE_FORMATS = (1, 2)  # format 1 (no id, unsigned) is still read
+FORMAT = 3  # 3: `mode`, `incremental`; 2: build ids (`id`), `signing_key`, `error`; a build's own directory
+READABLE_FORMATS = (1, 2, 3)  # format 1 (no id, unsigned) is still read
 
 
 @dataclass
@@ -41,6 +41,8 @@ class Manifest:
     signing_key: str | None = None  # fingerprint that signed the packages; None: unsigned
     error: str = ""  # why a build failed before or outside emerge (setup error, signal); "" otherwise
     stage4: dict[str, Any] | None = None  # {"file", "sha256", "size"}: the packed root (None: not packed)
+    mode: str = "full"  # "full" (every package built) or "incremental" (packages of `incremental.base` reused)
+    incremental: dict[str, Any] | None = None  # {"base", "reused", "rebuilt"} of an incremental build
     format: int = FORMAT
 
     def to_json(self) -> str:

@@ -78,6 +78,16 @@ class Signing:
 
 
 @dataclass(frozen=True)
+class Reuse:
+    """An incremental build: package files of an earlier good build are hard-linked into the new build's
+    packages/ before emerge runs (chroot.incremental), so that `--usepkg` reuses them instead of building."""
+
+    base_build: str  # the id of the build whose packages are reused
+    base_packages: Path  # its packages/ directory
+    paths: list[str]  # package files relative to base_packages to link (the caller chose them)
+
+
+@dataclass(frozen=True)
 class BuildSpec:
     settings: PortageSettings
     tag: str
@@ -95,3 +105,4 @@ class BuildSpec:
     tool_version: str = ""  # recorded in build.json
     stage4: bool = False  # pack the root of a successful build as OUTPUT/.../stage4.tar.zst (chroot.stage4)
     source_time: int = 0  # unix time every member of the stage4 gets (the tag's commit time)
+    reuse: Reuse | None = None  # an incremental build's reused packages; None: a full build

@@ -47,7 +47,7 @@ from snapshotter.fsutil import check_private_dir, file_digest, tree_hash
 from snapshotter.git.export import export_tree, resolve
 from snapshotter.git.repository import Repository, git
 from snapshotter.lock import flocked
-from snapshotter.service import delivery
+from snapshotter.service import delivery, incremental
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class BuildRequest:
     keep_root: bool = False
     deliver: bool = True  # move the profile's automatic edition to a good build (rebuild checks: False)
     stage4: bool | None = None  # pack the root as a stage4; None: the profile's `stage4`
+    incremental: bool | None = None  # reuse the newest good build's packages; None: the profile's `mode`
 
 
 @dataclass(frozen=True)
@@ -335,16 +336,19 @@ def run_build(cfg: Config, req: BuildRequest, *, console: bool = False) -> Build
         with chroot_errors():
             verify_stage(stage_file, src.sha256)
         _, source_time = resolve(repo.path, tag.commit)
+        settings, reuse = incremental.plan(profile, portage_settings(profile), incremental=req.incremental,
+                                           output=output, repo=repo.path, commit=tag.commit,
+                                           overlays={o.name: o.commit for o in overlays}, signing=signing)
         build_id, out = allocate(output, profile.name, tag.name)
         log.info("build %s of profile %s at %s: %s", build_id, profile.name, tag.name, out)
         spec = BuildSpec(
-            settings=portage_settings(profile), tag=tag.name, commit=tag.commit, repo=str(repo.path),
+            settings=settings, tag=tag.name, commit=tag.commit, repo=str(repo.path),
             stage=Stage(stage_file, src.source, src.sha256, build=src.build),
             gentoo=GitTree("gentoo", repo.path, tag.commit), overlays=list(overlays),
             work_dir=work / profile.name, output=out, build_id=build_id,
             distfiles=cfg.build.distfiles or cfg.build.cache_dir / "distfiles", signing=signing,
             keep_root=req.keep_root, tool_version=__version__,
-            stage4=profile.stage4 if req.stage4 is None else req.stage4, source_time=source_time)
+            stage4=profile.stage4 if req.stage4 is None else req.stage4, source_time=source_time, reuse=reuse)
         with chroot_errors():
             result = builder.run_build(spec, console=console)
     if result.ok and req.output is None and req.deliver:

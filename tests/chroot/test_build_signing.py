@@ -163,18 +163,22 @@ def test_namespace_spec_with_a_private_dir_round_trips():
             NamespaceSpec.from_json(text)
 
 
-def test_build_json_format_2_and_format_1_still_read(tmp_path):
+def test_build_json_format_3_and_formats_2_and_1_still_read(tmp_path):
     m = manifest.Manifest(profile="p", tag="2026-01-01", commit="c" * 40, repo="/r", stage={"source": "s", "sha256": "x"},
                           overlays=[], portage_profile=None, make_conf=None, portage_confdir=None, repos_conf="",
                           world=None, emerge_command=["emerge"], id="2026-01-01.3", signing_key=FPR,
                           error="stage: bad")
     data = json.loads(m.to_json())
-    assert data["format"] == 2 and data["id"] == "2026-01-01.3" and data["signing_key"] == FPR
-    old = {k: v for k, v in data.items() if k not in ("id", "signing_key", "error")} | {"format": 1}
+    assert data["format"] == 3 and data["id"] == "2026-01-01.3" and data["signing_key"] == FPR
+    assert data["mode"] == "full" and data["incremental"] is None
+    two = {k: v for k, v in data.items() if k not in ("mode", "incremental")} | {"format": 2}
+    back = manifest.Manifest.from_json(json.dumps(two))
+    assert back.format == 2 and back.mode == "full" and back.id == "2026-01-01.3"
+    old = {k: v for k, v in two.items() if k not in ("id", "signing_key", "error")} | {"format": 1}
     back = manifest.Manifest.from_json(json.dumps(old))
     assert back.format == 1 and back.id == "" and back.signing_key is None
-    with pytest.raises(ValueError, match="format 3"):
-        manifest.Manifest.from_json(json.dumps(data | {"format": 3}))
+    with pytest.raises(ValueError, match="format 4"):
+        manifest.Manifest.from_json(json.dumps(data | {"format": 4}))
     manifest.write(m, tmp_path / "build.json")
     with pytest.raises(FileExistsError):  # a build.json is never replaced
         manifest.write(m, tmp_path / "build.json")
