@@ -82,6 +82,12 @@ class Profile:
     # With stage = "latest-build": the stage used while the profile has no good build with a stage4.
     seed_stage: str | None = None
     seed_stage_sha256: str | None = None
+    # "full": every build is `emerge --emptytree` from scratch; "incremental": a build reuses the packages of
+    # the profile's newest good build and rebuilds what changed (service/incremental.py).
+    mode: str = "full"
+    # With mode = "incremental": a full build when the newest full build's tag is this many days older than
+    # the build's tag (weekly by default); 0: never automatically.
+    full_every_days: int = 7
 
     @property
     def stage_build(self) -> str | None:
@@ -95,7 +101,8 @@ class Profile:
 
 KNOWN_KEYS = ("stage", "stage_sha256", "portage_profile", "portage_confdir", "make_conf", "world",
               "emerge_args", "overlays", "signing_key", "gnupghome", "passphrase_file", "stage4", "seed_stage",
-              "seed_stage_sha256")
+              "seed_stage_sha256", "mode", "full_every_days")
+BUILD_MODES = ("full", "incremental")
 
 
 def is_url(value: str) -> bool:
@@ -237,6 +244,16 @@ def parse_profile(name: str, table: Any, base: Path) -> Profile:
             if not SHA256_RE.match(sha):
                 raise ConfigError(f"{pre}.{key}: expected 64 hex digits, got {table[key]!r}")
             setattr(prof, key, sha)
+    if "mode" in table:
+        mode = _str(f"{pre}.mode", table["mode"])
+        if mode not in BUILD_MODES:
+            raise ConfigError(f"{pre}.mode: expected one of {', '.join(BUILD_MODES)}, got {mode!r}")
+        prof.mode = mode
+    if "full_every_days" in table:
+        days = table["full_every_days"]
+        if isinstance(days, bool) or not isinstance(days, int) or days < 0:
+            raise ConfigError(f"{pre}.full_every_days: expected a whole number of days (0: never), got {days!r}")
+        prof.full_every_days = days
     if "stage4" in table:
         if not isinstance(table["stage4"], bool):
             raise ConfigError(f"{pre}.stage4: expected true or false, got {table['stage4']!r}")
@@ -361,6 +378,9 @@ class PublishSettings:
     xz_threads: int = 0  # 0: one per core
 
 
+BUILD_ROOTS = ("overlay", "extract")
+
+
 @dataclass
 class BuildSettings:
     """[build]: where chroot builds work and where their results go."""
@@ -369,6 +389,11 @@ class BuildSettings:
     output: Path = Path("/var/cache/snapshotter/packages")  # OUTPUT/<profile>/<tag>.<N>/, one per build
     cache_dir: Path = Path("/var/cache/snapshotter/build")  # downloaded stages, overlay clones
     distfiles: Path | None = None  # DISTDIR shared by all builds (bind-mounted); default CACHE_DIR/distfiles
+    # Build roots: "overlay" (an overlayfs over the stage unpacked once in CACHE_DIR/roots; extraction where
+    # overlayfs is unavailable, said in the log) or "extract" (every build extracts its stage afresh).
+    root: str = "overlay"
+    cached_stages: int = 3  # unpacked stages kept in CACHE_DIR/roots (the newest used); `purge` trims
+    cached_trees: int = 8  # exported trees (per tree id) kept in CACHE_DIR/trees (the newest used); `purge` trims
 
 
 @dataclass
@@ -618,6 +643,11 @@ def validate(cfg: Config) -> Config:
     for i, name in enumerate(cfg.service.build_profiles):
         if cfg.profiles and name not in cfg.profiles:
             raise ConfigError(f"service.build_profiles[{i}]: no profile {name!r} (known: {', '.join(sorted(cfg.profiles))})")
+    if cfg.build.root not in BUILD_ROOTS:
+        raise ConfigError(f"build.root: expected one of {', '.join(BUILD_ROOTS)}, got {cfg.build.root!r}")
+    for key in ("cached_stages", "cached_trees"):
+        if getattr(cfg.build, key) < 1:
+            raise ConfigError(f"build.{key}: must be at least 1, got {getattr(cfg.build, key)}")
     _validate_binhost(cfg.binhost)
     _validate_tls(cfg)
     return cfg
