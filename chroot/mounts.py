@@ -121,10 +121,32 @@ def _rm_contents(dir_fd: int, shown: str, root_mnt: int, dev: int) -> None:
         os.rmdir(name, dir_fd=dir_fd)
 
 
+def remove_entry(dir_fd: int, name: str, shown: str) -> None:
+    """Remove `name` from the directory `dir_fd` whatever it is (missing: nothing to do), never following
+    a symlink: a directory is emptied as safe_rmtree does (never crossing into another mount)."""
+    try:
+        st = os.lstat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+    try:
+        if os.fstat(fd).st_dev != os.fstat(dir_fd).st_dev or _mnt_id(fd) != _mnt_id(dir_fd):
+            raise MountedError(f"refusing to delete {shown}: it is on another mount")
+        _rm_contents(fd, shown, _mnt_id(fd), st.st_dev)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dir_fd)
+
+
 def inside(root: Path, rel: str) -> Path:
     """`root/rel`, refusing if a directory on the way below root is a symlink (it could point outside).
 
-    The last component itself may be a symlink: callers replace it rather than write through it.
+    The last component itself may be a symlink: callers replace it rather than write through it. For
+    writes, use chroot.newfile's open_dir/replace_file (relative to directory descriptors, no component
+    followed); this path is for reads and for handing a location to other tools.
     """
     parts = Path(rel).parts
     cur = Path(root)

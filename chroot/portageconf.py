@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import shutil
 import stat
 import subprocess
 from pathlib import Path
 from typing import NoReturn
 
 from chroot.errors import ChrootError
-from chroot.mounts import inside, safe_rmtree
+from chroot.mounts import inside, remove_entry
+from chroot.newfile import kind_at, open_dir, read_file, replace_file, replace_symlink
 from chroot.procs import die_with_parent
 from chroot.spec import PortageSettings, Signing
 
@@ -106,48 +106,81 @@ def make_conf_block(profile: PortageSettings, signing: Signing | None = None, ba
 
 
 def copy_confdir(src: Path, root: Path) -> None:
-    """Copy portage_confdir over ROOT/etc/portage (files replace the stage's; symlinks kept as links)."""
-    dest = inside(root, "etc/portage")
-    dest.mkdir(parents=True, exist_ok=True)
-    for dirpath, dirnames, filenames in os.walk(src):
-        rel = os.path.relpath(dirpath, src)
-        target_dir = inside(dest, rel) if rel != "." else dest
-        target_dir.mkdir(exist_ok=True)
-        for name in sorted(filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]):
-            s = Path(dirpath) / name
-            t = target_dir / name
-            if t.is_symlink() or t.is_file():
-                t.unlink()
-            elif t.is_dir():
-                safe_rmtree(t)
-            if s.is_symlink():
-                t.symlink_to(os.readlink(s))
-            else:
-                shutil.copy2(s, t, follow_symlinks=False)
-        dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
-        for d in dirnames:  # a stage file where the confdir has a directory is replaced
-            t = target_dir / d
-            if t.is_symlink() or (t.exists() and not t.is_dir()):
-                t.unlink()
+    """Copy portage_confdir over ROOT/etc/portage (files replace the stage's; symlinks kept as links).
+
+    Every write is relative to a directory descriptor, never following the stage's links: a stage's
+    symlink or file where the confdir has a directory is replaced by a directory, a stage's link or
+    directory where it has a file by the file."""
+    fd = open_dir(root, "etc/portage")
+    try:
+        _copy_tree(src, fd, f"{root}/etc/portage")
+    finally:
+        os.close(fd)
+
+
+def _copy_tree(src: Path, dir_fd: int, shown: str) -> None:
+    with os.scandir(src) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for e in entries:
+        where = f"{shown}/{e.name}"
+        if e.is_symlink():
+            replace_symlink(dir_fd, e.name, os.readlink(e.path), where)
+        elif e.is_dir(follow_symlinks=False):
+            if kind_at(dir_fd, e.name) != "dir":
+                remove_entry(dir_fd, e.name, where)
+                os.mkdir(e.name, 0o755, dir_fd=dir_fd)
+            sub = os.open(e.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            try:
+                _copy_tree(Path(e.path), sub, where)
+            finally:
+                os.close(sub)
+        else:
+            st = e.stat(follow_symlinks=False)
+            if kind_at(dir_fd, e.name) == "dir":
+                remove_entry(dir_fd, e.name, where)
+            replace_file(dir_fd, e.name, Path(e.path).read_bytes(), where, stat.S_IMODE(st.st_mode), st.st_mtime_ns)
 
 
 def write_make_conf(root: Path, profile: PortageSettings, signing: Signing | None = None) -> str:
-    """Append the profile's block to ROOT/etc/portage/make.conf (created if missing); return the file."""
-    path = inside(root, "etc/portage/make.conf")
-    if path.is_symlink():
-        raise ChrootError(f"{path} is a symlink; refusing to write through it")
-    if path.is_dir():
-        raise ChrootError(f"{path} is a directory; the builder needs a make.conf file")
-    old = path.read_text() if path.exists() else ""
-    if old and not old.endswith("\n"):
-        old += "\n"
-    base = None
-    if signing is not None:
-        check_signing_settings(profile)
-        base = signing_base_command(root, profile)
-    content = old + make_conf_block(profile, signing, base)
-    path.write_text(content)
+    """Append the profile's block to ROOT/etc/portage/make.conf (created if missing); return the file.
+    A stage's make.conf that is a symlink (or not a regular file) is refused: the stage4 keeps the
+    stage's own make.conf."""
+    fd = open_dir(root, "etc/portage")
+    try:
+        shown = f"{root}/etc/portage/make.conf"
+        if kind_at(fd, "make.conf") == "dir":
+            raise ChrootError(f"{shown} is a directory; the builder needs a make.conf file")
+        old = (read_file(fd, "make.conf", shown) or b"").decode()
+        if old and not old.endswith("\n"):
+            old += "\n"
+        base = None
+        if signing is not None:
+            check_signing_settings(profile)
+            base = signing_base_command(root, profile)
+        content = old + make_conf_block(profile, signing, base)
+        replace_file(fd, "make.conf", content.encode(), shown)
+    finally:
+        os.close(fd)
     return content
+
+
+def swap_make_conf(root: Path, content: bytes | None) -> bytes | None:
+    """Put `content` at ROOT/etc/portage/make.conf (None: remove it) and return what was there (None if
+    nothing). For the stage4, packed after the build ran: its ebuilds may have left a symlink or a
+    directory there, which is refused (one line), never read or written through."""
+    fd = open_dir(root, "etc/portage", create=False)
+    try:
+        shown = f"{root}/etc/portage/make.conf"
+        if kind_at(fd, "make.conf") == "dir":
+            raise ChrootError(f"{shown} is a directory in the build root; a file is needed there")
+        old = read_file(fd, "make.conf", shown)
+        if content is None:
+            remove_entry(fd, "make.conf", shown)
+        else:
+            replace_file(fd, "make.conf", content, shown)
+    finally:
+        os.close(fd)
+    return old
 
 
 def repos_conf(overlays: list[str]) -> str:
@@ -158,12 +191,21 @@ def repos_conf(overlays: list[str]) -> str:
 
 
 def write_repos_conf(root: Path, overlays: list[str]) -> str:
-    d = inside(root, "etc/portage/repos.conf")
-    if d.is_symlink() or d.is_file():
-        d.unlink()  # the pinned trees replace whatever the stage synced from
-    d.mkdir(parents=True, exist_ok=True)
+    """ROOT/etc/portage/repos.conf/zz-snapshotter.conf: the pinned trees (a stage's repos.conf that is a
+    file or a symlink is replaced by a directory; the stage's other files in it stay)."""
     content = repos_conf(overlays)
-    (d / REPOS_CONF_FILE).write_text(content)
+    fd = open_dir(root, "etc/portage")
+    try:
+        shown = f"{root}/etc/portage/repos.conf"
+        if kind_at(fd, "repos.conf") != "dir":
+            remove_entry(fd, "repos.conf", shown)  # the pinned trees replace whatever the stage synced from
+    finally:
+        os.close(fd)
+    fd = open_dir(root, "etc/portage/repos.conf")
+    try:
+        replace_file(fd, REPOS_CONF_FILE, content.encode(), f"{shown}/{REPOS_CONF_FILE}")
+    finally:
+        os.close(fd)
     return content
 
 
@@ -172,39 +214,47 @@ def set_make_profile(root: Path, portage_profile: str) -> None:
     if not target.is_dir():
         raise ChrootError(f"portage_profile {portage_profile!r}: no such profile directory in the tree "
                                "(profiles/ of the tag)")
-    link = inside(root, "etc/portage/make.profile")
-    if link.is_symlink() or link.is_file():
-        link.unlink()
-    elif link.is_dir():
-        safe_rmtree(link)
-    link.symlink_to(f"../../var/db/repos/gentoo/profiles/{portage_profile}")
+    fd = open_dir(root, "etc/portage")
+    try:
+        replace_symlink(fd, "make.profile", f"../../var/db/repos/gentoo/profiles/{portage_profile}",
+                        f"{root}/etc/portage/make.profile")
+    finally:
+        os.close(fd)
 
 
 def write_world(root: Path, atoms: list[str]) -> None:
     """The profile's world: atoms to /var/lib/portage/world, @sets to world_sets."""
-    d = inside(root, "var/lib/portage")
-    d.mkdir(parents=True, exist_ok=True)
     pkgs = [a for a in atoms if not a.startswith("@")]
     sets = [a for a in atoms if a.startswith("@")]
-    for name, lines in (("world", pkgs), ("world_sets", sets)):
-        f = d / name
-        if f.is_symlink():
-            f.unlink()
-        f.write_text("".join(f"{a}\n" for a in lines))
+    fd = open_dir(root, "var/lib/portage")
+    try:
+        for name, lines in (("world", pkgs), ("world_sets", sets)):
+            replace_file(fd, name, "".join(f"{a}\n" for a in lines).encode(), f"{root}/var/lib/portage/{name}")
+    finally:
+        os.close(fd)
 
 
 def copy_resolv_conf(root: Path, host: Path = Path("/etc/resolv.conf")) -> None:
-    dest = inside(root, "etc/resolv.conf")
-    if dest.is_symlink() or dest.exists():
-        dest.unlink()
-    if host.exists():
-        shutil.copyfile(host, dest)
+    """The host's resolv.conf (read following its links, as the host resolves) replaces the root's."""
+    fd = open_dir(root, "etc")
+    try:
+        shown = f"{root}/etc/resolv.conf"
+        if host.exists():
+            if kind_at(fd, "resolv.conf") == "dir":
+                remove_entry(fd, "resolv.conf", shown)
+            replace_file(fd, "resolv.conf", host.read_bytes(), shown)
+        else:
+            remove_entry(fd, "resolv.conf", shown)
+    finally:
+        os.close(fd)
 
 
-def _gpg(home: Path, *args: str, stdin: bytes = b"", check: bool = True) -> subprocess.CompletedProcess[bytes]:
+def _gpg(home: Path, *args: str, stdin: bytes = b"", check: bool = True,
+         fd: int | None = None) -> subprocess.CompletedProcess[bytes]:
     cmd = ["gpg", "--homedir", str(home), "--batch", "--no-tty", "--no-options", "--no-autostart",
            "--no-permission-warning", *args]
-    proc = subprocess.run(cmd, input=stdin, capture_output=True, preexec_fn=die_with_parent(), timeout=120)
+    proc = subprocess.run(cmd, input=stdin, capture_output=True, preexec_fn=die_with_parent(), timeout=120,
+                          pass_fds=() if fd is None else (fd,))
     if check and proc.returncode != 0:
         _gpg_failed(args[0], proc)
     return proc
@@ -223,24 +273,79 @@ def trust_signing_key(root: Path, public_key: str) -> list[str]:
     package it has just signed passes. Returns the imported primary fingerprints.
 
     Runs the host's gpg on the root's directory with --no-options (nothing of the stage's gpg.conf
-    applies) and --no-autostart (no agent or keyboxd is started: a public key needs none)."""
-    home = inside(root, PORTAGE_GNUPGHOME)
-    if home.is_symlink() or (home.exists() and not home.is_dir()):
-        raise ChrootError(f"{home} is not a directory in the stage; refusing to write through it")
-    home.mkdir(mode=0o755, parents=True, exist_ok=True)
-    # gpg --import exits 2 when it cannot ask an agent about secret keys (--no-autostart; or the agent's
-    # socket path under a deep root is too long), though the public key was imported: its status says.
-    proc = _gpg(home, "--import", "--status-fd", "1", stdin=public_key.encode(), check=False)
-    fprs = sorted({line.split()[3] for line in proc.stdout.decode(errors="replace").splitlines()
-                   if line.startswith("[GNUPG:] IMPORT_OK ") and len(line.split()) > 3})
-    if not fprs:
-        _gpg_failed("--import", proc)
-    _gpg(home, "--import-ownertrust", stdin="".join(f"{f}:6:\n" for f in fprs).encode())
-    _gpg(home, "--check-trustdb")
-    for dirpath, _dirnames, filenames in os.walk(home):
-        os.chmod(dirpath, 0o755)
-        for name in filenames:
-            full = os.path.join(dirpath, name)
-            if not os.path.islink(full):
-                os.chmod(full, stat.S_IMODE(os.lstat(full).st_mode) | 0o444)
+    applies) and --no-autostart (no agent or keyboxd is started: a public key needs none). The host's
+    gpg writes there as root, so the home must hold nothing it could follow out of the root: a home (or
+    a directory on the way) that is a symlink, or one holding a symlink, a device or a fifo, is refused
+    (one line naming it); stale sockets (an agent of an earlier build) are removed. gpg is given the
+    home as /proc/self/fd/N of the checked directory, and the final chmod walk never follows a link."""
+    shown = f"{root}/{PORTAGE_GNUPGHOME}"
+    parent = open_dir(root, str(Path(PORTAGE_GNUPGHOME).parent))
+    try:
+        kind = kind_at(parent, "gnupg")
+        if kind is None:
+            os.mkdir("gnupg", 0o755, dir_fd=parent)
+        elif kind != "dir":
+            raise ChrootError(f"{shown} is {'a symlink' if kind == 'symlink' else 'not a directory'} in the "
+                              "stage; refusing to write through it")
+        home_fd = os.open("gnupg", _DIR_FLAGS, dir_fd=parent)
+    finally:
+        os.close(parent)
+    try:
+        _check_gnupg_home(home_fd, shown)
+        home = Path(f"/proc/self/fd/{home_fd}")
+        # gpg --import exits 2 when it cannot ask an agent about secret keys (--no-autostart; or the agent's
+        # socket path under a deep root is too long), though the public key was imported: its status says.
+        proc = _gpg(home, "--import", "--status-fd", "1", stdin=public_key.encode(), check=False, fd=home_fd)
+        fprs = sorted({line.split()[3] for line in proc.stdout.decode(errors="replace").splitlines()
+                       if line.startswith("[GNUPG:] IMPORT_OK ") and len(line.split()) > 3})
+        if not fprs:
+            _gpg_failed("--import", proc)
+        _gpg(home, "--import-ownertrust", stdin="".join(f"{f}:6:\n" for f in fprs).encode(), fd=home_fd)
+        _gpg(home, "--check-trustdb", fd=home_fd)
+        _open_up(home_fd)
+    finally:
+        os.close(home_fd)
     return fprs
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_KINDS = {stat.S_IFLNK: "a symlink", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFIFO: "a fifo"}
+
+
+def _check_gnupg_home(dir_fd: int, shown: str) -> None:
+    """Refuse a GnuPG home holding anything but directories, regular files and sockets; remove sockets."""
+    for name in sorted(os.listdir(dir_fd)):
+        where = f"{shown}/{name}"
+        mode = os.lstat(name, dir_fd=dir_fd).st_mode
+        if stat.S_ISDIR(mode):
+            sub = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+            try:
+                _check_gnupg_home(sub, where)
+            finally:
+                os.close(sub)
+        elif stat.S_ISSOCK(mode):
+            os.unlink(name, dir_fd=dir_fd)  # a stale agent socket: no agent runs in the root now
+        elif not stat.S_ISREG(mode):
+            raise ChrootError(f"{where} is {_KINDS.get(stat.S_IFMT(mode), 'not a regular file')} in the root's "
+                              "GnuPG home; refusing to run the host's gpg on it (remove it from the stage)")
+
+
+def _open_up(dir_fd: int) -> None:
+    """Directories 0755, regular files readable by all (Portage verifies as `nobody`); links never
+    followed: every file is opened O_NOFOLLOW relative to its directory's descriptor."""
+    os.fchmod(dir_fd, 0o755)
+    for name in os.listdir(dir_fd):
+        mode = os.lstat(name, dir_fd=dir_fd).st_mode
+        if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+            continue
+        flags = _DIR_FLAGS if stat.S_ISDIR(mode) else os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fd = os.open(name, flags, dir_fd=dir_fd)
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                _open_up(fd)
+            elif stat.S_ISREG(st.st_mode):
+                os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o444)
+        finally:
+            os.close(fd)
