@@ -14,7 +14,7 @@ from snapshotter.errors import EXIT_USAGE, ConfigError
 from snapshotter.git.export import export_tree
 from snapshotter.git.repository import Repository
 from snapshotter.publish.clientconfig import DEFAULT_KEY_PATH, DEFAULT_LOCATION, client_config
-from snapshotter.publish.snapshots import options_from_config, publish
+from snapshotter.publish.snapshots import PublishIncomplete, PublishReport, options_from_config, publish
 
 log = logging.getLogger("snapshotter")
 
@@ -54,12 +54,23 @@ def publish_cmd(state: State, tags: tuple[str, ...], repo: Path | None, all_tags
       snapshotter publish 2026-11-20 --force                   # that day again
     Prints one line per event: "published TAG PATH SIZE bytes md5 MD5", "already published TAG ...",
     "pruned NAME", and "latest TAG" (where gentoo-latest.tar.xz points).
+
+    A tag whose tree cannot be published (a name that is not UTF-8, a symlink out of the tree: a tag
+    pushed from elsewhere or imported by an older version) fails a publish of that tag; --all skips it
+    with a warning, publishes the other days and exits 1 with "published N, skipped K: TAG (why)".
     """
     cfg = state.config
     opts = options_from_config(cfg, out=out, signing_key=signing_key, gnupghome=gnupghome, keep=keep,
                                xz_level=xz_level, xz_threads=xz_threads)
-    report = publish(state.repo(repo), opts, list(tags), all_tags=all_tags, force=force,
-                     lock_wait=wait)
+    try:
+        report = publish(state.repo(repo), opts, list(tags), all_tags=all_tags, force=force, lock_wait=wait)
+    except PublishIncomplete as e:  # --all skipped tags it cannot publish: what it did, then one error line
+        _print_report(e.report)
+        raise
+    _print_report(report)
+
+
+def _print_report(report: PublishReport) -> None:
     for p in report.published:
         click.echo(f"published {p.tag} {p.path} {p.size} bytes md5 {p.md5}")
     for t in report.skipped:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from snapshotter import tarformat as tar
 from snapshotter.config import Config
-from snapshotter.errors import SnapshotterError, child_failure
+from snapshotter.errors import SnapshotError, SnapshotterError, child_failure
 from snapshotter.fsutil import create_temp, file_digest, fsync_dir, is_temp, open_dir, temp_name, write_temp
 from snapshotter.git.export import (
     BlobReader,
@@ -311,6 +311,17 @@ class PublishReport:
     skipped: list[str] = field(default_factory=list)  # tags already published (no --force)
     pruned: list[str] = field(default_factory=list)  # file names removed by --keep
     latest: str | None = None  # the tag gentoo-latest.tar.xz stands for
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (tag, why) of tags --all could not publish
+
+
+class PublishIncomplete(SnapshotterError):
+    """`--all` published what it could and skipped tags whose trees cannot be published; `report` says
+    what was done (the caller prints it before this one error line)."""
+
+    def __init__(self, report: PublishReport) -> None:
+        refused = "; ".join(f"{tag} ({why})" for tag, why in report.refused)
+        super().__init__(f"published {len(report.published)}, skipped {len(report.refused)}: {refused}")
+        self.report = report
 
 
 @dataclass
@@ -490,6 +501,12 @@ def publish(repo: Path, opts: PublishOptions, tags: list[str] | None = None, *, 
             force: bool = False, lock_wait: float = 0.0) -> PublishReport:
     """Publish `tags` (default: the newest; `all_tags`: every one not yet published) into `opts.out`.
 
+    A tag whose tree cannot be published (SnapshotError: a name that is not UTF-8, a symlink out of the
+    tree; tags that came from elsewhere or from an older version's import) fails a publish of that tag;
+    with `all_tags` it is skipped with a warning, the other tags are published, gentoo-latest and pruning
+    proceed, and PublishIncomplete (carrying the report) is raised at the end. Any other error (signing,
+    xz, the disk) stops at once.
+
     Read-only on the repository: tags are resolved once, and refs move atomically in the importer, so a
     concurrent sync never shows a partial tree. Only one publisher works on an output directory at a
     time (flock; LockedError when busy).
@@ -514,12 +531,20 @@ def publish(repo: Path, opts: PublishOptions, tags: list[str] | None = None, *, 
         todo, report.skipped = select_tags(repository, list(tags or []), all_tags=all_tags,
                                            published=set(published_days(snapdir)), keep=opts.keep, force=force)
         for tag in todo:
-            report.published.append(publish_tag(repo, tag, opts))
+            try:
+                report.published.append(publish_tag(repo, tag, opts))
+            except SnapshotError as e:  # the tag's tree (a bad name, a link out of it): nothing was written
+                if not all_tags:
+                    raise SnapshotError(f"cannot publish {tag.name}: {e}") from None
+                log.warning("skipping %s: cannot publish it: %s", tag.name, e)
+                report.refused.append((tag.name, str(e)))
         days = published_days(snapdir)
         if days:
             update_latest(snapdir, days[-1])
             report.latest = f"{days[-1]:%Y-%m-%d}"
         report.pruned = prune(snapdir, opts.keep)
+    if report.refused:
+        raise PublishIncomplete(report)
     return report
 
 

@@ -327,3 +327,50 @@ def test_kill_9_mid_publish_leaves_nothing_visible(tmp_path: Path, gpg_key: test
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in snap.iterdir()) == sorted(
         f"gentoo-{stem}.tar.xz{s}" for stem in ("20260101", "latest") for s in ("", ".md5sum", ".gpgsig"))
+
+
+def _tree_bytes(repo: Path, entries: list[tuple[bytes, bytes, str]]) -> str:
+    """A tree written byte for byte: (mode, name, oid), names that need not be UTF-8."""
+    body = b"".join(mode + b" " + name + b"\0" + bytes.fromhex(oid) for mode, name, oid in entries)
+    return subprocess.run(["git", f"--git-dir={repo}", "hash-object", "-t", "tree", "-w", "--literally", "--stdin"],
+                          input=body, check=True, capture_output=True).stdout.decode().strip()
+
+
+def test_publish_all_skips_tags_it_cannot_publish(tmp_path: Path, gpg_key: testlib.Key) -> None:
+    """Tags an older version imported before the importer refused such trees (a symlink out of the tree, a
+    name that is not UTF-8) do not block the later days: --all skips each with a warning naming it,
+    publishes the rest, points gentoo-latest at the newest published day and exits 1 with a summary; a
+    publish of the bad tag alone fails with one line and writes nothing."""
+    repo = tmp_path / "repo.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(repo)], check=True)
+    good = blob(repo, b"ok\n")
+    for day, extra in [("2026-01-01", []),
+                       ("2026-01-02", [(b"120000", b"esc", blob(repo, b"../etc/passwd"))]),
+                       ("2026-01-03", [(b"100644", b"caf\xe9", good)]),
+                       ("2026-01-04", [])]:
+        commit_tag(repo, _tree_bytes(repo, sorted([(b"100644", b"file", blob(repo, day.encode())), *extra],
+                                                  key=lambda e: e[1])), day)
+    out = tmp_path / "www"
+    r = run_publish(repo, out, gpg_key, "--all", "--xz-level", "0")
+    line = testlib.one_error(r, "published 2, skipped 2: 2026-01-02 (symlink 'esc' points outside the tree",
+                             "; 2026-01-03 (path in tree is not UTF-8")
+    warnings = [x for x in r.stderr.splitlines() if "skipping" in x]
+    assert warnings == ["skipping 2026-01-02: cannot publish it: symlink 'esc' points outside the tree: "
+                        "'../etc/passwd'", "skipping 2026-01-03: cannot publish it: path in tree is not UTF-8: "
+                        "b'caf\\xe9'"], r.stderr
+    assert "\n" not in line
+    assert pub.published_days(out / "snapshots") == [date(2026, 1, 1), date(2026, 1, 4)]
+    assert "latest 2026-01-04" in r.stdout and r.stdout.count("published ") == 2, r.stdout
+    snap = out / "snapshots"
+    assert (snap / "gentoo-latest.tar.xz").read_bytes() == (snap / "gentoo-20260104.tar.xz").read_bytes()
+    assert not [p for p in snap.iterdir() if "20260102" in p.name or "20260103" in p.name]
+    listing = sorted(p.name for p in snap.iterdir())
+    # Again: nothing new; the bad tags are still named (they stay unpublished), the good ones are not redone.
+    r = run_publish(repo, out, gpg_key, "--all", "--xz-level", "0")
+    testlib.one_error(r, "published 0, skipped 2: 2026-01-02")
+    assert sorted(p.name for p in snap.iterdir()) == listing
+    for day, why in [("2026-01-02", "cannot publish 2026-01-02: symlink 'esc' points outside the tree"),
+                     ("2026-01-03", "cannot publish 2026-01-03: path in tree is not UTF-8")]:
+        r = run_publish(repo, out, gpg_key, day, "--xz-level", "0")
+        testlib.one_error(r, why)
+        assert sorted(p.name for p in snap.iterdir()) == listing
