@@ -23,18 +23,19 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
 import chroot
-from chroot import incremental, portageconf, stage, stage4
+from chroot import incremental, overlay, portageconf, stage, stage4
 from chroot import manifest as manifestmod
-from chroot.errors import ChrootError, Terminated
-from chroot.mounts import assert_unmounted, inside, mounts_under, safe_rmtree
+from chroot.errors import ChrootError, MountedError, Terminated
+from chroot.mounts import inside, mounts_under, safe_rmtree
 from chroot.nsrun import NamespaceSpec, PrivateDir
+from chroot.overlay import OverlayUnavailable
 from chroot.procs import die_with_parent
 from chroot.spec import BuildSpec, PortageSettings, Signing, TreeSource
 
@@ -141,28 +142,37 @@ def processes_in(root: Path) -> list[int]:
     return pids
 
 
-def _wait_namespace_gone(root: Path, timeout: float = 10.0) -> None:
+def _mounts_below(root: Path) -> list[str]:
+    """Mounts below the root, not counting the overlay root itself (mounted in this thread's namespace)."""
+    return [m for m in mounts_under(root) if m != str(root)]
+
+
+def _wait_namespace_gone(root: Path, timeout: float = 10.0, check: bool = True) -> None:
     """Wait until the namespace's processes are gone (the kernel kills them when its PID 1 dies) and
-    check that the host sees no mount under the root (mounts lived in the child's namespace only)."""
+    (with `check`) that no mount is left below the root (they lived in the child's namespace only)."""
     deadline = time.monotonic() + timeout
-    while (processes_in(root) or mounts_under(root)) and time.monotonic() < deadline:
+    while (processes_in(root) or (check and _mounts_below(root))) and time.monotonic() < deadline:
         time.sleep(0.1)
     left = processes_in(root)
     if left:
         log.warning("processes still running in %s: %s", root, left)
-    assert_unmounted(root)
+    below = _mounts_below(root) if check else []
+    if below:
+        raise MountedError(f"{root}: still mounted there after the build: {', '.join(sorted(below))}")
 
 
 def run_in_namespace(root: Path, pkgdir: Path, argv: list[str], spec_path: Path, logf: IO[bytes],
-                     console: bool, distfiles: Path | None = None, private: PrivateDir | None = None) -> int:
+                     console: bool, distfiles: Path | None = None, private: PrivateDir | None = None,
+                     trees: list[tuple[str, str]] | None = None) -> int:
     """Run `argv` (the chroot command) inside fresh mount+PID namespaces; return its exit status.
 
-    `pkgdir` (and `distfiles`, if given) are bind-mounted at the root's PKGDIR (and DISTDIR); `private`
-    is a tmpfs of the namespace holding copies of host files (the signing key's home)."""
+    `pkgdir` (and `distfiles`, if given) are bind-mounted at the root's PKGDIR (and DISTDIR), `trees`
+    ((host directory, directory in the root)) read-only; `private` is a tmpfs of the namespace holding
+    copies of host files (the signing key's home)."""
     binds = [(str(pkgdir), portageconf.PKGDIR.lstrip("/"))]
     if distfiles is not None:
         binds.append((str(distfiles), portageconf.DISTDIR.lstrip("/")))
-    spec_path.write_text(NamespaceSpec(root, binds, argv, private).to_json())
+    spec_path.write_text(NamespaceSpec(root, binds, argv, private, list(trees or [])).to_json())
     pkg_parent = str(Path(chroot.__file__).resolve().parent.parent)
     env = {"PATH": os.environ.get("PATH", CHROOT_PATH), "PYTHONPATH": pkg_parent, "LC_ALL": "C.UTF-8"}
     cmd = ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child", "--",
@@ -213,11 +223,25 @@ def check_output_dir(path: Path) -> None:
                           "directory")
 
 
-def _place_tree(root: Path, source: TreeSource) -> None:
-    dest = inside(root, f"{REPOS_DIR}/{source.name}")
-    if dest.exists():
-        safe_rmtree(dest)  # whatever the stage shipped there is replaced by the pinned tree
-    source.place(dest)
+def _tree_mount(root: Path, source: TreeSource) -> tuple[str, str]:
+    """The tree's mount point in the root (created if missing; whatever the stage shipped there is hidden
+    by the mount) and the (host directory, directory in the root) pair nsrun bind-mounts read-only."""
+    rel = f"{REPOS_DIR}/{source.name}"
+    dest = inside(root, rel)
+    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+        raise ChrootError(f"{dest} is not a directory in the stage; refusing to mount the {source.name} tree there")
+    dest.mkdir(parents=True, exist_ok=True)
+    if not source.path.is_dir():
+        raise ChrootError(f"tree {source.name}: {source.path} is not a directory")
+    return str(source.path), rel
+
+
+def _copy_tree(src: Path, dest: Path) -> None:
+    """Copy a tree (the cache's, read-only) into the empty directory `dest` of a root kept by --keep-root."""
+    proc = subprocess.run(["cp", "-a", "--no-target-directory", "--", str(src), str(dest)], capture_output=True,
+                          text=True, preexec_fn=die_with_parent())
+    if proc.returncode != 0:
+        raise ChrootError(f"copying the tree {src} into the kept root: {proc.stderr.strip()}")
 
 
 def _mount_points(root: Path, signing: Signing | None) -> list[str]:
@@ -265,7 +289,10 @@ def run_build(spec: BuildSpec, *, console: bool = False) -> BuildResult:
         try:
             with _stop_signals_raise():
                 clean_stale(spec.work_dir)
-                man.stage["sha256"] = stage.verify_stage(spec.stage.path, spec.stage.sha256)
+                if spec.stage.unpacked is None or spec.stage.sha256 is None:
+                    man.stage["sha256"] = stage.verify_stage(spec.stage.path, spec.stage.sha256)
+                else:  # unpacked by the caller from a file with the pinned sha256: hashed when it was unpacked
+                    man.stage["sha256"] = spec.stage.sha256
                 return _build(spec, profile, man, logf, console)
         except BaseException as e:
             _record_failure(spec, man, logf, e)
@@ -298,7 +325,7 @@ def _record_failure(spec: BuildSpec, man: manifestmod.Manifest, logf: IO[bytes],
 
 def _build(spec: BuildSpec, profile: PortageSettings, man: manifestmod.Manifest, logf: IO[bytes],
            console: bool) -> BuildResult:
-    tag, commit, out = spec.tag, spec.commit, spec.output
+    tag, out = spec.tag, spec.output
     stamp = _utc_now().strftime("%Y%m%dT%H%M%SZ")
     build_dir = spec.work_dir / f"{tag}-{stamp}-{os.getpid()}"
     build_dir.mkdir(parents=True)
@@ -311,50 +338,10 @@ def _build(spec: BuildSpec, profile: PortageSettings, man: manifestmod.Manifest,
         incremental.seed(spec.reuse, pkgdir)
     status = 1
     try:
-        log.info("build %s %s at %s (%s): extracting %s", profile.name, spec.build_id, tag, commit[:12],
-                 spec.stage.path.name)
-        stage.extract_stage(spec.stage.path, root)
-        _place_tree(root, spec.gentoo)
-        for ov in spec.overlays:
-            _place_tree(root, ov)
-        if profile.portage_confdir is not None:
-            portageconf.copy_confdir(profile.portage_confdir, root)
-            man.portage_confdir = {"path": str(profile.portage_confdir),
-                                   "sha256": profile.portage_confdir_sha256}
-        make_conf_path = inside(root, "etc/portage/make.conf")
-        stage_make_conf = make_conf_path.read_bytes() if make_conf_path.is_file() and \
-            not make_conf_path.is_symlink() else None
-        make_conf = portageconf.write_make_conf(root, profile, spec.signing)
-        man.make_conf = {"content": make_conf, "sha256": manifestmod.sha256_text(make_conf)}
-        man.repos_conf = portageconf.write_repos_conf(root, [o.name for o in spec.overlays])
-        if profile.portage_profile:
-            portageconf.set_make_profile(root, profile.portage_profile)
-        if profile.world is not None:
-            portageconf.write_world(root, profile.world)
-        portageconf.copy_resolv_conf(root)
-        if spec.signing is not None:
-            fprs = portageconf.trust_signing_key(root, spec.signing.public_key)
-            logf.write(f">>> snapshotter: signing gpkgs with {spec.signing.fingerprint}; trusted in "
-                       f"/{portageconf.PORTAGE_GNUPGHOME}: {', '.join(fprs)}\n".encode())
-        for d in _mount_points(root, spec.signing):
-            t = inside(root, d)
-            if t.is_symlink():
-                raise ChrootError(f"{t} is a symlink in the stage; refusing to mount there")
-            t.mkdir(parents=True, exist_ok=True)
-        argv = emerge_argv(root, profile)
-        started = time.time()
-        man.started = _utc_now().isoformat()
-        log.info("build %s %s at %s: emerge %s", profile.name, spec.build_id, tag, " ".join(profile.emerge_args))
-        logf.flush()
-        spec.distfiles.mkdir(parents=True, exist_ok=True)
-        status = run_in_namespace(root, pkgdir.resolve(), argv, build_dir / "nsrun.json", logf, console,
-                                  distfiles=spec.distfiles.resolve(), private=_private_dir(spec.signing))
-        man.finished = _utc_now().isoformat()
-        man.duration_seconds = round(time.time() - started, 1)
-        man.exit_status = status
-        man.ok = status == 0
-        if man.ok and spec.stage4:
-            man.stage4 = _pack_stage4(spec, root, stage_make_conf, logf)
+        with ExitStack() as mounted:
+            ready = time.monotonic()
+            method = _make_root(spec, build_dir, root, mounted, logf)
+            status = _prepare_and_emerge(spec, profile, man, build_dir, root, pkgdir, logf, console, method, ready)
     finally:
         _finish_root(build_dir, root, spec.keep_root)
     man.packages, man.packages_index = manifestmod.list_packages(pkgdir)
@@ -365,6 +352,98 @@ def _build(spec: BuildSpec, profile: PortageSettings, man: manifestmod.Manifest,
              "ok" if man.ok else f"FAILED ({status})", out)
     return BuildResult(ok=man.ok, exit_status=status, output_dir=out, log=out / "build.log",
                        manifest=out / "build.json", build_id=spec.build_id)
+
+
+def _make_root(spec: BuildSpec, build_dir: Path, root: Path, mounted: ExitStack, logf: IO[bytes]) -> str:
+    """Make the build's root: an overlay over the stage the caller unpacked (in a private mount namespace
+    of this thread, entered on `mounted`, which unmounts and leaves it), else an extraction of the stage.
+    Returns "overlay" or "extract"."""
+    lower = spec.stage.unpacked
+    if lower is not None and not spec.keep_root:
+        try:
+            mounted.enter_context(overlay.private_mount_namespace())
+            overlay.mount_overlay(lower, build_dir, root)
+        except OverlayUnavailable as e:
+            why = f"overlay root unavailable ({e}); extracting the stage instead"
+            log.warning("build %s: %s", spec.build_id, why)
+            logf.write(f">>> snapshotter: {why}\n".encode())
+        else:
+            mounted.callback(_unmount_root, root)
+            logf.write(f">>> snapshotter: root: overlay over the unpacked stage {lower}\n".encode())
+            return "overlay"
+    elif lower is not None:
+        logf.write(b">>> snapshotter: --keep-root: extracting the stage (a kept root is a complete tree)\n")
+    if lower is not None and spec.stage.sha256 is not None:
+        stage.verify_stage(spec.stage.path, spec.stage.sha256)  # not hashed yet (see run_build)
+    log.info("build %s: extracting %s", spec.build_id, spec.stage.path.name)
+    for leftover in (build_dir / "upper", build_dir / "work"):
+        if leftover.is_dir():
+            safe_rmtree(leftover)
+    if root.is_dir():
+        root.rmdir()
+    stage.extract_stage(spec.stage.path, root)
+    return "extract"
+
+
+def _unmount_root(root: Path) -> None:
+    """Unmount the overlay root once the build's namespace is gone (its processes may hold files)."""
+    _wait_namespace_gone(root, check=False)
+    overlay.unmount(root)
+
+
+def _prepare_and_emerge(spec: BuildSpec, profile: PortageSettings, man: manifestmod.Manifest, build_dir: Path,
+                        root: Path, pkgdir: Path, logf: IO[bytes], console: bool, method: str,
+                        ready: float) -> int:
+    """The trees' mount points and the Portage config in the root, then emerge in the build's namespaces
+    (and, after a good build, the stage4). Returns emerge's exit status."""
+    tag, commit = spec.tag, spec.commit
+    trees = [_tree_mount(root, t) for t in (spec.gentoo, *spec.overlays)]
+    if spec.keep_root:  # a kept root can be entered again after the build: it gets copies of the trees
+        for host, rel in trees:
+            _copy_tree(Path(host), inside(root, rel))
+        trees = []
+    if profile.portage_confdir is not None:
+        portageconf.copy_confdir(profile.portage_confdir, root)
+        man.portage_confdir = {"path": str(profile.portage_confdir),
+                               "sha256": profile.portage_confdir_sha256}
+    make_conf_path = inside(root, "etc/portage/make.conf")
+    stage_make_conf = make_conf_path.read_bytes() if make_conf_path.is_file() and \
+        not make_conf_path.is_symlink() else None
+    make_conf = portageconf.write_make_conf(root, profile, spec.signing)
+    man.make_conf = {"content": make_conf, "sha256": manifestmod.sha256_text(make_conf)}
+    man.repos_conf = portageconf.write_repos_conf(root, [o.name for o in spec.overlays])
+    if profile.portage_profile:
+        portageconf.set_make_profile(root, profile.portage_profile, spec.gentoo.path)
+    if profile.world is not None:
+        portageconf.write_world(root, profile.world)
+    portageconf.copy_resolv_conf(root)
+    if spec.signing is not None:
+        fprs = portageconf.trust_signing_key(root, spec.signing.public_key)
+        logf.write(f">>> snapshotter: signing gpkgs with {spec.signing.fingerprint}; trusted in "
+                   f"/{portageconf.PORTAGE_GNUPGHOME}: {', '.join(fprs)}\n".encode())
+    for d in _mount_points(root, spec.signing):
+        t = inside(root, d)
+        if t.is_symlink():
+            raise ChrootError(f"{t} is a symlink in the stage; refusing to mount there")
+        t.mkdir(parents=True, exist_ok=True)
+    man.root = {"method": method, "seconds": round(time.monotonic() - ready, 2)}
+    logf.write(f">>> snapshotter: root ready ({method}) in {man.root['seconds']} s\n".encode())
+    argv = emerge_argv(root, profile)
+    started = time.time()
+    man.started = _utc_now().isoformat()
+    log.info("build %s %s at %s (%s): emerge %s", profile.name, spec.build_id, tag, commit[:12],
+             " ".join(profile.emerge_args))
+    logf.flush()
+    spec.distfiles.mkdir(parents=True, exist_ok=True)
+    status = run_in_namespace(root, pkgdir.resolve(), argv, build_dir / "nsrun.json", logf, console,
+                              distfiles=spec.distfiles.resolve(), private=_private_dir(spec.signing), trees=trees)
+    man.finished = _utc_now().isoformat()
+    man.duration_seconds = round(time.time() - started, 1)
+    man.exit_status = status
+    man.ok = status == 0
+    if man.ok and spec.stage4:
+        man.stage4 = _pack_stage4(spec, root, stage_make_conf, logf)
+    return status
 
 
 def _pack_stage4(spec: BuildSpec, root: Path, stage_make_conf: bytes | None, logf: IO[bytes]) -> dict[str, Any]:

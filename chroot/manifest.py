@@ -11,7 +11,7 @@ from typing import Any
 
 from chroot.newfile import new_file, write_all
 
-FORMAT = 3  # 3: `mode`, `incremental`; 2: build ids (`id`), `signing_key`, `error`; a build's own directory
+FORMAT = 3  # 3: `mode`, `incremental`, `root`; 2: build ids (`id`), `signing_key`, `error`; a build's own directory
 READABLE_FORMATS = (1, 2, 3)  # format 1 (no id, unsigned) is still read
 
 
@@ -41,6 +41,7 @@ class Manifest:
     signing_key: str | None = None  # fingerprint that signed the packages; None: unsigned
     error: str = ""  # why a build failed before or outside emerge (setup error, signal); "" otherwise
     stage4: dict[str, Any] | None = None  # {"file", "sha256", "size"}: the packed root (None: not packed)
+    root: dict[str, Any] | None = None  # {"method": "overlay" or "extract", "seconds"}: how the root was made
     mode: str = "full"  # "full" (every package built) or "incremental" (packages of `incremental.base` reused)
     incremental: dict[str, Any] | None = None  # {"base", "reused", "rebuilt"} of an incremental build
     format: int = FORMAT

@@ -22,7 +22,9 @@ from chroot.errors import ChrootError, MountedError
 
 log = logging.getLogger(__name__)
 
-MOUNTINFO = "/proc/self/mountinfo"
+# The calling thread's view: a build's overlay root lives in a mount namespace of the building thread
+# (chroot.overlay), which /proc/self (the thread group leader's) does not show.
+MOUNTINFO = "/proc/thread-self/mountinfo"
 _OCTAL = re.compile(r"\\([0-7]{3})")
 
 

@@ -8,7 +8,8 @@ namespace lives only as long as its processes: if the builder dies (even kill -9
 its children) and the mounts vanish with the last of them. Nothing here ever deletes anything.
 
 SPEC.json is a `NamespaceSpec` (its to_json/from_json are the format's only writer and reader):
-{"root": ..., "binds": [[host_dir, dir_in_root], ...], "argv": [...], "private": null or
+{"root": ..., "binds": [[host_dir, dir_in_root], ...], "read_only": [[host_dir, dir_in_root], ...] (bind
+mounts made read-only: the trees), "argv": [...], "private": null or
 {"path": dir_in_root, "dirs": [[host_dir, name], ...], "files": [[host_file, name], ...]}}; argv is run as
 is (the builder makes it `chroot ROOT env -i ... emerge ...`). This module imports nothing but the
 standard library: it runs as `python -m chroot.nsrun` with only the directory holding `chroot/` on the path.
@@ -71,9 +72,11 @@ class NamespaceSpec:
     binds: list[tuple[str, str]]  # (host directory, directory in the root, relative)
     argv: list[str]  # the chroot command, run as is
     private: PrivateDir | None = None
+    read_only: list[tuple[str, str]] = field(default_factory=list)  # like binds, mounted read-only
 
     def to_json(self) -> str:
-        return json.dumps({"root": str(self.root), "binds": [list(b) for b in self.binds], "argv": self.argv,
+        return json.dumps({"root": str(self.root), "binds": [list(b) for b in self.binds],
+                           "read_only": [list(b) for b in self.read_only], "argv": self.argv,
                            "private": None if self.private is None else self.private.to_dict()})
 
     @classmethod
@@ -83,10 +86,11 @@ class NamespaceSpec:
         try:
             root, binds, argv, private = data["root"], data["binds"], data["argv"], data["private"]
             spec = cls(Path(root), [(h, r) for h, r in binds], list(argv),
-                       None if private is None else PrivateDir.from_dict(private))
+                       None if private is None else PrivateDir.from_dict(private),
+                       [(h, r) for h, r in data["read_only"]])
         except (TypeError, KeyError, ValueError) as e:
             raise ValueError(f"not a namespace spec: {e!r}") from None
-        if not (isinstance(root, str) and all(isinstance(s, str) for b in spec.binds for s in b)
+        if not (isinstance(root, str) and all(isinstance(s, str) for b in spec.binds + spec.read_only for s in b)
                 and all(isinstance(a, str) for a in spec.argv)):
             raise ValueError("not a namespace spec: root, binds and argv must be strings")
         return spec
@@ -110,7 +114,7 @@ def _target(root: Path, rel: str) -> str:
     return str(path)
 
 
-def setup_mounts(root: Path, binds: list[tuple[str, str]]) -> None:
+def setup_mounts(root: Path, binds: list[tuple[str, str]], read_only: list[tuple[str, str]]) -> None:
     _mount("--make-rprivate", "/")
     _mount("-t", "proc", "-o", "nosuid,nodev,noexec", "proc", _target(root, "proc"))
     for d in ("dev", "sys"):
@@ -119,6 +123,10 @@ def setup_mounts(root: Path, binds: list[tuple[str, str]]) -> None:
         _mount("--make-rslave", t)
     for host, rel in binds:
         _mount("--bind", host, _target(root, rel))
+    for host, rel in read_only:
+        target = _target(root, rel)
+        _mount("--bind", host, target)
+        _mount("-o", "remount,bind,ro,nosuid,nodev", target)
 
 
 def _only_files_and_dirs(src: str, names: list[str]) -> set[str]:
@@ -156,13 +164,14 @@ def main(spec_path: str) -> int:
     if os.getpid() != 1:
         say("warning: not PID 1 of a new PID namespace")
     try:
-        setup_mounts(spec.root, spec.binds)
+        setup_mounts(spec.root, spec.binds, spec.read_only)
         if spec.private is not None:
             setup_private(spec.root, spec.private)
     except RuntimeError as e:
         say(f"error: {e}")
         return 125
-    say("mounted proc, dev (rslave), sys (rslave), " + ", ".join(r for _h, r in spec.binds) + "; entering the root")
+    say("mounted proc, dev (rslave), sys (rslave), " + ", ".join(r for _h, r in spec.binds)
+        + "".join(f", {r} (read-only)" for _h, r in spec.read_only) + "; entering the root")
     if spec.private is not None:
         names = ", ".join(n for _h, n in spec.private.dirs + spec.private.files)
         say(f"private tmpfs {spec.private.path} (this namespace only): {names}")

@@ -209,8 +209,10 @@ def write_repos_conf(root: Path, overlays: list[str]) -> str:
     return content
 
 
-def set_make_profile(root: Path, portage_profile: str) -> None:
-    target = inside(root, f"var/db/repos/gentoo/profiles/{portage_profile}")
+def set_make_profile(root: Path, portage_profile: str, gentoo_tree: Path) -> None:
+    """Point ROOT/etc/portage/make.profile at the profile in the gentoo tree (`gentoo_tree`: the tree the
+    build mounts at /var/db/repos/gentoo, which must hold that profile directory)."""
+    target = inside(gentoo_tree, f"profiles/{portage_profile}")
     if not target.is_dir():
         raise ChrootError(f"portage_profile {portage_profile!r}: no such profile directory in the tree "
                                "(profiles/ of the tag)")

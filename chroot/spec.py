@@ -2,7 +2,7 @@
 
 The library does not read configuration files or repositories: the caller resolves the tag to a commit,
 fetches and pins the stage and the overlays, and passes them here. Trees reach the root through the
-`TreeSource` protocol, which the caller implements (e.g. by exporting a git commit).
+`TreeSource` protocol, which the caller implements (e.g. a git commit exported into a cache).
 """
 
 from __future__ import annotations
@@ -18,13 +18,15 @@ RESERVED_VARS = frozenset({"PKGDIR", "DISTDIR"})
 
 
 class TreeSource(Protocol):
-    """An ebuild repository pinned at one commit, placed into the root by `place`."""
+    """An ebuild repository pinned at one commit: a directory holding its tree, which the build sees
+    read-only at /var/db/repos/NAME (a bind mount in the build's namespace)."""
 
     @property
     def name(self) -> str: ...
 
-    def place(self, dest: Path) -> None:
-        """Write the tree into `dest` (which does not exist yet)."""
+    @property
+    def path(self) -> Path:
+        """The tree's directory; it must not change while the build runs (the caller holds it)."""
 
     def describe(self) -> dict[str, str]:
         """What build.json records about it (name, url, ref, commit)."""
@@ -59,6 +61,9 @@ class Stage:
     source: str  # what build.json records: the configured path or URL
     sha256: str | None = None
     build: str | None = None  # the build id whose stage4 this is (a seeded build), recorded in build.json
+    # The stage already unpacked by the caller from a file with the pinned `sha256` (held unchanged for the
+    # build): the read-only lower layer of an overlay root (chroot.overlay). None: the build extracts `path`.
+    unpacked: Path | None = None
 
 
 @dataclass(frozen=True)

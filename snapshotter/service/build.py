@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -70,7 +70,7 @@ class BuildRequest:
 
 @dataclass(frozen=True)
 class GitTree:
-    """A commit of a git repository, placed into the root by exporting its tree (chroot.spec.TreeSource)."""
+    """A commit of a git repository: the gentoo tree at a tag, an overlay at its pinned ref."""
 
     name: str
     repo: Path
@@ -78,11 +78,35 @@ class GitTree:
     url: str = ""
     ref: str = ""
 
-    def place(self, dest: Path) -> None:
-        export_tree(self.repo, self.commit, dest)
-
     def describe(self) -> dict[str, str]:
         return {"name": self.name, "url": self.url, "ref": self.ref, "commit": self.commit}
+
+
+@dataclass(frozen=True)
+class ExportedTree:
+    """A GitTree exported into the tree cache: what the build mounts read-only (chroot.spec.TreeSource)."""
+
+    source: GitTree
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    def describe(self) -> dict[str, str]:
+        return self.source.describe()
+
+
+@contextmanager
+def _provisional_tree(work: Path, tree: GitTree) -> Iterator[Path]:
+    d = work / f".tree-{tree.name}-{os.getpid()}"
+    if d.exists():
+        shutil.rmtree(d)
+    export_tree(tree.repo, tree.commit, d)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d)
 
 
 @contextmanager
@@ -339,18 +363,24 @@ def run_build(cfg: Config, req: BuildRequest, *, console: bool = False) -> Build
         settings, reuse = incremental.plan(profile, portage_settings(profile), incremental=req.incremental,
                                            output=output, repo=repo.path, commit=tag.commit,
                                            overlays={o.name: o.commit for o in overlays}, signing=signing)
-        build_id, out = allocate(output, profile.name, tag.name)
-        log.info("build %s of profile %s at %s: %s", build_id, profile.name, tag.name, out)
-        spec = BuildSpec(
-            settings=settings, tag=tag.name, commit=tag.commit, repo=str(repo.path),
-            stage=Stage(stage_file, src.source, src.sha256, build=src.build),
-            gentoo=GitTree("gentoo", repo.path, tag.commit), overlays=list(overlays),
-            work_dir=work / profile.name, output=out, build_id=build_id,
-            distfiles=cfg.build.distfiles or cfg.build.cache_dir / "distfiles", signing=signing,
-            keep_root=req.keep_root, tool_version=__version__,
-            stage4=profile.stage4 if req.stage4 is None else req.stage4, source_time=source_time, reuse=reuse)
-        with chroot_errors():
-            result = builder.run_build(spec, console=console)
+        with ExitStack() as held:
+            # Trees and the unpacked stage are held (shared locks) until the build is over: a purge
+            # running meanwhile skips them.
+            gentoo_src = GitTree("gentoo", repo.path, tag.commit)
+            gentoo = ExportedTree(gentoo_src, held.enter_context(_provisional_tree(work, gentoo_src)))
+            trees = [ExportedTree(o, held.enter_context(_provisional_tree(work, o))) for o in overlays]
+            build_id, out = allocate(output, profile.name, tag.name)
+            log.info("build %s of profile %s at %s: %s", build_id, profile.name, tag.name, out)
+            spec = BuildSpec(
+                settings=settings, tag=tag.name, commit=tag.commit, repo=str(repo.path),
+                stage=Stage(stage_file, src.source, src.sha256, build=src.build),
+                gentoo=gentoo, overlays=list(trees),
+                work_dir=work / profile.name, output=out, build_id=build_id,
+                distfiles=cfg.build.distfiles or cfg.build.cache_dir / "distfiles", signing=signing,
+                keep_root=req.keep_root, tool_version=__version__,
+                stage4=profile.stage4 if req.stage4 is None else req.stage4, source_time=source_time, reuse=reuse)
+            with chroot_errors():
+                result = builder.run_build(spec, console=console)
     if result.ok and req.output is None and req.deliver:
         deliver(cfg, profile.name, build_id)
     return result

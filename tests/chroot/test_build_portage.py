@@ -33,6 +33,7 @@ from chroot.mounts import mounts_under, parse_mountinfo, safe_rmtree
 from chroot.stage import extract_stage
 from snapshotter import fsutil
 from snapshotter.config import Overlay, parse_profile
+from snapshotter.git.export import export_tree
 from snapshotter.service import build as buildsvc
 
 pytestmark = pytest.mark.portage
@@ -266,7 +267,7 @@ def test_build_world_with_pinned_overlay(env, tmp_path):
 
     man = check_manifest(out)
     assert man["ok"] is True and man["exit_status"] == 0 and man["error"] == ""
-    assert man["id"] == f"{TAG1}.1" and man["format"] == 2 and man["signing_key"] == key.fingerprint
+    assert man["id"] == f"{TAG1}.1" and man["format"] == 3 and man["signing_key"] == key.fingerprint
     assert man["profile"] == "basic" and man["tag"] == TAG1 and man["commit"] == env["tags"][TAG1]
     assert man["overlays"] == [{"name": "extra", "url": str(env["base"] / "overlay"), "ref": "v1",
                                 "commit": env["ov_tags"]["v1"]}]
@@ -482,12 +483,12 @@ def test_packages_install_with_usepkgonly_into_fresh_root(env):
                                 "emerge_args": ["--usepkgonly", "--emptytree", "@world"]}, rt)
     extract_stage(env["stage"], root)
     ov = buildsvc.fetch_overlay(Overlay("extra", str(env["base"] / "overlay"), "v1"), rt / "cache")
-    buildsvc.GitTree("gentoo", env["base"] / "mirror.git", env["tags"][TAG1]).place(root / "var/db/repos/gentoo")
-    ov.place(root / "var/db/repos/extra")
+    export_tree(env["base"] / "mirror.git", env["tags"][TAG1], root / "var/db/repos/gentoo")
+    export_tree(ov.repo, ov.commit, root / "var/db/repos/extra")
     settings = buildsvc.portage_settings(prof)
     portageconf.write_make_conf(root, settings)
     portageconf.write_repos_conf(root, ["extra"])
-    portageconf.set_make_profile(root, "default")
+    portageconf.set_make_profile(root, "default", root / "var/db/repos/gentoo")
     portageconf.write_world(root, prof.world)
     portageconf.trust_signing_key(root, env["basic_key"].public.read_text())
     for d in ("proc", "dev", "sys", "var/cache/binpkgs"):

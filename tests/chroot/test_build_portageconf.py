@@ -75,12 +75,12 @@ def test_repos_conf_replaces_a_file(root):
 
 
 def test_make_profile(root):
-    portageconf.set_make_profile(root, "default")
+    portageconf.set_make_profile(root, "default", root / "var/db/repos/gentoo")
     link = root / "etc/portage/make.profile"
     assert link.readlink() == Path("../../var/db/repos/gentoo/profiles/default")
     assert link.resolve() == (root / "var/db/repos/gentoo/profiles/default").resolve()
     with pytest.raises(ChrootError, match="no such profile directory"):
-        portageconf.set_make_profile(root, "default/linux/amd64/23.0")
+        portageconf.set_make_profile(root, "default/linux/amd64/23.0", root / "var/db/repos/gentoo")
 
 
 def test_world_and_sets(root):
