@@ -1,4 +1,5 @@
-"""The post-receive hook for real: `snapshotter hooks install`, then `git push` into the bare repositories."""
+"""The pre-receive and post-receive hooks for real: `snapshotter hooks install`, then `git push` into the
+bare repositories."""
 
 from __future__ import annotations
 
@@ -47,6 +48,10 @@ def test_installed_hook_bakes_in_quoted_paths(setup, tmp_path: Path):
     assert f"CONFIG_FILE={cfg}" in text and "SNAPSHOTTER=/" in text
     # The file in the source tree is the same template with the defaults.
     assert (testlib.REPO_ROOT / "hooks" / "post-receive").read_text() == hooks.render("snapshotter", None)
+    pre = repos.mirror / "hooks" / "pre-receive"
+    assert os.access(pre, os.X_OK) and hooks.PRE_MARKER in pre.read_text() and f"CONFIG_FILE={cfg}" in pre.read_text()
+    assert "hooks check" in pre.read_text()
+    assert (testlib.REPO_ROOT / "hooks" / "pre-receive").read_text() == hooks.render("snapshotter", None, "pre-receive")
     # A path with a quote and a space stays one word for sh.
     weird = tmp_path / "it's a config.toml"
     weird.write_text(cfg.read_text())
@@ -154,3 +159,68 @@ def test_queue_database_is_shared_by_hook_and_cli(setup, tmp_path: Path):
     with sqlite3.connect(queue_path(tmp_path / "state")) as db:
         sources = {s for (s,) in db.execute("SELECT source FROM jobs")}
     assert sources == {f"push:{repos.mirror.resolve()}"}
+
+
+def push(work: Path, *refs: str, now: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env.update(GIT_ENV, SNAPSHOTTER_NOW=now)  # the hooks inherit it: the clock they judge "future" by
+    return subprocess.run(["git", "push", "origin", *refs], cwd=work, capture_output=True, text=True, env=env)
+
+
+# 2026-11-21 12:00 UTC: the newest snapshot that can exist is 2026-11-20; a tag up to 2026-11-21 passes.
+NOW = "1795262400"
+
+
+def test_pre_receive_refuses_a_date_tag_from_the_future(setup, tmp_path: Path):
+    """A date tag after the newest possible snapshot (plus a day) never reaches the snapshot repository:
+    the whole push is refused before any ref moves, with one line to the pusher; nothing is queued. Other
+    refs, the same tag in an overlay, and deleting such a tag pass; `status` names one that got in anyway."""
+    repos, cfg = setup
+    before = git_run(repos.mirror, "show-ref")
+    repos.date_tag("2026-11-22")
+    out = push(repos.mirror_work, "main", "2026-11-22", now=NOW)
+    assert out.returncode != 0 and "pre-receive hook declined" in out.stderr, out.stderr
+    errors = [x.rstrip() for x in out.stderr.splitlines() if "snapshotter: error:" in x]  # git pads remote lines
+    assert errors == ["remote: snapshotter: error: refs/tags/2026-11-22: a snapshot tag in the future (the newest "
+                      "snapshot that can exist is 2026-11-20); refused: a sync never makes one, and it would stop "
+                      "every import"], out.stderr
+    assert "Traceback" not in out.stderr
+    assert git_run(repos.mirror, "show-ref") == before  # main did not move either
+    assert jobs(tmp_path) == []
+    # The newest day that may exist, and main alone, pass (and post-receive queues the tag's builds).
+    git_run(repos.mirror_work, "tag", "-d", "2026-11-22")
+    repos.date_tag("2026-11-21")
+    out = push(repos.mirror_work, "main", "2026-11-21", now=NOW)
+    assert out.returncode == 0, out.stderr
+    assert "2026-11-21" in git_run(repos.mirror, "tag").split()
+    assert {tag for _, tag, _ in jobs(tmp_path)} == {"2026-11-21"}
+    # Overlays are not snapshot repositories: their tags are their own.
+    git_run(repos.overlay_work, "tag", "2099-01-01")
+    assert push(repos.overlay_work, "2099-01-01", now=NOW).returncode == 0
+    # One that got in without the hook (created in place) is named by status; deleting it by a push passes.
+    git_run(repos.mirror, "tag", "2099-01-01", "main")
+    st = testlib.run_cli("--config", str(cfg), "status", env={"SNAPSHOTTER_NOW": NOW})
+    assert "future tags: 2099-01-01" in st.stdout, st.stdout + st.stderr
+    out = push(repos.mirror_work, ":refs/tags/2099-01-01", now=NOW)
+    assert out.returncode == 0, out.stderr
+    assert "2099-01-01" not in git_run(repos.mirror, "tag").split()
+
+
+def check(cfg: Path, repo: Path, lines: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["snapshotter", "--config", str(cfg), "hooks", "check", "--repo", str(repo)], input=lines,
+                          capture_output=True, text=True, env={**os.environ, "SNAPSHOTTER_NOW": NOW}, timeout=60)
+
+
+def test_hooks_check_reads_lines_like_git(setup, tmp_path: Path):
+    """`hooks check` itself: the snapshot repository's future tags refused (all named in one line),
+    garbage and other refs left to post-receive."""
+    repos, cfg = setup
+    zero, oid = "0" * 40, "1" * 40
+    lines = (f"{zero} {oid} refs/tags/2099-01-01\n{zero} {oid} refs/heads/main\n{zero} {oid} refs/tags/2099-02-01\n"
+             "garbage\n")
+    testlib.one_error(check(cfg, repos.mirror, lines), "refs/tags/2099-01-01, refs/tags/2099-02-01: a snapshot tag in the future")
+    fine = f"{zero} {oid} refs/tags/2026-11-21\n{oid} {zero} refs/tags/2099-01-01\ngarbage\n"
+    out = check(cfg, repos.mirror, fine)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    out = check(cfg, repos.overlay, lines)
+    assert out.returncode == 0, out.stderr
