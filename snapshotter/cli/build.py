@@ -25,9 +25,16 @@ from snapshotter.service.build import BuildRequest, run_build
 @click.option("--keep-root", is_flag=True, help="Keep the build root afterwards (for debugging).")
 @click.option("--stage4/--no-stage4", "stage4", default=None,
               help="Pack the root of a successful build as its stage4 (default: the profile's stage4, on).")
+@click.option("--incremental/--full", "incremental", default=None,
+              help="Reuse the newest good build's packages and rebuild what changed, or build everything "
+                   "(default: the profile's mode, full unless set).")
+@click.option("--rebuild-reverse-deps", is_flag=True,
+              help="Incremental build: also rebuild the packages that build-depend on one built from source "
+                   "(emerge --rebuild-if-unbuilt).")
 @pass_state
 def build_cmd(state: State, profile: str, repo: Path | None, tag: str | None, output: Path | None,
-              work_dir: Path | None, overlay_refs: tuple[str, ...], keep_root: bool, stage4: bool | None) -> None:
+              work_dir: Path | None, overlay_refs: tuple[str, ...], keep_root: bool, stage4: bool | None,
+              incremental: bool | None, rebuild_reverse_deps: bool) -> None:
     """Run `emerge` (default `--emptytree @world`) for PROFILE in a fresh chroot at a pinned tag.
 
     \b
@@ -39,6 +46,9 @@ def build_cmd(state: State, profile: str, repo: Path | None, tag: str | None, ou
     replaced (a failed build keeps its own, "ok": false). Prints "ID DIRECTORY". -v streams emerge live.
     A successful build packs its root as OUTPUT/PROFILE/TAG.N/stage4.tar.zst (same root, same bytes);
     stage = "latest-build" in the profile seeds each build from the newest good build's stage4.
+    --incremental (or mode = "incremental" in the profile) starts packages/ from the newest good build's
+    packages (hard links) and builds only what changed since; a full build is made instead, and the log
+    says why, when its settings differ or the last full build is full_every_days old (docs/build.md).
     Exit status: 0 built, 1 setup error, 4 emerge failed (log tail shown), 75 profile locked.
 
     \b
@@ -47,6 +57,7 @@ def build_cmd(state: State, profile: str, repo: Path | None, tag: str | None, ou
       2026-11-20.1 /var/cache/snapshotter/packages/basic/2026-11-20.1
       snapshotter build --profile desktop --tag 2026-11-20 --overlay-ref myov=v1.2 --keep-root
       snapshotter build --profile basic --no-stage4                  # packages only
+      snapshotter build --profile basic --incremental                # reuse what did not change
     """
     cfg = state.config
     cfg.repo = state.repo(repo)
@@ -58,9 +69,11 @@ def build_cmd(state: State, profile: str, repo: Path | None, tag: str | None, ou
         if not sep or not name or not ref:
             raise ConfigError(f"--overlay-ref: expected NAME=REF, got {item!r}")
         refs[name] = ref
+    if rebuild_reverse_deps and incremental is False:
+        raise ConfigError("--rebuild-reverse-deps: only for an incremental build, not with --full")
     req = BuildRequest(profile=profile, tag=tag, overlay_refs=refs,
                        output=output.resolve() if output is not None else None, keep_root=keep_root,
-                       stage4=stage4)
+                       stage4=stage4, incremental=incremental, reverse_deps=rebuild_reverse_deps)
     result = run_build(cfg, req, console=state.verbose > 0)
     if not result.ok:
         tail = result.log_tail()
