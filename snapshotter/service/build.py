@@ -66,6 +66,7 @@ class BuildRequest:
     deliver: bool = True  # move the profile's automatic edition to a good build (rebuild checks: False)
     stage4: bool | None = None  # pack the root as a stage4; None: the profile's `stage4`
     incremental: bool | None = None  # reuse the newest good build's packages; None: the profile's `mode`
+    reverse_deps: bool = False  # incremental: also rebuild what build-depends on a package built from source
 
 
 @dataclass(frozen=True)
@@ -362,7 +363,9 @@ def run_build(cfg: Config, req: BuildRequest, *, console: bool = False) -> Build
         _, source_time = resolve(repo.path, tag.commit)
         settings, reuse = incremental.plan(profile, portage_settings(profile), incremental=req.incremental,
                                            output=output, repo=repo.path, commit=tag.commit,
-                                           overlays={o.name: o.commit for o in overlays}, signing=signing)
+                                           overlays={o.name: o.commit for o in overlays}, signing=signing,
+                                           tag=tag.name, overlay_repos={o.name: o.repo for o in overlays},
+                                           reverse_deps=req.reverse_deps)
         with ExitStack() as held:
             # Trees and the unpacked stage are held (shared locks) until the build is over: a purge
             # running meanwhile skips them.

@@ -205,8 +205,9 @@ def rebuild(cfg: Config, what: str, profile: str | None = None, *, report: Path 
     check_tag(pinned_cfg, man)
     log.info("rebuilding %s %s from its pinned inputs (tag %s at %s, stage %s)", man.profile, original.id,
              man.tag, man.commit[:12], man.stage["sha256"][:12])
+    # Always a full build: an incremental one would reuse the very packages it is to compare.
     result = run_build(pinned_cfg, BuildRequest(profile=man.profile, tag=man.tag, overlay_refs=refs,
-                                                deliver=False, stage4=False), console=console)
+                                                deliver=False, stage4=False, incremental=False), console=console)
     if not result.ok:
         raise BuildFailed(f"rebuild {result.build_id} of {man.profile} {original.id} failed (emerge exit status "
                           f"{result.exit_status}); log: {result.log}")
