@@ -88,6 +88,9 @@ class Profile:
     # With mode = "incremental": a full build when the newest full build's tag is this many days older than
     # the build's tag (weekly by default); 0: never automatically.
     full_every_days: int = 7
+    # With mode = "incremental": also rebuild what build-depends on a package that is rebuilt (`build
+    # --rebuild-reverse-deps` for one build).
+    rebuild_reverse_deps: bool = False
 
     @property
     def stage_build(self) -> str | None:
@@ -101,7 +104,8 @@ class Profile:
 
 KNOWN_KEYS = ("stage", "stage_sha256", "portage_profile", "portage_confdir", "make_conf", "world",
               "emerge_args", "overlays", "signing_key", "gnupghome", "passphrase_file", "stage4", "seed_stage",
-              "seed_stage_sha256", "mode", "full_every_days")
+              "seed_stage_sha256", "mode", "full_every_days",
+              "rebuild_reverse_deps")
 BUILD_MODES = ("full", "incremental")
 
 
@@ -254,6 +258,10 @@ def parse_profile(name: str, table: Any, base: Path) -> Profile:
         if isinstance(days, bool) or not isinstance(days, int) or days < 0:
             raise ConfigError(f"{pre}.full_every_days: expected a whole number of days (0: never), got {days!r}")
         prof.full_every_days = days
+    if "rebuild_reverse_deps" in table:
+        if not isinstance(table["rebuild_reverse_deps"], bool):
+            raise ConfigError(f"{pre}.rebuild_reverse_deps: expected true or false, got {table['rebuild_reverse_deps']!r}")
+        prof.rebuild_reverse_deps = table["rebuild_reverse_deps"]
     if "stage4" in table:
         if not isinstance(table["stage4"], bool):
             raise ConfigError(f"{pre}.stage4: expected true or false, got {table['stage4']!r}")

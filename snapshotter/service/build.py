@@ -67,6 +67,7 @@ class BuildRequest:
     stage4: bool | None = None  # pack the root as a stage4; None: the profile's `stage4`
     incremental: bool | None = None  # reuse the newest good build's packages; None: the profile's `mode`
     reverse_deps: bool = False  # incremental: also rebuild what build-depends on a package built from source
+    #                             (or the profile's rebuild_reverse_deps)
 
 
 @dataclass(frozen=True)
@@ -365,7 +366,7 @@ def run_build(cfg: Config, req: BuildRequest, *, console: bool = False) -> Build
                                            output=output, repo=repo.path, commit=tag.commit,
                                            overlays={o.name: o.commit for o in overlays}, signing=signing,
                                            tag=tag.name, overlay_repos={o.name: o.repo for o in overlays},
-                                           reverse_deps=req.reverse_deps)
+                                           reverse_deps=req.reverse_deps or profile.rebuild_reverse_deps)
         with ExitStack() as held:
             # Trees and the unpacked stage are held (shared locks) until the build is over: a purge
             # running meanwhile skips them.
