@@ -380,7 +380,8 @@ def members(stream: BinaryIO, limits: Limits = Limits()) -> Iterator[Member]:  #
             if not rel:
                 raise SnapshotError("snapshot must have exactly one top-level directory, found file "
                                     f"{name.decode(errors='replace')!r}")
-            mode = MODE_EXEC if _octal(hdr[tar.MODE], "mode") & 0o111 else MODE_FILE
+            # git's rule (`git add`): executable when the owner may execute it (0654 is not, 0744 is)
+            mode = MODE_EXEC if _octal(hdr[tar.MODE], "mode") & 0o100 else MODE_FILE
             if size > limits.member:
                 raise SnapshotError(f"member {name.decode(errors='replace')!r} is {size} bytes, larger than "
                                     f"sync.max_member_size ({limits.member} bytes)")

@@ -41,7 +41,10 @@ configuration.set_hypothesis_home_dir(_HYPOTHESIS_HOME.name)
 Tree = dict[str, tuple[str, str, int]]
 
 paths = st.lists(st.sampled_from(NAMES), min_size=1, max_size=3).map("/".join)
-files = st.tuples(st.just("file"), st.text("ab\n", max_size=8), st.sampled_from([0o644, 0o755, 0o600, 0o700]))
+# Modes with group/other exec bits but not the owner's (0654, 0645, 0611) and the other way round
+# (0744): git's rule is the owner's bit.
+files = st.tuples(st.just("file"), st.text("ab\n", max_size=8),
+                  st.sampled_from([0o644, 0o755, 0o600, 0o700, 0o654, 0o645, 0o611, 0o744, 0o711]))
 
 
 @st.composite
@@ -120,6 +123,48 @@ def refs(repo: Path) -> str:
 counter = itertools.count()
 
 
+def import_day(base: Path, day: date, tree: Tree, parent: str | None) -> str | None:
+    """Import `tree` as the snapshot of `day` through every importer path (the repositories under `base`
+    carry the previous days) and check them against the reference (which continues from `parent`): the
+    reference commit, or None if the tree had to be refused (and was, on every path)."""
+    src = base / f"src-{day}"
+    materialize(src, day, tree)
+    tarball = base / f"gentoo-{day:%Y%m%d}.tar.xz"
+    with open(tarball, "wb") as out:
+        tar = subprocess.Popen(["tar", "--format=gnu", "-C", str(src), "-cf", "-", "gentoo"],
+                               stdout=subprocess.PIPE)
+        subprocess.run(["xz", "-0", "-c"], stdin=tar.stdout, stdout=out, check=True)
+        assert tar.wait() == 0
+    extracted = base / f"ref-{day}"
+    extracted.mkdir()
+    subprocess.run(["tar", "-C", str(extracted), "-xf", str(tarball)], check=True)
+    bad = refused(extracted, tree)
+    results = {}
+    for path in ("cold", "warm", "split"):
+        repo = base / f"{path}.git"
+        if path == "cold":
+            shutil.rmtree(repo / "snapshotter", ignore_errors=True)
+        old = importer.PARALLEL_AFTER
+        importer.PARALLEL_AFTER = 0 if path == "split" else 10**9
+        try:
+            if bad:
+                before = refs(repo) if repo.exists() else ""
+                with pytest.raises(SnapshotError, match="points outside the tree|a loop"):
+                    importer.import_tarball(Repository(repo), tarball, IDENTITY, file_day=day)
+                assert refs(repo) == before
+                continue
+            results[path] = importer.import_tarball(Repository(repo), tarball, IDENTITY, file_day=day).commit
+        finally:
+            importer.PARALLEL_AFTER = old
+    if bad:
+        return None
+    tag = importer.snapshot.tag_for(snapshot_time(day))
+    ref_git = base / "ref.git"
+    parent = reference_commit(extracted / "gentoo", ref_git, base / "ref.index", tag, snapshot_time(day), parent)
+    assert results == {"cold": parent, "warm": parent, "split": parent}, tree
+    return parent
+
+
 @pytest.mark.skipif(shutil.which("tar") is None or shutil.which("xz") is None, reason="needs tar and xz")
 @settings(max_examples=12, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
@@ -132,37 +177,28 @@ def test_every_importer_path_matches_git_add(tmp_path: Path, data: st.DataObject
     tree: Tree | None = None
     for day in DAYS:
         tree = data.draw(trees(tree))
-        src = base / f"src-{day}"
-        materialize(src, day, tree)
-        tarball = base / f"gentoo-{day:%Y%m%d}.tar.xz"
-        with open(tarball, "wb") as out:
-            tar = subprocess.Popen(["tar", "--format=gnu", "-C", str(src), "-cf", "-", "gentoo"],
-                                   stdout=subprocess.PIPE)
-            subprocess.run(["xz", "-0", "-c"], stdin=tar.stdout, stdout=out, check=True)
-            assert tar.wait() == 0
-        extracted = base / f"ref-{day}"
-        extracted.mkdir()
-        subprocess.run(["tar", "-C", str(extracted), "-xf", str(tarball)], check=True)
-        bad = refused(extracted, tree)
-        results = {}
-        for path in ("cold", "warm", "split"):
-            repo = base / f"{path}.git"
-            if path == "cold":
-                shutil.rmtree(repo / "snapshotter", ignore_errors=True)
-            old = importer.PARALLEL_AFTER
-            importer.PARALLEL_AFTER = 0 if path == "split" else 10**9
-            try:
-                if bad:
-                    before = refs(repo) if repo.exists() else ""
-                    with pytest.raises(SnapshotError, match="points outside the tree|a loop"):
-                        importer.import_tarball(Repository(repo), tarball, IDENTITY, file_day=day)
-                    assert refs(repo) == before
-                    continue
-                results[path] = importer.import_tarball(Repository(repo), tarball, IDENTITY, file_day=day).commit
-            finally:
-                importer.PARALLEL_AFTER = old
-        if bad:
+        parent = import_day(base, day, tree, parent)
+        if parent is None:
             return
-        tag = importer.snapshot.tag_for(snapshot_time(day))
-        parent = reference_commit(extracted / "gentoo", ref_git, base / "ref.index", tag, snapshot_time(day), parent)
-        assert results == {"cold": parent, "warm": parent, "split": parent}, tree
+
+
+@pytest.mark.skipif(shutil.which("tar") is None or shutil.which("xz") is None, reason="needs tar and xz")
+def test_exec_bit_is_the_owners_as_in_git_add(tmp_path: Path) -> None:
+    """git's rule: a file is executable when its owner may execute it (S_IXUSR); group or other exec bits
+    alone do not count (0654, 0645, 0611 are 100644; 0744 is 100755). Both days, every path; the second
+    day flips the owner's bit of two files (a mode-only change through the warm tree cache)."""
+    ref_git = tmp_path / "ref.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(ref_git)], check=True, env={**os.environ, **GIT_ENV})
+    modes = {"g": 0o654, "o": 0o645, "go": 0o611, "u": 0o744, "all": 0o755, "none": 0o644}
+    day1: Tree = {f"bin/{name}": ("file", name, mode) for name, mode in modes.items()}
+    parent = import_day(tmp_path, DAYS[0], day1, None)
+    assert parent is not None
+    listing = subprocess.run(["git", f"--git-dir={tmp_path / 'cold.git'}", "ls-tree", "-r", parent, "bin/"],
+                             capture_output=True, text=True, check=True).stdout
+    assert {line.split("\t")[1]: line.split()[0] for line in listing.splitlines()} == {
+        "bin/g": "100644", "bin/o": "100644", "bin/go": "100644", "bin/u": "100755", "bin/all": "100755",
+        "bin/none": "100644"}
+    day2 = dict(day1)
+    day2["bin/g"] = ("file", "g", 0o754)
+    day2["bin/u"] = ("file", "u", 0o644)
+    assert import_day(tmp_path, DAYS[1], day2, parent) is not None
