@@ -30,6 +30,7 @@ import re
 import sqlite3
 import stat
 import time
+import urllib.parse
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -260,25 +261,67 @@ class SqliteQueue(BuildQueue):
         return float(self._clock())
 
     def _connect(self) -> sqlite3.Connection:
-        # Hook users can write state_dir (docs/service.md): SQLite follows a symlink planted at the
-        # database or at its -wal/-shm names and would create or write the file it points at. Refused
-        # (docs/security.md; Python cannot pass SQLITE_OPEN_NOFOLLOW, so a racing swap remains possible:
-        # share state_dir only with trusted pushers, or use the PostgreSQL queue).
+        """A connection to the queue file, guarded against links planted in state_dir.
+
+        Hook users can write state_dir (docs/service.md): SQLite follows a symlink planted at the
+        database or at its -wal/-shm names and would create or write the file it points at. Python 3.11's
+        sqlite3 cannot pass SQLITE_OPEN_NOFOLLOW, so SQLite opens the three names itself; what we can do
+        (docs/security.md, "Files in directories others may write"):
+        - before: each name, looked at relative to a descriptor of state_dir, must be missing or a
+          regular file with one link (a hard link could name another file);
+        - the database is created by us (O_CREAT|O_EXCL|O_NOFOLLOW), and SQLite opens it with
+          `mode=rw`: it never creates the database, so a dangling link cannot make it create a file;
+        - after a first read (which opens the database and, in WAL mode, its -wal/-shm) and before the
+          first write: the names are still regular files with one link, and the database is the very
+          file we checked (device, inode); else the connection is closed unused.
+        A swap that wins the race between the checks and SQLite's own open remains possible, and SQLite
+        initialises a -shm it opens (truncates and writes it) before any check can run."""
+        dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            main = self._check_files(dir_fd)
+            if main is None:
+                try:
+                    os.close(os.open(self.path.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
+                                     os.O_CLOEXEC, 0o644, dir_fd=dir_fd))
+                except FileExistsError:
+                    pass  # another process created it first: checked below like any existing file
+                main = self._check_files(dir_fd)
+            uri = f"file:{urllib.parse.quote(str(self.path))}?mode=rw"
+            db = sqlite3.connect(uri, uri=True, timeout=self.busy_timeout, isolation_level=None)
+            try:
+                db.row_factory = sqlite3.Row
+                db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+                # A read opens the database (and a WAL database's -wal and -shm) and writes nothing to it:
+                # check what was opened before the first write (the journal mode below).
+                db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                if self._check_files(dir_fd) != main:
+                    raise QueueError(f"build queue {self.path}: the database file was replaced while it was "
+                                     "being opened; refusing to use it")
+                if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    db.execute("PRAGMA journal_mode = WAL")
+                db.execute("PRAGMA synchronous = FULL")  # a queued job survives a power loss
+            except BaseException:
+                db.close()
+                raise
+            return db
+        finally:
+            os.close(dir_fd)
+
+    def _check_files(self, dir_fd: int) -> tuple[int, int] | None:
+        """QueueError unless the database and its -wal/-shm (relative to `dir_fd`) are each missing or a
+        regular file with one link; the database's (device, inode), None if it is missing."""
+        found = None
         for name in (self.path.name, self.path.name + "-wal", self.path.name + "-shm"):
             try:
-                mode = os.lstat(self.path.with_name(name)).st_mode
+                st = os.lstat(name, dir_fd=dir_fd)
             except FileNotFoundError:
                 continue
-            if not stat.S_ISREG(mode):
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
                 raise QueueError(f"build queue {self.path}: {self.path.with_name(name)} is a symlink or not a "
-                                 "regular file; refusing to use it")
-        db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-        if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-            db.execute("PRAGMA journal_mode = WAL")
-        db.execute("PRAGMA synchronous = FULL")  # a queued job survives a power loss
-        return db
+                                 "regular file (or has other hard links); refusing to use it")
+            if name == self.path.name:
+                found = (st.st_dev, st.st_ino)
+        return found
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

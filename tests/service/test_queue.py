@@ -153,6 +153,79 @@ def test_sqlite_queue_is_wal_and_rejects_a_corrupt_file(tmp_path: Path):
         SqliteQueue(bad)
 
 
+def _victims(tmp_path: Path) -> tuple[Path, Path, dict[Path, bytes]]:
+    """A text file and another program's SQLite database outside state_dir, with their bytes."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    text = outside / "passwd"
+    text.write_bytes(b"root:x:0:0:must stay\n")
+    other = outside / "other.sqlite"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE t (x)")
+        db.execute("INSERT INTO t VALUES (1)")
+    db.close()
+    return text, other, {text: text.read_bytes(), other: other.read_bytes()}
+
+
+def test_sqlite_queue_never_creates_through_a_dangling_link_nor_uses_hard_links(tmp_path: Path):
+    """Hook users can write state_dir: a dangling link at the database would have SQLite create its target;
+    a hard link at -wal or -shm names another file. Both refused before SQLite opens anything."""
+    text, _, before = _victims(tmp_path)
+    state = tmp_path / "state"
+    state.mkdir()
+    target = tmp_path / "outside" / "created-by-sqlite"
+    (state / "queue.sqlite").symlink_to(target)
+    with pytest.raises(QueueError, match="is a symlink or not a regular file"):
+        SqliteQueue(state / "queue.sqlite")
+    assert not target.exists() and not target.is_symlink()
+    (state / "queue.sqlite").unlink()
+    q = SqliteQueue(state / "queue.sqlite")  # created by us, O_EXCL|O_NOFOLLOW
+    for name in ("queue.sqlite-wal", "queue.sqlite-shm"):
+        (state / name).unlink(missing_ok=True)
+        (state / name).hardlink_to(text)
+        with pytest.raises(QueueError, match="has other hard links"):
+            q.enqueue(Job("basic", "2026-11-20"))
+        (state / name).unlink()
+    assert {p: p.read_bytes() for p in before} == before
+    jid, _ = q.enqueue(Job("basic", "2026-11-20"))
+    assert [r.id for r in q.list()] == [jid]
+
+
+@pytest.mark.parametrize("swap", ["symlink", "other file"])
+def test_sqlite_queue_checks_what_sqlite_opened_before_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               swap: str):
+    """Fault injection for the race no check can close (Python cannot ask SQLite for NOFOLLOW): the
+    database is swapped after the checks, as SQLite opens it, for a link to another program's database
+    (or another file renamed over it). SQLite opens what it finds, but the check after the first read sees
+    the swap, and nothing is written there (not even the journal mode)."""
+    _, other, before = _victims(tmp_path)
+    state = tmp_path / "state"
+    q = SqliteQueue(state / "queue.sqlite")
+    real_connect = sqlite3.connect
+    copy = state / "copy"
+
+    def swapping_connect(*args, **kw):
+        if swap == "symlink":
+            (state / "queue.sqlite").unlink()
+            (state / "queue.sqlite").symlink_to(other)
+        else:
+            copy.write_bytes(other.read_bytes())
+            copy.rename(state / "queue.sqlite")
+        return real_connect(*args, **kw)
+
+    monkeypatch.setattr(sqlite3, "connect", swapping_connect)
+    with pytest.raises(QueueError, match="is a symlink" if swap == "symlink" else "was replaced while") as e:
+        q.enqueue(Job("basic", "2026-11-20"))
+    assert "\n" not in str(e.value)
+    monkeypatch.undo()
+    assert {p: p.read_bytes() for p in before} == before
+    for path in (other, state / "queue.sqlite"):
+        with real_connect(path) as db:
+            assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"  # never switched to WAL
+            assert db.execute("SELECT name FROM sqlite_master").fetchall() == [("t",)]
+        db.close()
+
+
 def _claimer(make_queue: MakeQueue, worker: str, out: multiprocessing.Queue) -> None:
     q = make_queue()  # its own connection: forked children share nothing but the queue's store
     got = []
