@@ -79,7 +79,7 @@ DIRS = {"etc", "etc/portage", "var/lib", "var/lib/portage", "etc/portage/repos.c
 ACTIONS: dict[str, Callable[[Site], object]] = {
     "make.conf": lambda s: portageconf.write_make_conf(s.root, s.profile),
     "repos.conf": lambda s: portageconf.write_repos_conf(s.root, ["extra"]),
-    "make.profile": lambda s: portageconf.set_make_profile(s.root, "default"),
+    "make.profile": lambda s: portageconf.set_make_profile(s.root, "default", s.root / "var/db/repos/gentoo"),
     "world": lambda s: portageconf.write_world(s.root, ["app-misc/hello", "@company"]),
     "resolv.conf": lambda s: portageconf.copy_resolv_conf(s.root, s.host_resolv),
     "confdir": lambda s: portageconf.copy_confdir(s.confdir, s.root),
