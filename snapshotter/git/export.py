@@ -1,7 +1,8 @@
 """Read the tree of a commit or tag straight out of a bare repository, without a checkout.
 
-`tree_entries` + `read_blobs` stream what `git ls-tree -r` and `git cat-file --batch` say; `export_tree`
-materializes it into a directory and `publish` streams it into a tarball. Path names come from the
+`tree_entries` + `BlobReader` stream what `git ls-tree -r` and `git cat-file --batch` say; `publish`
+streams them into a tarball, and `export_tree` checks them and then has `git archive | tar -x` write
+the tree into a directory. Path names come from the
 repository, which may hold anything a crafted import put there, so every name is checked: no absolute
 paths, no `.`/`..`/empty components, nothing ever written through a symlink. What a symlink may point at
 is decided here once (`check_symlink`, `check_links`: resolved against the tree itself, through its other
@@ -14,13 +15,15 @@ import logging
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from snapshotter.errors import SnapshotError, SnapshotterError
+from snapshotter.errors import SnapshotError, SnapshotterError, child_failure
 from snapshotter.git.repository import git, git_env
 
 log = logging.getLogger(__name__)
@@ -252,97 +255,149 @@ def copy_exact(src: BinaryIO, size: int, write: Callable[[bytes], object]) -> No
         raise SnapshotterError("git cat-file: malformed output")
 
 
+# Attributes that change what `git archive` writes (export-ignore, export-subst) or convert a blob on its
+# way out (text/crlf/eol, ident, filter, working-tree-encoding). A tree may set them in its own
+# .gitattributes; `$GIT_DIR/info/attributes` takes precedence over every in-tree file, so unsetting them
+# there for every path makes the archive hold the blobs exactly as they are.
+_EXACT_ATTRIBUTES = ("* -export-ignore -export-subst -text -crlf -eol -ident -filter -working-tree-encoding\n")
+
+# What `tar -x` does with git's archive: no option from the environment (TAR_OPTIONS), modes exactly as
+# the archive says (0644/0755, 0755 directories, whatever the umask), owned by whoever extracts,
+# never over an existing file.
+_TAR_EXTRACT = ("tar", "--extract", "--file=-", "--no-same-owner", "--numeric-owner", "--same-permissions",
+                "--keep-old-files", "--warning=no-timestamp")
+
+
+@contextmanager
+def exact_gitdir(repo: Path) -> Iterator[Path]:
+    """A throwaway git directory that reads the objects of `repo` (through `objects/info/alternates`)
+    and whose `info/attributes` unsets every attribute that would make `git archive` differ from the blobs
+    (`_EXACT_ATTRIBUTES`). It has no refs and no config of its own: only ids name anything there (no
+    replace refs either), so `ls-tree`, `cat-file` and `archive` of one commit all see the same tree."""
+    objects = os.path.abspath(Path(repo) / "objects")
+    if "\n" in objects or objects.startswith('"'):
+        raise SnapshotterError(f"cannot use a repository path holding a newline: {repo!r}")
+    tmp = Path(tempfile.mkdtemp(prefix="snapshotter-gitdir-"))
+    try:
+        for sub in ("objects/info", "refs", "info"):
+            (tmp / sub).mkdir(parents=True)
+        (tmp / "HEAD").write_text("ref: refs/heads/none\n")
+        (tmp / "objects/info/alternates").write_text(objects + "\n")
+        (tmp / "info/attributes").write_text(_EXACT_ATTRIBUTES)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_layout(entries: Iterable[Entry]) -> None:
+    """Every entry's directory is a directory of the tree listed before it, and no path appears twice
+    (a symlink and a directory of one name, or a path through a symlink or a file, are refused): what
+    `tar -x` then writes is exactly the tree, below the destination, and never through a link."""
+    kinds: dict[str, str] = {}
+    for e in entries:
+        if e.path in kinds:
+            raise SnapshotError(f"{e.path!r} appears twice in the tree")
+        parent = e.path.rpartition("/")[0]
+        if parent and kinds.get(parent) != "dir":
+            raise SnapshotError(f"{e.path!r}: its directory {parent!r} is not a directory of the tree")
+        kinds[e.path] = e.kind
+
+
 def export_tree(repo: Path, rev: str, dest: Path) -> None:
     """Materialize the tree of `rev` (tag or commit) into `dest` (created if missing; must be empty).
 
     Regular files keep their exec bit (0644/0755), symlinks stay symlinks, directories are 0755, and
-    everything gets the commit's time as mtime. Paths that are absolute, hold `..` or would pass through
-    a symlink are refused (SnapshotError), as are symlinks ending outside `dest` (through other links
-    too: `check_links`, before anything is written); nothing is ever written outside `dest`.
+    everything below `dest` gets the commit's time as mtime. Before anything is written, every name is
+    checked (`tree_entries`: no absolute path, `.`/`..`/empty component, NUL or non-UTF-8), the layout
+    (`check_layout`: no duplicate, nothing below a symlink or a file) and every symlink (`check_links`:
+    it ends inside the tree, through other links too); a refused tree raises SnapshotError. Then
+    `git archive | tar -x` writes it (`exact_gitdir`: the blobs byte for byte, whatever the tree's
+    .gitattributes say), and what is on disk is compared with the tree's listing. On any failure what
+    was written is removed again (and `dest` if this made it); nothing is ever written outside `dest`.
     """
-    commit, when = resolve(repo, rev)
-    entries = tree_entries(repo, commit)
-    check_links(read_links(repo, entries))
+    commit, _when = resolve(repo, rev)
     dest = Path(dest)
-    created = not os.path.lexists(dest)
-    try:
-        dest.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise SnapshotterError(f"cannot create {dest}: {err.strerror}") from None
-    if not dest.is_dir() or dest.is_symlink():
-        raise SnapshotterError(f"{dest} is not a directory")
-    if any(dest.iterdir()):
-        raise SnapshotterError(f"{dest} is not empty")
-    log.debug("exporting %s (%d entries) into %s", commit, len(entries), dest)
-
-    root_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    # Open directories along the current path only: git lists a directory right before its contents,
-    # depth first, so a directory is finished (mtime set, fd closed) as soon as a path leaves it.
-    stack: list[tuple[str, int]] = [("", root_fd)]
-    times = (when, when)
-
-    def leave() -> None:
-        path, fd = stack.pop()
+    with exact_gitdir(repo) as gitdir:
+        entries = tree_entries(gitdir, commit)
+        check_layout(entries)
+        check_links(read_links(gitdir, entries))
+        created = not os.path.lexists(dest)
         try:
-            if path:
-                os.utime(fd, times)
-        finally:
-            os.close(fd)
+            dest.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise SnapshotterError(f"cannot create {dest}: {err.strerror}") from None
+        if not dest.is_dir() or dest.is_symlink():
+            raise SnapshotterError(f"{dest} is not a directory")
+        if any(dest.iterdir()):
+            raise SnapshotterError(f"{dest} is not empty")
+        log.debug("exporting %s (%d entries) into %s", commit, len(entries), dest)
+        try:
+            _archive_into(gitdir, commit, dest)
+            _check_written(dest, entries)
+        except BaseException:
+            _remove_partial(dest, created)
+            raise
 
-    try:
-        blob_oids = [e.oid for e in entries if e.kind in ("file", "exec", "symlink")]
-        with BlobReader(repo, blob_oids) as blobs:
-            for e in entries:
-                parent, _, name = e.path.rpartition("/")
-                while len(stack) > 1 and not (parent == stack[-1][0] or parent.startswith(stack[-1][0] + "/")):
-                    leave()
-                if stack[-1][0] != parent:
-                    raise SnapshotError(f"{e.path!r}: its directory {parent!r} is not a directory of the tree")
-                fd = stack[-1][1]
-                if e.kind == "dir":
-                    try:
-                        os.mkdir(name, 0o755, dir_fd=fd)
-                        sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                      dir_fd=fd)
-                    except OSError as err:
-                        raise SnapshotError(f"cannot create directory {e.path!r}: {err.strerror}") from None
-                    stack.append((e.path, sub))
-                    os.fchmod(sub, 0o755)
-                elif e.kind == "symlink":
-                    target_bytes = blobs.read_blob(e.oid)
-                    try:
-                        target = target_bytes.decode()
-                    except UnicodeDecodeError:
-                        raise SnapshotError(f"symlink {e.path!r}: target is not UTF-8") from None
-                    check_symlink(e.path, target)
-                    try:
-                        os.symlink(target, name, dir_fd=fd)
-                    except OSError as err:
-                        raise SnapshotError(f"cannot create symlink {e.path!r}: {err.strerror}") from None
-                    os.utime(name, times, dir_fd=fd, follow_symlinks=False)
+
+def _archive_into(gitdir: Path, commit: str, dest: Path) -> None:
+    """`git archive COMMIT | tar -x -C DEST`, argument lists only, no deadline (a tree of any size takes
+    what it takes); when one side fails the other is killed, and the error names the one that failed."""
+    tar_env = {k: v for k, v in os.environ.items() if not k.startswith("TAR_")}
+    tar_env["LC_ALL"] = "C"
+    with tempfile.TemporaryFile() as git_err, tempfile.TemporaryFile() as tar_err:
+        archive = subprocess.Popen(["git", f"--git-dir={gitdir}", "-c", "tar.umask=022", "archive",
+                                    "--format=tar", commit],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=git_err, env=git_env())
+        procs = [archive]
+        try:
+            assert archive.stdout is not None
+            tar = subprocess.Popen([*_TAR_EXTRACT, f"--directory={dest}"], stdin=archive.stdout,
+                                   stdout=subprocess.DEVNULL, stderr=tar_err, env=tar_env)
+            procs.append(tar)
+            archive.stdout.close()  # tar's end only: git gets SIGPIPE when tar dies
+            tar_rc = tar.wait()
+            if tar_rc != 0:
+                archive.kill()
+            git_rc = archive.wait()
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+        if git_rc != 0 and (tar_rc == 0 or git_rc > 0):
+            git_err.seek(0)
+            raise SnapshotterError(f"git archive {commit} failed: {child_failure(git_err.read(), git_rc)}")
+        if tar_rc != 0:
+            tar_err.seek(0)
+            raise SnapshotterError(f"tar -x into {dest} failed: {child_failure(tar_err.read(), tar_rc)}")
+
+
+def _check_written(dest: Path, entries: list[Entry]) -> None:
+    """What `tar -x` wrote is the tree: the same paths, kinds and exec bits, nothing more (SnapshotError
+    otherwise). Cheap next to writing it: one readdir per directory, one lstat per regular file."""
+    expected = {e.path: e.kind for e in entries}
+    found = 0
+    todo = [("", str(dest))]
+    while todo:
+        prefix, directory = todo.pop()
+        with os.scandir(directory) as it:
+            for d in it:
+                path = prefix + d.name
+                if d.is_symlink():
+                    kind = "symlink"
+                elif d.is_dir(follow_symlinks=False):
+                    kind = "dir"
+                    todo.append((path + "/", d.path))
+                elif d.is_file(follow_symlinks=False):
+                    kind = "exec" if d.stat(follow_symlinks=False).st_mode & 0o100 else "file"
                 else:
-                    size, stream = blobs.next_blob(e.oid)
-                    mode = 0o755 if e.kind == "exec" else 0o644
-                    try:
-                        out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                      mode, dir_fd=fd)
-                    except OSError as err:
-                        raise SnapshotError(f"cannot create {e.path!r}: {err.strerror}") from None
-                    try:
-                        with os.fdopen(out, "wb", closefd=False) as f:
-                            copy_exact(stream, size, f.write)
-                        os.fchmod(out, mode)
-                        os.utime(out, times)
-                    finally:
-                        os.close(out)
-    except BaseException:
-        while stack:
-            leave()
-        _remove_partial(dest, created)
-        raise
-    finally:
-        while stack:
-            leave()
+                    kind = "other"
+                if expected.get(path) != kind:
+                    raise SnapshotError(f"export of the tree wrote {path!r} as {kind}, the tree has "
+                                        f"{expected.get(path, 'nothing')}")
+                found += 1
+    if found != len(expected):
+        raise SnapshotError(f"export of the tree wrote {found} of its {len(expected)} entries")
 
 
 def _remove_partial(dest: Path, created: bool) -> None:

@@ -59,7 +59,7 @@ def test_export_refuses_non_empty_and_bad_names(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("case", ["dotdot", "symlink-dir-then-file", "absolute-symlink", "climbing-symlink",
-                                  "slash-in-name"])
+                                  "slash-in-name", "file-then-dir", "chained-symlinks", "not-utf8"])
 def test_export_refuses_escapes(tmp_path: Path, case: str) -> None:
     """Crafted trees (written with --literally, as a hostile import could) never write outside DEST."""
     repo = tmp_path / "repo.git"
@@ -78,12 +78,22 @@ def test_export_refuses_escapes(tmp_path: Path, case: str) -> None:
     elif case == "climbing-symlink":
         inner = raw_tree(repo, [("120000", "l", blob(repo, b"../../victim"))])
         tree = raw_tree(repo, [("40000", "d", inner)])
+    elif case == "file-then-dir":  # tar would replace the file "a" by the directory, or write through it
+        inner = raw_tree(repo, [("100644", "x", f)])
+        tree = raw_tree(repo, [("100644", "a", f), ("40000", "a", inner)])
+    elif case == "chained-symlinks":  # each link alone stays inside; through the other, "b" climbs out
+        inner = raw_tree(repo, [("120000", "up", blob(repo, b".."))])
+        tree = raw_tree(repo, [("120000", "b", blob(repo, b"d/up/../victim")), ("40000", "d", inner)])
+    elif case == "not-utf8":
+        body = b"100644 \xff\xfe\0" + bytes.fromhex(f)
+        tree = git(repo, "hash-object", "-t", "tree", "-w", "--literally", "--stdin", input=body)
     else:
         tree = raw_tree(repo, [("100644", "../victim/x", f)])
     commit_tag(repo, tree, "2026-01-01")
     dest = tmp_path / "dest"
-    with pytest.raises(SnapshotError, match="unsafe path|outside the tree|not a directory of the tree|cannot create"):
+    with pytest.raises(SnapshotError, match="unsafe path|outside the tree|not a directory of the tree|appears twice|not UTF-8"):
         export_tree(repo, "2026-01-01", dest)
+    assert not dest.exists()  # refused before anything was written
     assert list(victim.iterdir()) == []
     assert not (tmp_path / "x").exists()
     assert not any(p.name == "x" and p.parent.name == "b" for p in dest.rglob("x"))
@@ -129,3 +139,112 @@ def test_export_error_mid_stream_does_not_hang(tmp_path: Path) -> None:
     commit_tag(repo, tree, "2026-01-01")
     r = testlib.run_cli("export", "--repo", str(repo), "2026-01-01", str(tmp_path / "out"), timeout=60)
     assert r.returncode == 1 and "points outside the tree" in r.stderr
+
+
+def snapshot_of(root: Path) -> dict[str, tuple]:
+    """Everything export promises about a directory tree: per path its kind, mode, mtime and content or
+    link target."""
+    out: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            rel = str(p.relative_to(root))
+            if p.is_symlink():
+                out[rel] = ("link", os.readlink(p), st.st_mtime)
+            elif p.is_dir():
+                out[rel] = ("dir", st.st_mode & 0o7777, st.st_mtime)
+            else:
+                out[rel] = ("file", st.st_mode & 0o7777, st.st_mtime, p.read_bytes())
+    return out
+
+
+def reference_archive(repo: Path, rev: str, dest: Path) -> None:
+    """The plain `git archive | tar -x` that export is measured against, with export's modes (git's own
+    default would be 0664/0775, tar.umask 002)."""
+    dest.mkdir()
+    archive = subprocess.Popen(["git", f"--git-dir={repo}", "-c", "tar.umask=022", "archive", "--format=tar", rev],
+                               stdout=subprocess.PIPE)
+    subprocess.run(["tar", "-x", "-C", str(dest)], stdin=archive.stdout, check=True)
+    assert archive.stdout is not None
+    archive.stdout.close()
+    assert archive.wait() == 0
+
+
+def test_export_equals_git_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast export writes what `git archive | tar -x` writes, with export's rules on top: whatever
+    the umask and TAR_OPTIONS, files 0644/0755, directories 0755, every mtime the commit's; a link whose
+    target climbs with `..` (which tar delays) is a link with its time set too."""
+    files = {**FILES, "deep/a/b/c/d/file": "deep\n", "deep/a/b/back": ("symlink", "../../../profiles/repo_name"),
+             "deep/x y\tz\\w": "odd name\n", "ünï/cödé": "utf-8\n"}
+    repo = bare_repo_from(tmp_path, files)
+    reference = tmp_path / "reference"
+    old = os.umask(0o022)
+    try:
+        reference_archive(repo, "2026-01-01", reference)
+        os.umask(0o077)
+        monkeypatch.setenv("TAR_OPTIONS", "--strip-components=1 --to-stdout")
+        export_tree(repo, "2026-01-01", tmp_path / "out")
+    finally:
+        os.umask(old)
+    got, want = snapshot_of(tmp_path / "out"), snapshot_of(reference)
+    assert got == want
+    assert {v[2] for v in got.values()} == {1700000000}
+    assert {v[1] for v in got.values() if v[0] != "link"} == {0o644, 0o755}
+    assert all(v[1] == 0o755 for v in got.values() if v[0] == "dir")
+    assert got["deep/a/b/back"][:2] == ("link", "../../../profiles/repo_name")
+
+
+GITATTRIBUTES = (b"* text eol=crlf ident\n"
+                 b"subst export-subst\n"
+                 b"ignored export-ignore\n"
+                 b"ignored-dir export-ignore\n"
+                 b"utf16 working-tree-encoding=UTF-16LE\n"
+                 b"filtered filter=upper\n"
+                 b"[attr]mine export-ignore\n"
+                 b"macro mine\n")
+
+
+def test_export_is_the_blobs_whatever_gitattributes_say(tmp_path: Path) -> None:
+    """`git archive` obeys the tree's .gitattributes (export-ignore, export-subst, eol conversion, ident,
+    smudge filters, working-tree-encoding) and the repository's config (core.autocrlf, filter drivers):
+    export writes every blob byte for byte, and every file."""
+    files: dict[str, str | bytes | tuple] = {
+        ".gitattributes": GITATTRIBUTES,
+        "plain": "line 1\nline 2 $Id$\n",
+        "subst": "commit $Format:%H$ of $Format:%cd$\n",
+        "ignored": "still exported\n",
+        "ignored-dir/inside": "me too\n",
+        "utf16": "hello\n",
+        "filtered": "lower case\n",
+        "macro": "ignored through a macro\n",
+        "sub/.gitattributes": "* export-ignore\n",
+        "sub/kept": "kept\n",
+    }
+    repo = bare_repo_from(tmp_path, files)
+    git(repo, "config", "core.autocrlf", "true")
+    git(repo, "config", "filter.upper.smudge", "tr a-z A-Z")
+    # git itself changes these files on archive: the test means something
+    reference = tmp_path / "reference"
+    reference_archive(repo, "2026-01-01", reference)
+    assert not (reference / "ignored").exists() and b"Format" not in (reference / "subst").read_bytes()
+    assert (reference / "plain").read_bytes() != b"line 1\nline 2 $Id$\n"
+    dest = tmp_path / "out"
+    export_tree(repo, "2026-01-01", dest)
+    for rel in files:
+        blob_bytes = subprocess.run(["git", f"--git-dir={repo}", "cat-file", "blob", f"2026-01-01:{rel}"],
+                                    check=True, capture_output=True).stdout
+        assert (dest / rel).read_bytes() == blob_bytes, rel
+    assert (dest / "subst").read_bytes() == b"commit $Format:%H$ of $Format:%cd$\n"
+    assert {str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()} == set(files)
+
+
+def test_gitlink_is_an_empty_directory(tmp_path: Path) -> None:
+    repo = tmp_path / "repo.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(repo)], check=True)
+    f = blob(repo, b"x\n")
+    first = commit_tag(repo, raw_tree(repo, [("100644", "f", f)]), "2025-12-31")
+    commit_tag(repo, raw_tree(repo, [("160000", "sub", first), ("100644", "z", f)]), "2026-01-01")
+    export_tree(repo, "2026-01-01", tmp_path / "out")
+    assert (tmp_path / "out/sub").is_dir() and list((tmp_path / "out/sub").iterdir()) == []
+    assert (tmp_path / "out/z").read_bytes() == b"x\n"

@@ -1,8 +1,9 @@
-"""A failed `export` leaves no partial tree (issue 12, point 12): real git, a crafted tree that fails
-half-way through (files written, then an entry that is refused)."""
+"""A failed `export` leaves no partial tree (issue 12, point 12): real git, a crafted tree that is refused,
+and a repository that fails half-way through writing (a blob missing from the object store)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from helpers import testlib
 from helpers.gitobjects import blob, commit_tag, raw_tree
 
-from snapshotter.errors import SnapshotError
+from snapshotter.errors import SnapshotError, SnapshotterError
 from snapshotter.git.export import export_tree
 
 
@@ -44,3 +45,23 @@ def test_failed_export_cli_is_one_line_and_leaves_nothing(tmp_path: Path) -> Non
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert [line for line in out.stderr.splitlines() if line.startswith("snapshotter: error:")]
     assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_export_failing_while_writing_removes_what_it_wrote(tmp_path: Path, exists: bool) -> None:
+    """The tree passes every check, files are written, then `git archive` cannot read a blob: the error
+    names git, and nothing of the tree stays."""
+    repo = tmp_path / "repo.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(repo)], check=True)
+    files = [("100644", f"f{i:03d}", blob(repo, f"file {i}\n".encode() * 200)) for i in range(200)]
+    lost = blob(repo, b"this blob is lost\n")
+    inner = raw_tree(repo, files[:50])
+    tree = raw_tree(repo, [("40000", "a", inner), *files, ("100644", "zz-lost", lost)])
+    commit_tag(repo, tree, "2026-01-01")
+    os.unlink(repo / "objects" / lost[:2] / lost[2:])
+    dest = tmp_path / "out"
+    if exists:
+        dest.mkdir()
+    with pytest.raises(SnapshotterError, match="git archive"):
+        export_tree(repo, "2026-01-01", dest)
+    assert (list(dest.iterdir()) == []) if exists else not dest.exists()
