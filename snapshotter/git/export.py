@@ -275,7 +275,7 @@ def exact_gitdir(repo: Path) -> Iterator[Path]:
     (`_EXACT_ATTRIBUTES`). It has no refs and no config of its own: only ids name anything there (no
     replace refs either), so `ls-tree`, `cat-file` and `archive` of one commit all see the same tree."""
     objects = os.path.abspath(Path(repo) / "objects")
-    if "\n" in objects or objects.startswith('"'):
+    if "\n" in objects:
         raise SnapshotterError(f"cannot use a repository path holding a newline: {repo!r}")
     tmp = Path(tempfile.mkdtemp(prefix="snapshotter-gitdir-"))
     try:

@@ -151,13 +151,12 @@ class TreeCache:
                  and not os.path.islink(self.path / n)]
         last_used = {t: self._last_used(t) for t in trees}
         trees.sort(key=lambda t: last_used[t], reverse=True)
-        kept = set(trees[:keep])
-        others = {n[1:].split(".", 1)[0] for n in names if is_temp(n)}  # crashed exports
-        others |= {n[:-len(LOCK_SUFFIX)] for n in names if n.endswith(LOCK_SUFFIX)}  # locks of removed trees
+        temps = {n[1:].split(".", 1)[0] for n in names if is_temp(n)}  # crashed exports
+        locks = {n[:-len(LOCK_SUFFIX)] for n in names if n.endswith(LOCK_SUFFIX)}  # of removed trees too
         removed: list[str] = []
-        for tree_id in trees[keep:] + sorted(others - set(trees)):
+        for tree_id in trees[keep:] + sorted((temps | locks) - set(trees)):
             removed += self._remove(tree_id, whole=True)
-        for tree_id in sorted(others & kept):
+        for tree_id in sorted(temps & set(trees[:keep])):
             removed += self._remove(tree_id, whole=False)
         return removed
 
@@ -176,10 +175,13 @@ class TreeCache:
         if not TREE_ID_RE.match(tree_id):
             return []
         lock = self.path / f"{tree_id}{LOCK_SUFFIX}"
+        used = self._last_used(tree_id)
         try:
             with flocked(lock, f"cached tree {tree_id}"):
                 removed = self._remove_temps(tree_id)
-                if whole:
+                if not whole:  # the tree stays: so does its "last used" (taking the lock wrote our PID)
+                    os.utime(lock, (used, used), follow_symlinks=False)
+                else:
                     final = self.path / tree_id
                     if self._present(final):
                         doomed = temp_name(final)

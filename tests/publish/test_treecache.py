@@ -125,15 +125,21 @@ def test_crashed_export_is_cleaned(tmp_path: Path) -> None:
     cache.path.mkdir()
     first = cache.tree_id(repo, tags[0])
     second = cache.tree_id(repo, tags[1])
+    with cache.tree(repo, tags[0]):
+        pass
+    os.utime(cache.path / f"{first}.lock", (1000, 1000))
     for tid in (first, second):
         (cache.path / f".{tid}.tmp.0badc0de" / "half").mkdir(parents=True)
         (cache.path / f".{tid}.tmp.0badc0de" / "half" / "file").write_text("partial\n")
     with flocked(cache.path / f"{second}.lock", "an export in progress"):
         assert cache.purge() == [f".{first}.tmp.0badc0de"]
     assert (cache.path / f".{second}.tmp.0badc0de").is_dir()
+    # the cached tree of the crashed leftovers stays, and purging did not make it "used"
+    assert (cache.path / first / "profiles/repo_name").is_file()
+    assert (cache.path / f"{first}.lock").stat().st_mtime == 1000
     with cache.tree(repo, tags[1]) as tree:
         assert (tree / "day").read_text() == "1\n"
-    assert sorted(os.listdir(cache.path)) == [second, f"{second}.lock"]
+    assert sorted(os.listdir(cache.path)) == sorted([first, f"{first}.lock", second, f"{second}.lock"])
 
 
 def test_failed_export_leaves_nothing(tmp_path: Path) -> None:
