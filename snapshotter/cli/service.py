@@ -36,7 +36,7 @@ def _when(ts: float | None) -> str:
 # ---- hooks -------------------------------------------------------------------------------------
 @click.group("hooks")
 def hooks_group() -> None:
-    """Git hooks that queue builds when tags or overlay commits are pushed.
+    """Git hooks that queue builds when tags or overlay commits are pushed, and refuse future date tags.
 
     \b
     Example:
@@ -50,10 +50,12 @@ def hooks_group() -> None:
 @click.option("--force", is_flag=True, help="Replace a post-receive hook that snapshotter did not install.")
 @pass_state
 def hooks_install(state: State, repo: Path, executable: str | None, force: bool) -> None:
-    """Install the post-receive hook into the bare repository REPO (the snapshot repository or an overlay).
+    """Install the pre-receive and post-receive hooks into the bare repository REPO (the snapshot
+    repository or an overlay).
 
-    The hook runs `snapshotter [--config FILE] hooks enqueue` with this executable and the
-    configuration given with the global --config (or $SNAPSHOTTER_CONFIG) baked in.
+    post-receive runs `snapshotter [--config FILE] hooks enqueue`, pre-receive `... hooks check`, with
+    this executable and the configuration given with the global --config (or $SNAPSHOTTER_CONFIG)
+    baked in.
 
     \b
     Examples:
@@ -67,8 +69,29 @@ def hooks_install(state: State, repo: Path, executable: str | None, force: bool)
         config = Path(os.environ["SNAPSHOTTER_CONFIG"])
     state.config  # noqa: B018  -- refuse to install a hook pointing at a broken configuration
     exe = executable or hooks.find_executable()
-    target = hooks.install(repo, exe, config, force=force)
-    click.echo(f"installed {target} (runs {exe}{f' --config {config.absolute()}' if config else ''} hooks enqueue)")
+    given = f" --config {config.absolute()}" if config else ""
+    for target in hooks.install(repo, exe, config, force=force):
+        command = "check" if target.name == "pre-receive" else "enqueue"
+        click.echo(f"installed {target} (runs {exe}{given} hooks {command})")
+
+
+@hooks_group.command("check")
+@click.option("--repo", "repo", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The repository pushed to (default: $GIT_DIR, else the current directory).")
+@pass_state
+def hooks_check(state: State, repo: Path | None) -> None:
+    """Read pre-receive lines ("<old> <new> <ref>") on stdin; exit 1 with one line if the push would
+    create or move a date tag of the snapshot repository in the future (it would stop every import).
+
+    \b
+    Example (what the installed pre-receive hook runs, with git's lines on stdin):
+      echo "$OLD $NEW refs/tags/2099-01-01" | snapshotter hooks check --repo /var/lib/snapshotter/gentoo.git
+    """
+    from snapshotter.service import hooks
+
+    if repo is None:
+        repo = Path(os.environ.get("GIT_DIR") or ".")
+    hooks.check_push(state.config, repo.absolute(), sys.stdin.read())
 
 
 @hooks_group.command("enqueue")

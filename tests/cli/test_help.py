@@ -137,4 +137,5 @@ def test_hooks_install_prints_once(tmp_path: Path) -> None:
     proc = testlib.run_cli("--config", str(cfg), "hooks", "install", str(repo), "--executable", exe)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
-    assert proc.stdout == f"installed {repo}/hooks/post-receive (runs {exe} --config {cfg} hooks enqueue)\n"
+    assert proc.stdout == (f"installed {repo}/hooks/pre-receive (runs {exe} --config {cfg} hooks check)\n"
+                           f"installed {repo}/hooks/post-receive (runs {exe} --config {cfg} hooks enqueue)\n")
