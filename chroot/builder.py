@@ -455,18 +455,14 @@ def _pack_stage4(spec: BuildSpec, root: Path, stage_make_conf: bytes | None, log
     left = processes_in(root)
     if left:
         raise ChrootError(f"processes still run in the build root {root} ({left}); not packing a stage4")
-    make_conf = inside(root, "etc/portage/make.conf")
-    built = make_conf.read_bytes()
-    if stage_make_conf is None:
-        make_conf.unlink()
-    else:
-        make_conf.write_bytes(stage_make_conf)
+    # The build's ebuilds ran in this root: make.conf is swapped without following what they may have left.
+    built = portageconf.swap_make_conf(root, stage_make_conf)
     dest = spec.output / stage4.STAGE4_NAME
     started = time.time()
     try:
         digest, size = stage4.pack_root(root, dest, spec.source_time)
     finally:
-        make_conf.write_bytes(built)  # a kept root (--keep-root) shows the make.conf the build used
+        portageconf.swap_make_conf(root, built)  # a kept root (--keep-root) shows the make.conf the build used
     logf.write(f">>> snapshotter: stage4 {dest.name}: {size} bytes, sha256 {digest} "
                f"({time.time() - started:.1f} s)\n".encode())
     log.info("build %s: stage4 %s (%d bytes)", spec.build_id, dest, size)

@@ -18,8 +18,10 @@ the stage as before, and says so in the log.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,24 +63,35 @@ def private_mount_namespace() -> Iterator[None]:
                 raise OverlayUnavailable(f"mount --make-rprivate /: {proc.stderr.strip()}")
             yield
         finally:
-            if libc.setns(original, CLONE_NEWNS) != 0:
-                err = ctypes.get_errno()
-                # Cannot happen after unshare (the thread no longer shares its fs attributes); if it did,
-                # the private mounts would stay with this thread: say so loudly rather than go on silently.
-                raise ChrootError(f"cannot return to the original mount namespace: {os.strerror(err)}")
+            _return_to(libc, original)
     finally:
         os.close(original)
+
+
+def _return_to(libc: ctypes.CDLL, original: int) -> None:
+    """setns(2) back to the original namespace. It fails (EINVAL) while another task shares this thread's
+    file system attributes: a thread started meanwhile, which shares them until the very end of its exit
+    (after a join returns). So it is retried for a moment; if it still fails, the private mounts would
+    stay with this thread: said loudly rather than carried on silently."""
+    for _ in range(50):
+        if libc.setns(original, CLONE_NEWNS) == 0:
+            return
+        err = ctypes.get_errno()
+        if err != errno.EINVAL:
+            break
+        time.sleep(0.05)
+    raise ChrootError(f"cannot return to the original mount namespace: {os.strerror(err)}")
 
 
 def mount_overlay(lower: Path, build_dir: Path, root: Path) -> None:
     """Mount overlayfs at `root` (an empty directory): `lower` read-only below, `build_dir/upper` (with
     its work directory `build_dir/work`) above. Call it inside `private_mount_namespace`."""
     upper, work = build_dir / "upper", build_dir / "work"
-    for d in (upper, work, root):
-        d.mkdir(mode=0o755)
     for path in (lower, upper, work):
         if "," in str(path) or ":" in str(path):
             raise OverlayUnavailable(f"{path}: a ',' or ':' in an overlay layer's path cannot be passed to mount")
+    for d in (upper, work, root):
+        d.mkdir(mode=0o755)
     opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
     proc = _mount("-t", "overlay", "-o", opts, "snapshotter-root", str(root))
     if proc.returncode != 0:

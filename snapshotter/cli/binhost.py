@@ -9,7 +9,7 @@ import click
 from snapshotter.binhost import editions as editionsmod
 from snapshotter.binhost import retention
 from snapshotter.cli import State, pass_state
-from snapshotter.service import delivery
+from snapshotter.service import buildcache, delivery
 
 
 @click.command("builds")
@@ -126,13 +126,15 @@ def editions_cmd(state: State, profile: str | None, limit: int) -> None:
 @click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
 @pass_state
 def purge_cmd(state: State, dry_run: bool) -> None:
-    """Remove builds no retention rule keeps, with their published copies.
+    """Remove builds no retention rule keeps, with their published copies, and trim the build caches.
 
     \b
     Kept: the newest [binhost] keep_builds builds of each profile, every build an edition points at (and
     the previous build of its current root), and every build an edition pointed at within
     [binhost] rollback_days days. Removed with a build: its OUTPUT directory and its copy under the web
-    root; then roots and cached snapshots nothing uses any more.
+    root; then roots and cached snapshots nothing uses any more. The build caches keep the
+    [build] cached_stages unpacked stages and cached_trees exported trees used last (never one a
+    running build holds).
     Example:
       snapshotter purge --dry-run
     Exit status: 0 ok, 1 error, 75 a switch is running.
@@ -145,11 +147,18 @@ def purge_cmd(state: State, dry_run: bool) -> None:
         click.echo(f"{verb} root {root}")
     for snap in report.snapshots_removed:
         click.echo(f"{verb} cached snapshot {snap}")
+    caches = buildcache.purge_caches(state.config, dry_run=dry_run)
+    for name in caches.stages:
+        click.echo(f"{verb} unpacked stage {name}")
+    for name in caches.trees:
+        click.echo(f"{verb} cached tree {name}")
     for k in report.kept:
         click.echo(f"kept build {k.build.profile} {k.build.id}: {'; '.join(k.reasons)}")
-    if not report.removed and not report.roots_removed and not report.snapshots_removed:
+    if not (report.removed or report.roots_removed or report.snapshots_removed or caches.stages or caches.trees):
         click.echo("nothing to remove")
-    sys.exit(report.exit_status)
+    if caches.error:
+        click.echo(f"snapshotter: error: purging the build caches: {caches.error}", err=True)
+    sys.exit(report.exit_status or (1 if caches.error else 0))
 
 
 COMMANDS: list[click.Command] = [builds_cmd, promote_cmd, rollback_cmd, editions_cmd, purge_cmd]

@@ -44,10 +44,10 @@ from snapshotter.config import (
 from snapshotter.download import DEFAULT_DEADLINE, Downloader
 from snapshotter.errors import ConfigError, SnapshotterError
 from snapshotter.fsutil import check_private_dir, file_digest, tree_hash
-from snapshotter.git.export import export_tree, resolve
+from snapshotter.git.export import resolve
 from snapshotter.git.repository import Repository, git
 from snapshotter.lock import flocked
-from snapshotter.service import delivery, incremental
+from snapshotter.service import buildcache, delivery, incremental
 
 log = logging.getLogger(__name__)
 
@@ -97,18 +97,6 @@ class ExportedTree:
 
     def describe(self) -> dict[str, str]:
         return self.source.describe()
-
-
-@contextmanager
-def _provisional_tree(work: Path, tree: GitTree) -> Iterator[Path]:
-    d = work / f".tree-{tree.name}-{os.getpid()}"
-    if d.exists():
-        shutil.rmtree(d)
-    export_tree(tree.repo, tree.commit, d)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d)
 
 
 @contextmanager
@@ -196,12 +184,10 @@ def fetch_stage(source: str, cache_dir: Path, expected_sha256: str | None, *, ti
         if not p.is_file():
             raise SnapshotterError(f"stage {p} does not exist")
         return p
-    name = source.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
-    if not name.endswith(STAGE_SUFFIXES):
-        raise SnapshotterError(f"{name}: unknown stage compression (expected .tar.xz, .tar.bz2 or .tar.zst)")
+    name = _download_name(source, expected_sha256)
     if not expected_sha256:
         log.warning("stage %s has no stage_sha256: it is downloaded every time and not verified", source)
-    dest_name = f"{expected_sha256[:16]}-{name}" if expected_sha256 else name
+    dest_name = name
     dest = cache_dir / dest_name
     if expected_sha256 and dest.is_file() and file_digest(dest, "sha256") == expected_sha256:
         log.info("stage: using cached %s", dest)
@@ -213,6 +199,26 @@ def fetch_stage(source: str, cache_dir: Path, expected_sha256: str | None, *, ti
         return downloader.fetch(source, dest_name)
     finally:
         downloader.close()
+
+
+def _download_name(url: str, sha256: str | None) -> str:
+    """The name a stage URL is downloaded to in the stage download cache (by sha256 prefix when pinned)."""
+    name = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    if not name.endswith(STAGE_SUFFIXES):
+        raise SnapshotterError(f"{name}: unknown stage compression (expected .tar.xz, .tar.bz2 or .tar.zst)")
+    return f"{sha256[:16]}-{name}" if sha256 else name
+
+
+def cached_stage_file(source: str, cache_dir: Path, sha256: str | None) -> Path | None:
+    """The stage as a local file if it is one already (a path, or a pinned URL downloaded before), without
+    downloading or hashing it; None otherwise."""
+    if not is_url(source):
+        path = Path(source)
+    elif sha256:
+        path = cache_dir / _download_name(source, sha256)
+    else:
+        return None
+    return path if path.is_file() else None
 
 
 @dataclass(frozen=True)
@@ -357,10 +363,16 @@ def run_build(cfg: Config, req: BuildRequest, *, console: bool = False) -> Build
         overlays = [fetch_overlay(o, cfg.build.cache_dir, timeout=cfg.sync.deadline) for o in profile.overlays]
         output = req.output or cfg.build.output
         src = resolve_stage(profile, output)
-        stage_file = fetch_stage(src.source, cfg.build.cache_dir / "stages", src.sha256,
-                                 timeout=cfg.sync.timeout, retries=cfg.sync.retries, deadline=cfg.sync.deadline)
-        with chroot_errors():
-            verify_stage(stage_file, src.sha256)
+        overlay_root = cfg.build.root == "overlay" and not req.keep_root
+        stages, tree_cache = buildcache.stage_cache(cfg), buildcache.tree_cache(cfg)
+        stage_file = cached_stage_file(src.source, cfg.build.cache_dir / "stages", src.sha256)
+        if overlay_root and src.sha256 and stage_file is not None and stages.contains(src.sha256):
+            stage_sha = src.sha256  # unpacked from a file with this sha256: not hashed again for every build
+        else:
+            stage_file = fetch_stage(src.source, cfg.build.cache_dir / "stages", src.sha256, timeout=cfg.sync.timeout,
+                                     retries=cfg.sync.retries, deadline=cfg.sync.deadline)
+            with chroot_errors():
+                stage_sha = verify_stage(stage_file, src.sha256)
         _, source_time = resolve(repo.path, tag.commit)
         settings, reuse = incremental.plan(profile, portage_settings(profile), incremental=req.incremental,
                                            output=output, repo=repo.path, commit=tag.commit,
@@ -371,13 +383,17 @@ def run_build(cfg: Config, req: BuildRequest, *, console: bool = False) -> Build
             # Trees and the unpacked stage are held (shared locks) until the build is over: a purge
             # running meanwhile skips them.
             gentoo_src = GitTree("gentoo", repo.path, tag.commit)
-            gentoo = ExportedTree(gentoo_src, held.enter_context(_provisional_tree(work, gentoo_src)))
-            trees = [ExportedTree(o, held.enter_context(_provisional_tree(work, o))) for o in overlays]
+            gentoo = ExportedTree(gentoo_src, held.enter_context(tree_cache.tree(repo.path, tag.commit)))
+            trees = [ExportedTree(o, held.enter_context(tree_cache.tree(o.repo, o.commit))) for o in overlays]
+            unpacked = None
+            if overlay_root:
+                with chroot_errors():
+                    unpacked = held.enter_context(stages.unpacked(stage_file, stage_sha))
             build_id, out = allocate(output, profile.name, tag.name)
             log.info("build %s of profile %s at %s: %s", build_id, profile.name, tag.name, out)
             spec = BuildSpec(
                 settings=settings, tag=tag.name, commit=tag.commit, repo=str(repo.path),
-                stage=Stage(stage_file, src.source, src.sha256, build=src.build),
+                stage=Stage(stage_file, src.source, stage_sha, build=src.build, unpacked=unpacked),
                 gentoo=gentoo, overlays=list(trees),
                 work_dir=work / profile.name, output=out, build_id=build_id,
                 distfiles=cfg.build.distfiles or cfg.build.cache_dir / "distfiles", signing=signing,
@@ -385,6 +401,7 @@ def run_build(cfg: Config, req: BuildRequest, *, console: bool = False) -> Build
                 stage4=profile.stage4 if req.stage4 is None else req.stage4, source_time=source_time, reuse=reuse)
             with chroot_errors():
                 result = builder.run_build(spec, console=console)
+        buildcache.purge_caches(cfg)  # back to [build] cached_stages / cached_trees, now that these are free
     if result.ok and req.output is None and req.deliver:
         deliver(cfg, profile.name, build_id)
     return result

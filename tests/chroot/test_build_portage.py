@@ -201,6 +201,11 @@ def build(env, *args: str, timeout: float = 300):
                            env={"SNAPSHOTTER_LEAK_CANARY": "leaked"})
 
 
+def git_tree_id(repo: Path, commit: str) -> str:
+    return subprocess.run(["git", f"--git-dir={repo}", "rev-parse", f"{commit}^{{tree}}"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
 def sha256(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
@@ -272,6 +277,20 @@ def test_build_world_with_pinned_overlay(env, tmp_path):
     assert man["overlays"] == [{"name": "extra", "url": str(env["base"] / "overlay"), "ref": "v1",
                                 "commit": env["ov_tags"]["v1"]}]
     assert man["stage"]["sha256"] == env["sha"]
+    # The root was an overlay over the stage unpacked once into the private stage cache, which the build's
+    # writes never reached (the builder's make.conf block went to the build's upper layer only).
+    assert man["root"]["method"] == "overlay"
+    lower = env["base"] / "cache" / "roots" / env["sha"]
+    assert stat.S_IMODE((env["base"] / "cache" / "roots").stat().st_mode) == 0o700
+    assert (lower / "usr/bin/emerge").exists()
+    assert not (lower / "etc/portage/make.conf").exists()  # the stand-in has none; the build wrote its own
+    assert not (lower / "var/lib/portage/world").exists() or \
+        "app-misc/hello" not in (lower / "var/lib/portage/world").read_text()
+    # The trees came from the tree cache (one per git tree id), mounted read-only.
+    trees = {p.name for p in (env["base"] / "cache" / "trees").iterdir() if p.is_dir()}
+    assert trees == {git_tree_id(env["base"] / "mirror.git", env["tags"][TAG1]),
+                     git_tree_id(env["base"] / "cache" / "overlays" / "extra.git", env["ov_tags"]["v1"])}
+    assert "var/db/repos/gentoo (read-only)" in (out / "build.log").read_text()
     # dev-libs/tilde (~amd64 only) built: the confdir's package.accept_keywords reached /etc/portage.
     assert man["portage_confdir"] == {"path": str(env["confdir"]), "sha256": fsutil.tree_hash(env["confdir"])}
     mc = man["make_conf"]["content"]
@@ -385,8 +404,12 @@ def test_kill_9_mid_emerge_leaves_no_mount_then_failure_cleans_stale_root(env):
     assert _processes_in(root) == []  # the PID namespace died with the builder: no orphan emerge, sleep, agent
     assert signkeys.agents_under(env["work"]) == []
     assert mounts_under(env["base"]) == []  # mounts only ever existed in the dead namespace
-    assert (root / "usr/bin/emerge").exists()  # the crashed root is still there, stale
-    assert list((root / "run/snapshotter-signing").iterdir()) == []  # the key's tmpfs died with the namespace
+    # The root was an overlay mounted in the builder's own mount namespace: it vanished with the process,
+    # leaving the empty mount point; the build's writes stay in upper/ (the stage cache is never written).
+    assert list(root.iterdir()) == []
+    upper = build_dir / "upper"
+    assert (upper / "etc/portage/make.conf").is_file()  # the crashed build's layer is still there, stale
+    assert list((upper / "run/snapshotter-signing").iterdir()) == []  # the key's tmpfs died with the namespace
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
     assert killed_dir.name.startswith(f"{TAG1}.") and not (killed_dir / "build.json").exists()  # incomplete
 
