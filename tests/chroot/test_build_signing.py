@@ -206,10 +206,12 @@ def small(tmp_path, shared):
     base, stage, key, pp_key = shared
     sha = hashlib.sha256(stage.read_bytes()).hexdigest()
 
-    def cfg(signing: str) -> Path:
+    def cfg(signing: str, root: str = "extract") -> Path:
+        # root = "extract": the stage (which is no root file system) is extracted by the build itself, whose
+        # failure is recorded in its own directory; with "overlay" it is unpacked into the stage cache first.
         path = tmp_path / "snapshotter.toml"
         path.write_text(f'repo = "{base}/mirror.git"\n[build]\nwork_dir = "work"\noutput = "out"\n'
-                        f'cache_dir = "cache"\n[binhost]\n{signing}\n'
+                        f'cache_dir = "cache"\nroot = "{root}"\n[binhost]\n{signing}\n'
                         f'[profiles.p]\nstage = "{stage}"\nstage_sha256 = "{sha}"\n')
         return path
 
@@ -278,3 +280,15 @@ def test_a_usable_key_passes_the_check_and_the_build_gets_its_own_directory(smal
     assert sorted(p.name for p in (base / "out/p").iterdir()) == ["2026-01-01.1", "2026-01-01.2"]
     assert json.loads((out / "build.json").read_text()) == man
     assert json.loads((base / "out/p/2026-01-01.2/build.json").read_text())["signing_key"] is None
+
+
+def test_a_stage_that_cannot_be_unpacked_for_an_overlay_root_stops_before_the_build(small):
+    """With overlay roots the stage is unpacked into the stage cache before the build gets its id: a stage
+    that is no root file system fails with one line, no build directory and nothing in the cache."""
+    base, cfg, _key, _pp_key = small
+    r = testlib.run_cli("--config", str(cfg("", root="overlay")), "build", "--profile", "p")
+    assert r.returncode == 1, r.stderr
+    assert "does not look like a root file system" in _one_error_line(r.stderr)
+    assert not (base / "out/p").exists() or list((base / "out/p").iterdir()) == []
+    roots = base / "cache/roots"
+    assert [p for p in roots.iterdir() if not p.name.endswith(".lock")] == []
