@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from snapshotter.errors import SnapshotterError
@@ -211,3 +214,49 @@ def tree_hash(path: Path) -> str:
             if not os.path.islink(os.path.join(dirpath, d)):
                 h.update(f"D {os.path.normpath(os.path.join(rel_dir, d))}\0".encode())
     return h.hexdigest()
+
+
+NOBODY = 65534  # the file system identity for a root-owned directory that others may write
+
+
+def writers_identity(directory: Path) -> tuple[int, int] | None:
+    """The (uid, gid) `as_writers_of` takes for `directory`; None when it changes nothing (we are not
+    root, or only root may write the directory)."""
+    if os.geteuid() != 0:
+        return None
+    st = os.stat(directory)
+    if st.st_uid != 0:
+        return st.st_uid, st.st_gid
+    if st.st_mode & 0o022:
+        return NOBODY, st.st_gid
+    return None
+
+
+@contextmanager
+def as_writers_of(directory: Path) -> Iterator[None]:
+    """Open files in `directory` as the ones who may write it could, not as root.
+
+    For a program that lets a library open files by name in a directory others may write (SQLite and its
+    -wal/-shm in state_dir, which git hook users write): whatever they plant there (a symlink to
+    /etc/shadow, swapped in between our checks and the library's open), the open is checked against the
+    file system identity of the directory's owner (setfsuid/setfsgid), so the worst it reaches is a file
+    those users could write themselves. Only when running as root and the directory is writable by
+    someone else: owned by another user (that user's identity), or group- or world-writable (nobody, with
+    the directory's group). It applies to the calling thread only (Linux keeps it per thread) and is
+    undone on leaving; root's other capabilities are untouched. Root's supplementary groups still count
+    (usually only group 0): a file that group root may write stays writable."""
+    ident = writers_identity(directory)
+    if ident is None:
+        yield  # not root, or only root may write it: nothing can be planted there
+        return
+    uid, gid = ident
+    libc = ctypes.CDLL(None, use_errno=True)
+    old_gid = libc.setfsgid(gid)
+    old_uid = libc.setfsuid(uid)
+    try:
+        if libc.setfsuid(-1) != uid or libc.setfsgid(-1) != gid:  # -1: ask without changing
+            raise SnapshotterError(f"cannot take the file system identity {uid}:{gid} of {directory}")
+        yield
+    finally:
+        libc.setfsuid(old_uid)
+        libc.setfsgid(old_gid)

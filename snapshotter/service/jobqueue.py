@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from snapshotter.errors import SnapshotterError
+from snapshotter.fsutil import as_writers_of, writers_identity
 from snapshotter.git.repository import tag_date
 
 if TYPE_CHECKING:
@@ -275,7 +276,26 @@ class SqliteQueue(BuildQueue):
           first write: the names are still regular files with one link, and the database is the very
           file we checked (device, inode); else the connection is closed unused.
         A swap that wins the race between the checks and SQLite's own open remains possible, and SQLite
-        initialises a -shm it opens (truncates and writes it) before any check can run."""
+        initialises a -shm it opens (truncates and writes it) before any check can run: so everything
+        here, where SQLite opens the three files, runs with the file system identity of those who may
+        write state_dir (`fsutil.as_writers_of`), and a swapped-in link reaches only a file they could
+        write themselves. The statements after this use the descriptors SQLite opened here."""
+        try:
+            with as_writers_of(self.path.parent):
+                return self._open_checked()
+        except (sqlite3.Error, PermissionError) as e:
+            raise self._error(e) from None
+
+    def _error(self, e: sqlite3.Error | OSError) -> QueueError:
+        """The one line for an error of SQLite (or of opening its files), saying whose rights it had."""
+        msg = (e.strerror or str(e)) if isinstance(e, OSError) else str(e)
+        ident = writers_identity(self.path.parent)
+        if ident is not None and ("readonly" in msg or "unable to open" in msg or isinstance(e, PermissionError)):
+            msg += (f" (state_dir {self.path.parent} may be written by others, so the queue is opened as them, "
+                    f"uid {ident[0]} gid {ident[1]}: its files must be writable by the directory's owner or group)")
+        return QueueError(f"build queue {self.path}: {msg}")
+
+    def _open_checked(self) -> sqlite3.Connection:
         dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             main = self._check_files(dir_fd)
@@ -343,7 +363,7 @@ class SqliteQueue(BuildQueue):
                 raise
             db.execute("COMMIT")
         except sqlite3.Error as e:
-            raise QueueError(f"build queue {self.path}: {e}") from None
+            raise self._error(e) from None
         finally:
             db.close()
 

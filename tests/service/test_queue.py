@@ -9,7 +9,10 @@ throwaway cluster, one fresh database per test: tests/service/conftest.py), with
 from __future__ import annotations
 
 import multiprocessing
+import os
+import shutil
 import sqlite3
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -224,6 +227,61 @@ def test_sqlite_queue_checks_what_sqlite_opened_before_writing(tmp_path: Path, m
             assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"  # never switched to WAL
             assert db.execute("SELECT name FROM sqlite_master").fetchall() == [("t",)]
         db.close()
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory every user can reach (pytest's own tmp dirs are root's 0700), removed afterwards."""
+    base = Path(tempfile.mkdtemp(prefix="snapshotter-test-queue-"))
+    os.chmod(base, 0o755)
+    yield base
+    shutil.rmtree(base)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the queue of a state_dir others may write")
+def test_sqlite_queue_in_a_directory_others_write_is_opened_as_them(shared_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    """state_dir owned by a hook user (here nobody): root's worker opens the queue's files with that user's
+    file system identity (the files it makes are that user's), so whatever SQLite opens by name there,
+    links swapped in after our checks included, is opened with that user's rights; root's files stay as
+    they were (SQLite 3.40 also refuses links at -wal/-shm itself), and root is root again afterwards."""
+    text, other, before = _victims(shared_dir)
+    state = shared_dir / "state"
+    state.mkdir()
+    os.chown(state, 65534, 65534)
+    q = SqliteQueue(state / "queue.sqlite")
+    jid, _ = q.enqueue(Job("basic", "2026-11-20"))
+    assert q.get(jid).state == JobState.QUEUED
+    assert (state / "queue.sqlite").stat().st_uid == 65534  # made as the directory's owner, not as root
+    real_connect = sqlite3.connect
+
+    def swapping_connect(*args, **kw):
+        for name, victim in (("queue.sqlite-shm", text), ("queue.sqlite-wal", other)):
+            (state / name).unlink(missing_ok=True)
+            (state / name).symlink_to(victim)
+        return real_connect(*args, **kw)
+
+    monkeypatch.setattr(sqlite3, "connect", swapping_connect)
+    with pytest.raises(QueueError) as e:
+        q.enqueue(Job("basic", "2026-11-21"))
+    assert "\n" not in str(e.value)
+    monkeypatch.undo()
+    assert {p: p.read_bytes() for p in before} == before
+    for name in ("queue.sqlite-shm", "queue.sqlite-wal"):
+        (state / name).unlink()
+    assert [r.id for r in q.list()] == [jid]  # the queue itself is intact
+    with open(text, "ab"):  # and root is root again afterwards
+        pass
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_a_queue_its_writers_cannot_write_says_so_in_one_line(shared_dir: Path):
+    state = shared_dir / "state"
+    state.mkdir()
+    SqliteQueue(state / "queue.sqlite")  # root's own directory: made by root
+    os.chown(state, 65534, 65534)  # then handed to a hook user, the database still root's 0644
+    with pytest.raises(QueueError, match="may be written by others, so the queue is opened as them, uid 65534") as e:
+        SqliteQueue(state / "queue.sqlite").enqueue(Job("basic", "2026-11-20"))
+    assert "\n" not in str(e.value)
 
 
 def _claimer(make_queue: MakeQueue, worker: str, out: multiprocessing.Queue) -> None:
