@@ -30,6 +30,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -41,6 +42,8 @@ from typing import Any, BinaryIO, Self
 from urllib.parse import unquote, urlparse
 
 import requests
+import urllib3.connection
+import urllib3.connectionpool
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 from urllib3.connectionpool import ConnectionPool
@@ -142,6 +145,83 @@ class _ReportingRetry(Retry):
         return new
 
 
+def _lookup(host: str, port: int, timeout: float | None) -> list[str]:
+    """The addresses of `host`, from a name lookup given at most `timeout` seconds.
+
+    getaddrinfo(3) blocks for as long as the resolver's own timeouts say (5 s per try and name server by
+    default, and urllib3 retries it), and no socket timeout or watchdog reaches it. It runs in a daemon
+    thread here; when it has not answered in time the connection fails at once (TimeoutError), and the
+    thread is left to end with the resolver's timeout."""
+    answer: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            answer["infos"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as e:
+            answer["error"] = e
+
+    t = threading.Thread(target=run, name=f"lookup {host}", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise TimeoutError(f"DNS lookup of {host} did not answer within {timeout:.0f} s")
+    if "error" in answer:
+        raise answer["error"]
+    return list(dict.fromkeys(info[4][0] for info in answer["infos"]))
+
+
+class _BoundedLookup:
+    """A connection whose name lookup is bounded by its connect timeout (`_lookup`): it then connects to
+    each address in turn, while TLS still checks the certificate against the host name."""
+
+    def _new_conn(self) -> socket.socket:
+        conn: Any = self
+        host = conn._dns_host
+        timeout = conn.timeout if isinstance(conn.timeout, int | float) else None
+        try:
+            addresses = _lookup(host, conn.port, timeout)
+        except socket.gaierror as e:
+            raise urllib3.exceptions.NameResolutionError(conn.host, conn, e) from e
+        except TimeoutError as e:
+            raise urllib3.exceptions.ConnectTimeoutError(conn, str(e)) from e
+        last: BaseException | None = None
+        for address in addresses:
+            conn._dns_host = address
+            try:
+                sock: socket.socket = super()._new_conn()  # type: ignore[misc]
+                return sock
+            except (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError) as e:
+                last = e
+            finally:
+                conn._dns_host = host
+        assert last is not None
+        raise last
+
+
+class _HTTPConnection(_BoundedLookup, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_BoundedLookup, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _HTTPPool(urllib3.connectionpool.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.connectionpool.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+class _BoundedLookupAdapter(HTTPAdapter):
+    """requests' adapter with connections whose name lookup cannot outlive the connect timeout."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+
+
 class Downloader:
     """Downloads into `cache_dir`, each file within `deadline` seconds and `max_size` bytes (see the module doc).
 
@@ -168,7 +248,7 @@ class Downloader:
                                 backoff_factor=backoff, status_forcelist=(429, 500, 502, 503, 504),
                                 allowed_methods=("GET",), raise_on_status=False, respect_retry_after_header=True)
         retry.clock = self._clock
-        adapter = HTTPAdapter(max_retries=retry)
+        adapter = _BoundedLookupAdapter(max_retries=retry)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.session.headers["User-Agent"] = f"portage-snapshotter/{__version__}"
@@ -524,7 +604,13 @@ def _range_total(content_range: str) -> int:
 def _reason(e: BaseException) -> str:
     """A short human reason from a requests/urllib3 exception chain."""
     text = str(e)
-    for key, nice in (("Connection refused", "connection refused"), ("timed out", "timed out"),
+    dns = re.search(r"DNS lookup of \S+ did not answer within [0-9.]+ s", text)
+    if dns:
+        return dns[0]
+    for key, nice in (("CERTIFICATE_VERIFY_FAILED", "TLS: the server's certificate was not accepted (certificate "
+                                                     "verify failed)"),
+                      ("SSLError", "TLS handshake failed"),
+                      ("Connection refused", "connection refused"), ("timed out", "timed out"),
                       ("Connection reset", "connection reset"), ("Name or service not known", "unknown host"),
                       ("Max retries exceeded", "gave up after retries"), ("short read", "short read"),
                       ("IncompleteRead", "connection closed early (incomplete read)"),
