@@ -25,15 +25,14 @@ from datetime import date
 from pathlib import Path
 
 import pytest
-from helpers import ebuild_repo, signkeys, testlib
+from helpers import buildcheck, ebuild_repo, signkeys, testlib
 from helpers import stage as test_stage
+from helpers.buildcheck import check_manifest, check_signed_gpkg, packages_index_cpvs, sha256, tar_names
 
-from chroot import builder, portageconf
+from chroot import builder
 from chroot.mounts import mounts_under, parse_mountinfo, safe_rmtree
-from chroot.stage import extract_stage
 from snapshotter import fsutil
-from snapshotter.config import Overlay, parse_profile
-from snapshotter.git.export import export_tree
+from snapshotter.config import Overlay
 from snapshotter.service import build as buildsvc
 
 pytestmark = pytest.mark.portage
@@ -171,30 +170,6 @@ def secret_key_bytes(key: testlib.Key) -> list[bytes]:
     return [p.read_bytes() for p in (key.home / "private-keys-v1.d").glob("*.key")]
 
 
-def tar_names(path: Path, *opts: str) -> list[str]:
-    return subprocess.run(["tar", *opts, "-tf", str(path)], capture_output=True, text=True, check=True).stdout.split()
-
-
-def check_signed_gpkg(gpkg: Path, key: testlib.Key, work: Path) -> None:
-    """A gpkg signed the Portage way: detached signatures of metadata and image, a clearsigned Manifest,
-    each verified by gpg with only the key's public part; the image holds nothing of the key's home."""
-    names = tar_names(gpkg)
-    top = names[0].split("/")[0]
-    assert {f"{top}/metadata.tar.zst.sig", f"{top}/image.tar.zst.sig", f"{top}/Manifest"} <= set(names), names
-    ex = work / gpkg.name
-    ex.mkdir()
-    subprocess.run(["tar", "-C", str(ex), "-xf", str(gpkg)], check=True)
-    d = ex / top
-    manifest_text = (d / "Manifest").read_bytes()
-    assert manifest_text.startswith(b"-----BEGIN PGP SIGNED MESSAGE-----")
-    for sig, data in ((manifest_text, None), ((d / "image.tar.zst.sig").read_bytes(), (d / "image.tar.zst").read_bytes()),
-                      ((d / "metadata.tar.zst.sig").read_bytes(), (d / "metadata.tar.zst").read_bytes())):
-        r = signkeys.gpg_verify(key.public, sig, data, ex)
-        assert r.returncode == 0 and f"VALIDSIG {key.fingerprint}" in r.stdout, (gpkg.name, r.stdout, r.stderr)
-    image = tar_names(d / "image.tar.zst", "--zstd")
-    assert not [n for n in image if "snapshotter-signing" in n or "private-keys" in n or "gnupg" in n], image
-
-
 def build(env, *args: str, timeout: float = 300):
     # The canary variable must not reach the build (checked in the round trip via sys-apps/base).
     return testlib.run_cli("--config", str(env["cfg"]), *args, timeout=timeout,
@@ -204,28 +179,6 @@ def build(env, *args: str, timeout: float = 300):
 def git_tree_id(repo: Path, commit: str) -> str:
     return subprocess.run(["git", f"--git-dir={repo}", "rev-parse", f"{commit}^{{tree}}"], capture_output=True,
                           text=True, check=True).stdout.strip()
-
-
-def sha256(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
-
-
-def packages_index_cpvs(index: Path) -> set[str]:
-    return {line.split(": ", 1)[1] for line in index.read_text().splitlines() if line.startswith("CPV: ")}
-
-
-def check_manifest(out: Path) -> dict:
-    """build.json lists exactly the files of packages/ with matching hashes; returns it."""
-    man = json.loads((out / "build.json").read_text())
-    pkgdir = out / "packages"
-    listed = {p["path"]: p for p in man["packages"]}
-    on_disk = {p.relative_to(pkgdir).as_posix() for p in pkgdir.rglob("*") if p.is_file()} - {"Packages"}
-    assert set(listed) == on_disk
-    for rel, entry in listed.items():
-        assert sha256(pkgdir / rel) == entry["sha256"], rel
-        assert (pkgdir / rel).stat().st_size == entry["size"]
-    assert man["packages_index"]["sha256"] == sha256(pkgdir / "Packages")
-    return man
 
 
 def test_build_world_with_pinned_overlay(env, tmp_path):
@@ -497,32 +450,11 @@ def test_packages_install_with_usepkgonly_into_fresh_root(env):
     if not (src / "Packages").exists():
         pytest.skip("needs the tag-1 build")
     rt = env["work"] / "roundtrip"
-    pkgdir = rt / "packages"
-    shutil.copytree(src, pkgdir)
-    root = rt / "root"
-    prof = parse_profile("rt", {"stage": str(env["stage"]), "portage_profile": "default",
-                                "world": ["app-misc/hello", "app-misc/extra"],
-                                "make_conf": {"FEATURES": "binpkg-request-signature"},
-                                "emerge_args": ["--usepkgonly", "--emptytree", "@world"]}, rt)
-    extract_stage(env["stage"], root)
     ov = buildsvc.fetch_overlay(Overlay("extra", str(env["base"] / "overlay"), "v1"), rt / "cache")
-    export_tree(env["base"] / "mirror.git", env["tags"][TAG1], root / "var/db/repos/gentoo")
-    export_tree(ov.repo, ov.commit, root / "var/db/repos/extra")
-    settings = buildsvc.portage_settings(prof)
-    portageconf.write_make_conf(root, settings)
-    portageconf.write_repos_conf(root, ["extra"])
-    portageconf.set_make_profile(root, "default", root / "var/db/repos/gentoo")
-    portageconf.write_world(root, prof.world)
-    portageconf.trust_signing_key(root, env["basic_key"].public.read_text())
-    for d in ("proc", "dev", "sys", "var/cache/binpkgs"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    with open(rt / "install.log", "wb") as logf:
-        rc = builder.run_in_namespace(root.resolve(), pkgdir.resolve(), builder.emerge_argv(root.resolve(), settings),
-                                      rt / "spec.json", logf, console=False)
-    log_text = (rt / "install.log").read_text()
-    assert rc == 0, log_text[-3000:]
+    root, log_text = buildcheck.install_packages(
+        rt, env["stage"], src, {"gentoo": (env["base"] / "mirror.git", env["tags"][TAG1]), "extra": (ov.repo, ov.commit)},
+        env["basic_key"].public.read_text(), ["app-misc/hello", "app-misc/extra"])
     assert ">>> Emerging binary (1 of 4)" in log_text
-    assert "Creating binpkg" not in log_text  # nothing was compiled
     for cpv in ("app-misc/hello-1.0", "app-misc/extra-1.0", "dev-libs/libfoo-1.0", "sys-apps/base-1"):
         assert (root / "var/db/pkg" / cpv).is_dir(), cpv
     out = subprocess.run(["chroot", str(root), "/bin/sh", "/usr/bin/hello"], capture_output=True, text=True)

@@ -17,21 +17,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 from helpers import ebuild_repo, signkeys, testlib
 from helpers import stage as test_stage
-from test_build_portage import check_manifest, check_signed_gpkg, packages_index_cpvs
+from helpers.buildcheck import check_manifest, check_signed_gpkg, install_packages, packages_index_cpvs
 
-from chroot import builder, portageconf
+from chroot import builder
 from chroot.mounts import mounts_under, safe_rmtree
-from chroot.stage import extract_stage
-from snapshotter.config import parse_profile
-from snapshotter.git.export import export_tree
-from snapshotter.service import build as buildsvc
 
 pytestmark = pytest.mark.portage
 
@@ -180,32 +175,12 @@ def test_reverse_dependencies_are_rebuilt_when_asked(env):
 def install(env, build_id: str, name: str) -> Path:
     """A fresh host (the stand-in stage) that installs the build's packages with emerge --usepkgonly, which
     verifies every signature (binpkg-request-signature): returns its root."""
-    rt = env["work"] / name
-    pkgdir = rt / "packages"
-    shutil.copytree(env["out"] / build_id / "packages", pkgdir)
-    root = rt / "root"
-    prof = parse_profile("client", {"stage": str(env["stage"]), "portage_profile": "default",
-                                    "world": ["app-misc/hello", "app-misc/extra"],
-                                    "make_conf": {"FEATURES": "binpkg-request-signature"},
-                                    "emerge_args": ["--usepkgonly", "--emptytree", "@world"]}, rt)
-    extract_stage(env["stage"], root)
     man = json.loads((env["out"] / build_id / "build.json").read_text())
-    export_tree(env["base"] / "mirror.git", man["commit"], root / "var/db/repos/gentoo")
-    export_tree(env["base"] / "cache/overlays/extra.git", man["overlays"][0]["commit"], root / "var/db/repos/extra")
-    settings = buildsvc.portage_settings(prof)
-    portageconf.write_make_conf(root, settings)
-    portageconf.write_repos_conf(root, ["extra"])
-    portageconf.set_make_profile(root, "default", root / "var/db/repos/gentoo")
-    portageconf.write_world(root, prof.world)
-    portageconf.trust_signing_key(root, env["key"].public.read_text())
-    for d in ("proc", "dev", "sys", "var/cache/binpkgs"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    with open(rt / "install.log", "wb") as logf:
-        rc = builder.run_in_namespace(root.resolve(), pkgdir.resolve(), builder.emerge_argv(root.resolve(), settings),
-                                      rt / "spec.json", logf, console=False)
-    text = (rt / "install.log").read_text()
-    assert rc == 0, text[-3000:]
-    assert "Creating binpkg" not in text  # nothing was compiled
+    root, _log = install_packages(
+        env["work"] / name, env["stage"], env["out"] / build_id / "packages",
+        {"gentoo": (env["base"] / "mirror.git", man["commit"]),
+         "extra": (env["base"] / "cache/overlays/extra.git", man["overlays"][0]["commit"])},
+        env["key"].public.read_text(), ["app-misc/hello", "app-misc/extra"])
     return root
 
 
