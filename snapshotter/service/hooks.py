@@ -33,41 +33,35 @@ PRE_MARKER = "# portage-snapshotter pre-receive hook"
 
 TEMPLATE = """#!/bin/sh
 {marker}
-# Hands the pushed refs ("<old> <new> <ref>" lines on stdin) to `snapshotter hooks enqueue`, which
-# validates them and queues the builds they ask for. It only enqueues: it never builds in the pusher's
-# connection, and returns in a fraction of a second. `snapshotter hooks install REPO [--config FILE]`
-# writes this file with the two values below filled in (quoted for sh).
+{comment}
+# `snapshotter hooks install REPO [--config FILE]` writes this file with the two values below filled in
+# (quoted for sh).
 SNAPSHOTTER={exe}
 CONFIG_FILE={config}
 if [ -n "$CONFIG_FILE" ]; then
-    exec "$SNAPSHOTTER" --config "$CONFIG_FILE" hooks enqueue
+    exec "$SNAPSHOTTER" --config "$CONFIG_FILE" hooks {command}
 fi
-exec "$SNAPSHOTTER" hooks enqueue
+exec "$SNAPSHOTTER" hooks {command}
 """
 
-
-PRE_TEMPLATE = """#!/bin/sh
-{marker}
+# hook -> (marker, what it does, the `snapshotter hooks` command it runs)
+HOOKS = {
+    "pre-receive": (PRE_MARKER, """\
 # Hands the refs about to be updated ("<old> <new> <ref>" lines on stdin) to `snapshotter hooks check`,
 # which refuses the push (one line to the pusher) if it would create or move a date tag of the snapshot
 # repository in the future: a sync never makes one, and it would stop every import. Other refs pass.
-# No network, no objects read. `snapshotter hooks install REPO [--config FILE]` writes this file with
-# the two values below filled in (quoted for sh).
-SNAPSHOTTER={exe}
-CONFIG_FILE={config}
-if [ -n "$CONFIG_FILE" ]; then
-    exec "$SNAPSHOTTER" --config "$CONFIG_FILE" hooks check
-fi
-exec "$SNAPSHOTTER" hooks check
-"""
-
-HOOKS = {"pre-receive": (PRE_MARKER, PRE_TEMPLATE), "post-receive": (MARKER, TEMPLATE)}
+# No network, no objects read.""", "check"),
+    "post-receive": (MARKER, """\
+# Hands the pushed refs ("<old> <new> <ref>" lines on stdin) to `snapshotter hooks enqueue`, which
+# validates them and queues the builds they ask for. It only enqueues: it never builds in the pusher's
+# connection, and returns in a fraction of a second.""", "enqueue"),
+}
 
 
 def render(executable: str, config: Path | None, hook: str = "post-receive") -> str:
     """The `hook` script for `executable` (absolute) and `config` (absolute, or None for the default)."""
-    marker, template = HOOKS[hook]
-    return template.format(marker=marker, exe=shlex.quote(executable),
+    marker, comment, command = HOOKS[hook]
+    return TEMPLATE.format(marker=marker, comment=comment, command=command, exe=shlex.quote(executable),
                            config=shlex.quote(str(config)) if config is not None else "''")
 
 
