@@ -1,8 +1,8 @@
 """`snapshotter rebuild` with the real Portage: a build of the test tree, rebuilt from its build.json as a
 new build (two builds in all) and compared package by package.
 
-Reuses test_build_portage's module-scoped environment (stand-in stage, signed snapshots synced into the
-mirror, the overlay, the signing keys) and its leak checks. The profile here adds app-misc/stamp, which
+Uses the chroot tests' module-scoped environment (tests/chroot/conftest.py: stand-in stage, signed
+snapshots synced into the mirror, the overlay, the signing keys) and its leak checks. The profile here adds app-misc/stamp, which
 installs the time it was built: it must be the one package reported as differing, naming its file; every
 other package (signed again, built at another time) must be identical.
 """
@@ -15,12 +15,12 @@ import subprocess
 
 import pytest
 from helpers import testlib
-from test_build_portage import TAG1, env, no_leak  # noqa: F401 (fixtures)
+from helpers.buildenv import TAG1
 
-pytestmark = pytest.mark.portage
+pytestmark = [pytest.mark.portage, pytest.mark.usefixtures("no_leak")]
 
 
-def test_rebuild_is_identical_except_the_package_that_embeds_its_build_time(env):  # noqa: F811
+def test_rebuild_is_identical_except_the_package_that_embeds_its_build_time(env):
     base = env["base"]
     cfg = base / "rebuild.toml"
     key = env["trouble_key"]
