@@ -1,9 +1,10 @@
 """The suite's own hygiene (tests/conftest.py, helpers/hostdirs.py): for the whole session every built-in
 default path of the configuration is out of reach, and the check that fails the run when a host directory
-changed sees every kind of change."""
+changed sees every kind of change; and no test module imports another."""
 
 from __future__ import annotations
 
+import ast
 import operator
 import os
 import shutil
@@ -63,3 +64,20 @@ def test_changes_sees_creation_removal_resizing_and_touching(tmp_path: Path):
     assert hostdirs.changes(root, before, hostdirs.listing(root)) == [f"{root / 'queue.sqlite'}: mtime changed"]
     shutil.rmtree(root)
     assert hostdirs.changes(root, before, hostdirs.listing(root)) == [f"{root}: existed, now gone"]
+
+
+def test_no_test_module_imports_another():
+    """Shared test code lives in tests/helpers/ (and fixtures in a conftest.py): a test module that imports
+    another runs that module's fixtures and module-level code in a place nobody reads it."""
+    tests = Path(__file__).resolve().parent
+    modules = {p.stem for p in tests.rglob("test_*.py")}
+    offenders = []
+    for path in sorted(tests.rglob("*.py")):
+        if "helpers" in path.relative_to(tests).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.relative_to(tests)}: {n}" for n in names if n.split(".")[-1] in modules
+                          or n.split(".")[0] in modules or n == "conftest"]
+    assert offenders == []
