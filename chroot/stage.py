@@ -40,7 +40,9 @@ def extract_stage(path: Path, root: Path) -> None:
         raise ChrootError(f"build root {root} is not empty")
     cmd = ["tar", compression_flag(path.name), "--extract", "--file", str(path), "--directory", str(root),
            "--numeric-owner", "--preserve-permissions", "--same-owner", "--xattrs", "--xattrs-include=*",
-           "--acls"]
+           # overlayfs' own attributes mean something to the overlay a cached stage becomes the lower layer
+           # of (opaque directories, redirects): never taken from a tarball
+           "--xattrs-exclude=trusted.overlay.*", "--acls"]
     proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=die_with_parent())
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import subprocess
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from helpers import stage as test_stage
 from chroot import builder, overlay
 from chroot.mounts import mounts_under
 from chroot.spec import BuildSpec, PortageSettings, Stage
+from chroot.stage import extract_stage
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
 
@@ -130,3 +132,21 @@ def test_overlay_unavailable_falls_back_to_extraction_and_says_so(tmp_path: Path
     man = json.loads((out / "build.json").read_text())
     assert man["root"]["method"] == "extract" and man["stage"]["sha256"]
     assert mounts_under(tmp_path) == [] and list((tmp_path / "work").iterdir()) == []
+
+
+def test_a_stage_cannot_bring_overlayfs_attributes(tmp_path: Path) -> None:
+    """A stage (a stage4 packed from an earlier build, say) with trusted.overlay.* attributes: they would
+    steer the overlay it becomes the lower layer of (an opaque directory hides, a redirect moves), so the
+    extraction drops them and keeps every other attribute."""
+    src = tmp_path / "src"
+    for d in ("usr", "etc"):
+        (src / d).mkdir(parents=True)
+    (src / "etc/f").write_text("x\n")
+    os.setxattr(src / "etc", "trusted.overlay.opaque", b"y")
+    os.setxattr(src / "etc/f", "user.keep", b"1")
+    tarball = tmp_path / "stage.tar.xz"
+    subprocess.run(["tar", "--xz", "--xattrs", "--xattrs-include=*", "-cf", str(tarball), "-C", str(src), "."],
+                   check=True)
+    extract_stage(tarball, tmp_path / "root")
+    assert "trusted.overlay.opaque" not in os.listxattr(tmp_path / "root/etc")
+    assert os.getxattr(tmp_path / "root/etc/f", "user.keep") == b"1"
