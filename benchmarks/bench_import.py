@@ -331,6 +331,28 @@ def fs_type(path: Path) -> str:
     return _mount(path)[1]
 
 
+def disk_work_dir(path: Path) -> Path | None:
+    """WORK resolved and created, or None (said on stderr) when it is on a RAM file system: the targets are
+    for a real disk."""
+    work = path.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    fs = fs_type(work)
+    if fs in ("tmpfs", "ramfs"):
+        log(f"bench: error: {work} is on {fs}; the targets are for a real disk (use --work)")
+        return None
+    return work
+
+
+def day1_tarball(work: Path, scale: float, seed: int) -> Path:
+    """Day 1's tarball of the generated tree: from any cached set of this scale and seed (day 1 does not
+    depend on the heavy day), else generated."""
+    cached = sorted((work / "trees").glob(f"scale{scale:g}-seed{seed}-heavy*-v*/info.json"))
+    cached = [c for c in cached if c.parent.name.endswith(f"-v{treegen.GENERATOR_VERSION}")]
+    if cached:
+        return cached[0].parent / treegen.tarball_name(DAY1)
+    return ensure_tarballs(work, scale, seed, 0)[0][0]
+
+
 NO_JOURNAL_WARNING = (
     "warning: the work directory is on ext4 WITHOUT a journal. There ext4 will not reuse an inode freed in the\n"
     "last 1-5 minutes (fs/ext4/ialloc.c, recently_deleted(), checked only without a journal), so extracting\n"

@@ -109,19 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
-    work = args.work.resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    fs = bench_import.fs_type(work)
-    if fs in ("tmpfs", "ramfs"):
-        log(f"bench: error: {work} is on {fs}; the targets are for a real disk (use --work)")
+    work = bench_import.disk_work_dir(args.work)
+    if work is None:
         return 2
-    # day 1 does not depend on the heavy day: reuse any cached set of this scale and seed
-    cached = sorted((work / "trees").glob(f"scale{args.scale:g}-seed{args.seed}-heavy*-v*/info.json"))
-    cached = [c for c in cached if c.parent.name.endswith(f"-v{bench_import.treegen.GENERATOR_VERSION}")]
-    if cached:
-        day1 = cached[0].parent / bench_import.treegen.tarball_name(bench_import.DAY1)
-    else:
-        day1 = bench_import.ensure_tarballs(work, args.scale, args.seed, 0)[0][0]
+    fs = bench_import.fs_type(work)
+    day1 = bench_import.day1_tarball(work, args.scale, args.seed)
     pub = work / "publish"
     repo = pub / f"repo-scale{args.scale:g}-seed{args.seed}.git"
     tag = ensure_repository(repo, day1)
