@@ -31,6 +31,7 @@ INVALID = "invalid"
 
 BUILD_JSON = "build.json"
 PACKAGES = "packages"
+INDEX_FILES = {"Packages", "Packages.gz"}  # the package index (and its compressed copy), not packages
 TOMBSTONES = ".purged"
 ID_RE = re.compile(r"^(?P<tag>[0-9]{4}-[0-9]{2}-[0-9]{2})\.(?P<n>[1-9][0-9]{0,8})$")
 
@@ -47,12 +48,14 @@ class Build:
     state: str  # ok | failed | incomplete | invalid
     commit: str | None = None
     overlays: tuple[tuple[str, str], ...] = ()  # (name, commit)
-    packages: int = 0  # gpkg files (the Packages index not counted)
+    packages: int = 0  # gpkg files (the Packages index and Packages.gz not counted)
     size: int = 0  # bytes of the packages and the index, per build.json
     finished: str = ""
     signing_key: str | None = None  # the fingerprint that signed the packages, when known
     unsigned: bool = False  # build.json says the packages are not signed (format 2, signing_key null)
     detail: str = ""  # why a build is invalid
+    base: str = ""  # an incremental build: the build whose packages it reused ("" for a full build)
+    reused: int = 0  # an incremental build: how many of its package files are the base's
     package_files: dict[str, str] = field(default_factory=dict, compare=False, repr=False)  # path -> sha256
 
     @property
@@ -179,13 +182,16 @@ def read_build(path: Path) -> Build:
         if isinstance(index, dict):
             files["Packages"] = str(index["sha256"])
             size += int(index.get("size") or 0)
+        inc = data.get("incremental")
+        base_id, reused = (str(inc.get("base") or ""), len(inc.get("reused") or [])) if isinstance(inc, dict) \
+            else ("", 0)
         ok = data.get("ok") is True
         signing = data.get("signing_key") or _make_conf_signing_key(data.get("make_conf"))
         fmt = data.get("format")
         unsigned = isinstance(fmt, int) and fmt >= 2 and not signing
         return Build(id=build_id, profile=profile, tag=tag, n=n, path=path, state=OK if ok else FAILED,
                      commit=commit, overlays=_overlays(data.get("overlays")),
-                     packages=len(files) - (1 if "Packages" in files else 0), size=size,
+                     packages=len(files.keys() - INDEX_FILES), size=size, base=base_id, reused=reused,
                      finished=str(data.get("finished") or ""),
                      signing_key=signing if isinstance(signing, str) and signing else None, unsigned=unsigned,
                      package_files=files)

@@ -22,7 +22,9 @@ def builds_cmd(state: State, profile: str | None) -> None:
     Example:
       snapshotter builds --profile basic
       basic  2026-11-20.1  ok  tag 2026-11-20  12 packages  48.2 MB  overlays -  editions testing
-    States: ok, failed (never published), incomplete (running, or crashed), invalid (bad build.json).
+    An incremental build says how many of its packages are its base's: "4 packages (3 reused from
+    2026-11-19.1)". States: ok, failed (never published), incomplete (running, or crashed), invalid (bad
+    build.json).
     Exit status: 0 ok, 1 error.
     """
     report = editionsmod.builds_report(state.config, profile)
@@ -30,7 +32,8 @@ def builds_cmd(state: State, profile: str | None) -> None:
         click.echo("no builds" + (f" of profile {profile}" if profile else ""))
     for row in report.rows:
         b = row.build
-        line = (f"{b.profile}  {b.id}  {b.state}  tag {b.tag}  {b.packages} packages  "
+        reuse = f" ({b.reused} reused from {b.base})" if b.base else ""
+        line = (f"{b.profile}  {b.id}  {b.state}  tag {b.tag}  {b.packages} packages{reuse}  "
                 f"{retention.human(b.size)}  overlays {b.describe_overlays()}  "
                 f"editions {', '.join(row.editions) or '-'}")
         if b.detail:

@@ -91,3 +91,13 @@ def test_errors_are_one_line(site: binhostlib.Site) -> None:
     assert not (site.web_root / "production").exists()
     r = site.cli("promote", "basic", "--to")
     assert r.returncode == 2
+
+
+def test_builds_says_what_an_incremental_build_reused(site: binhostlib.Site) -> None:
+    full = site.build("2026-01-10")
+    inc = binhostlib.write_build(site.output, "basic", "2026-01-11", site.commits["2026-01-11"], incremental={
+        "base": full.id, "reused": ["sys-apps/tool/tool-2-1.gpkg.tar"], "rebuilt": ["app-misc/hello/hello-1.0-1.gpkg.tar"]})
+    assert (inc.base, inc.reused) == (full.id, 1) and (full.base, full.reused) == ("", 0)
+    lines = ok(site, "builds")
+    assert f"basic  {inc.id}  ok  tag 2026-01-11  2 packages (1 reused from {full.id})  " in lines[-1]
+    assert lines[0].startswith(f"basic  {full.id}  ok  tag 2026-01-10  2 packages  ")

@@ -66,7 +66,7 @@ def write_build(output: Path, profile: str, tag: str, commit: str, *, ok: bool =
                 packages: dict[str, bytes] | None = None, confdir: Path | None = None,
                 make_conf: dict[str, str] | None = None, overlays: list[dict[str, str]] | None = None,
                 repo: Path | None = None, signing_key: str | None = None,
-                portage_profile: str | None = None) -> builds.Build:
+                portage_profile: str | None = None, incremental: dict[str, object] | None = None) -> builds.Build:
     """A finished build as the builder leaves it: OUTPUT/<profile>/<id>/{packages/,build.log,build.json}."""
     build_id, path = builds.allocate(output, profile, tag)
     pkgdir = path / "packages"
@@ -94,7 +94,8 @@ def write_build(output: Path, profile: str, tag: str, commit: str, *, ok: bool =
         repos_conf=portageconf.repos_conf([o["name"] for o in overlays or []]), world=None,
         emerge_command=["emerge", "--emptytree", "@world"], started="2026-01-10T01:00:00+00:00",
         finished="2026-01-10T01:10:00+00:00", duration_seconds=600.0, exit_status=0 if ok else 1, ok=ok,
-        packages=pkgs, packages_index=idx, snapshotter_version="test", id=build_id, signing_key=signing_key)
+        packages=pkgs, packages_index=idx, snapshotter_version="test", id=build_id, signing_key=signing_key,
+        mode="full" if incremental is None else "incremental", incremental=incremental)
     manifestmod.write(man, path / "build.json")
     return builds.read_build(path)
 
