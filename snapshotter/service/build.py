@@ -187,8 +187,7 @@ def fetch_stage(source: str, cache_dir: Path, expected_sha256: str | None, *, ti
     name = _download_name(source, expected_sha256)
     if not expected_sha256:
         log.warning("stage %s has no stage_sha256: it is downloaded every time and not verified", source)
-    dest_name = name
-    dest = cache_dir / dest_name
+    dest = cache_dir / name
     if expected_sha256 and dest.is_file() and file_digest(dest, "sha256") == expected_sha256:
         log.info("stage: using cached %s", dest)
         return dest
@@ -196,7 +195,7 @@ def fetch_stage(source: str, cache_dir: Path, expected_sha256: str | None, *, ti
     downloader = Downloader(cache_dir, timeout=timeout, retries=retries, deadline=deadline,
                             deadline_key="sync.deadline")
     try:
-        return downloader.fetch(source, dest_name)
+        return downloader.fetch(source, name)
     finally:
         downloader.close()
 
@@ -365,12 +364,17 @@ def run_build(cfg: Config, req: BuildRequest, *, console: bool = False) -> Build
         src = resolve_stage(profile, output)
         overlay_root = cfg.build.root == "overlay" and not req.keep_root
         stages, tree_cache = buildcache.stage_cache(cfg), buildcache.tree_cache(cfg)
-        stage_file = cached_stage_file(src.source, cfg.build.cache_dir / "stages", src.sha256)
-        if overlay_root and src.sha256 and stage_file is not None and stages.contains(src.sha256):
-            stage_sha = src.sha256  # unpacked from a file with this sha256: not hashed again for every build
-        else:
+        stage_file = None
+        if overlay_root and src.sha256 and stages.contains(src.sha256):  # no download, no hashing: unpacked
+            stage_file = cached_stage_file(src.source, cfg.build.cache_dir / "stages", src.sha256)
+        if stage_file is None:
             stage_file = fetch_stage(src.source, cfg.build.cache_dir / "stages", src.sha256, timeout=cfg.sync.timeout,
                                      retries=cfg.sync.retries, deadline=cfg.sync.deadline)
+        if overlay_root and src.sha256:
+            # Hashed once, by the stage cache when it unpacks it (below, still before the build's directory
+            # exists); an unpacked copy was checked when it was made: not hashed again for every build.
+            stage_sha = src.sha256
+        else:
             with chroot_errors():
                 stage_sha = verify_stage(stage_file, src.sha256)
         _, source_time = resolve(repo.path, tag.commit)
@@ -382,13 +386,13 @@ def run_build(cfg: Config, req: BuildRequest, *, console: bool = False) -> Build
         with ExitStack() as held:
             # Trees and the unpacked stage are held (shared locks) until the build is over: a purge
             # running meanwhile skips them.
-            gentoo_src = GitTree("gentoo", repo.path, tag.commit)
-            gentoo = ExportedTree(gentoo_src, held.enter_context(tree_cache.tree(repo.path, tag.commit)))
-            trees = [ExportedTree(o, held.enter_context(tree_cache.tree(o.repo, o.commit))) for o in overlays]
             unpacked = None
             if overlay_root:
                 with chroot_errors():
                     unpacked = held.enter_context(stages.unpacked(stage_file, stage_sha))
+            gentoo_src = GitTree("gentoo", repo.path, tag.commit)
+            gentoo = ExportedTree(gentoo_src, held.enter_context(tree_cache.tree(repo.path, tag.commit)))
+            trees = [ExportedTree(o, held.enter_context(tree_cache.tree(o.repo, o.commit))) for o in overlays]
             build_id, out = allocate(output, profile.name, tag.name)
             log.info("build %s of profile %s at %s: %s", build_id, profile.name, tag.name, out)
             spec = BuildSpec(

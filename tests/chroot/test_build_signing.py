@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -292,3 +293,20 @@ def test_a_stage_that_cannot_be_unpacked_for_an_overlay_root_stops_before_the_bu
     assert not (base / "out/p").exists() or list((base / "out/p").iterdir()) == []
     roots = base / "cache/roots"
     assert [p for p in roots.iterdir() if not p.name.endswith(".lock")] == []
+
+
+@pytest.mark.parametrize("root", ["overlay", "extract"])
+def test_a_stage_that_is_not_the_pinned_one_stops_before_the_build(small, root):
+    """stage_sha256 names another stage: one line with both digests, no build directory, nothing unpacked,
+    whichever way roots are made (with overlay roots the stage cache checks it, once, as it unpacks)."""
+    base, cfg, _key, _pp_key = small
+    path = cfg("", root=root)
+    text = path.read_text()
+    sha = re.search(r'stage_sha256 = "([0-9a-f]{64})"', text)[1]
+    path.write_text(text.replace(sha, "0" * 64))
+    r = testlib.run_cli("--config", str(path), "build", "--profile", "p")
+    assert r.returncode == 1, r.stderr
+    assert f"sha256 is {sha}, expected {'0' * 64}" in _one_error_line(r.stderr)
+    assert not (base / "out/p").exists() or list((base / "out/p").iterdir()) == []
+    roots = base / "cache/roots"
+    assert not roots.exists() or [p for p in roots.iterdir() if not p.name.endswith(".lock")] == []
