@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import stat
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,10 +158,3 @@ def inside(root: Path, rel: str) -> Path:
         if i < len(parts) - 1 and cur.is_symlink():
             raise ChrootError(f"{cur} is a symlink in the build root; refusing to write through it")
     return cur
-
-
-def mount(*args: str) -> None:
-    """Run mount(8) with an argument list."""
-    proc = subprocess.run(["mount", *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise ChrootError(f"mount {' '.join(args)} failed: {proc.stderr.strip()}")
