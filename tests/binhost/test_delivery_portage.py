@@ -19,12 +19,12 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-from datetime import date
 from pathlib import Path
 
 import pytest
-from helpers import clientlib, ebuild_repo, lighttpd, signkeys, testlib
+from helpers import buildenv, clientlib, ebuild_repo, lighttpd, signkeys, testlib
 from helpers import stage as test_stage
+from helpers.buildenv import TAG1, TAG2
 
 from chroot.mounts import mounts_under, safe_rmtree
 from chroot.stage import extract_stage
@@ -34,7 +34,6 @@ from snapshotter.binhost.pki import Pki
 
 pytestmark = pytest.mark.portage
 
-TAG1, TAG2 = "2026-01-01", "2026-01-02"
 DAY1, DAY2 = "20260101", "20260102"
 WORLD = "app-misc/hello\napp-misc/extra\n"
 CLIENT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -70,20 +69,6 @@ portage_confdir = "{base}/confdir"
 overlays = [{{ name = "extra", url = "{overlay}", ref = "v1" }}]
 make_conf = {{ MAKEOPTS = "-j2", USE = "-doc", SNAPSHOTTER_TEST_MARK = "{mark}" }}
 """
-
-
-def sync_mirror(base: Path, cfg: Path, http: testlib.HttpMirror, key: testlib.Key) -> dict[str, str]:
-    """Tag 1 has hello-1.0, tag 2 hello-1.1: signed daily snapshots imported by the real `snapshotter sync`."""
-    for tag, hello in ((TAG1, "1.0"), (TAG2, "1.1")):
-        testlib.build_snapshot(http.root, date.fromisoformat(tag), ebuild_repo.tree_files(hello=hello), key=key)
-        r = testlib.run_cli("--config", str(cfg), "sync", "--mirror", http.url, "--keyring", str(key.public),
-                            "--fingerprint", key.fingerprint, "--cache-dir", str(base / "sync-cache"),
-                            "--date", tag.replace("-", ""), "--no-push",
-                            env={"SNAPSHOTTER_NOW": str(testlib.snapshot_time(date(2026, 1, 10)))})
-        assert r.returncode == 0, r.stderr
-    r = testlib.run_cli("--config", str(cfg), "tags")
-    assert r.returncode == 0, r.stderr
-    return dict(line.split()[:2] for line in r.stdout.splitlines())
 
 
 class Env:
@@ -194,7 +179,8 @@ def env(tmp_path_factory: pytest.TempPathFactory, gpg_key: testlib.Key):
     args = (base, work, stage, sha, key, overlay)
     cfg = base / "snapshotter.toml"
     cfg.write_text(config_text(*args, mark="one"))
-    sync_mirror(base, cfg, http, gpg_key)
+    buildenv.sync_mirror(base, cfg, http, gpg_key, {TAG1: ebuild_repo.tree_files(hello="1.0"),
+                                                     TAG2: ebuild_repo.tree_files(hello="1.1")})
     e = Env(base, work, cfg, stage, key, http, web, args)
     try:
         yield e

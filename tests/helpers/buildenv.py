@@ -11,6 +11,7 @@ import signal
 import tempfile
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,12 +23,15 @@ from helpers import stage as test_stage
 TAG1, TAG2 = "2026-01-01", "2026-01-02"
 
 
-def sync_mirror(base: Path, cfg: Path, http: testlib.HttpMirror, key: testlib.Key) -> dict[str, str]:
-    """The mirror is made the real way: signed daily snapshots of the test tree on an HTTP mirror,
-    imported by `snapshotter sync` (tag 1: hello-1.0 and the slow trouble-1; tag 2: hello-1.1 and the
-    failing trouble-2). Returns tag -> commit from `snapshotter tags`."""
-    for tag, files in ((TAG1, ebuild_repo.tree_files(hello="1.0", trouble="1")),
-                       (TAG2, ebuild_repo.tree_files(hello="1.1", trouble="2"))):
+def sync_mirror(base: Path, cfg: Path, http: testlib.HttpMirror, key: testlib.Key,
+                days: dict[str, dict[str, Any]] | None = None) -> dict[str, str]:
+    """The mirror is made the real way: signed daily snapshots of `days` (tag -> tree files; default tag 1:
+    hello-1.0 and the slow trouble-1, tag 2: hello-1.1 and the failing trouble-2) on an HTTP mirror,
+    imported by `snapshotter sync`. Returns tag -> commit from `snapshotter tags`."""
+    if days is None:
+        days = {TAG1: ebuild_repo.tree_files(hello="1.0", trouble="1"),
+                TAG2: ebuild_repo.tree_files(hello="1.1", trouble="2")}
+    for tag, files in days.items():
         testlib.build_snapshot(http.root, date.fromisoformat(tag), files, key=key)
         r = testlib.run_cli("--config", str(cfg), "sync", "--mirror", http.url, "--keyring", str(key.public),
                             "--fingerprint", key.fingerprint, "--cache-dir", str(base / "sync-cache"),
@@ -37,7 +41,7 @@ def sync_mirror(base: Path, cfg: Path, http: testlib.HttpMirror, key: testlib.Ke
     r = testlib.run_cli("--config", str(cfg), "tags")
     assert r.returncode == 0, r.stderr
     tags = dict(line.split()[:2] for line in r.stdout.splitlines())
-    assert list(tags) == [TAG1, TAG2]
+    assert list(tags) == list(days)
     return tags
 
 
